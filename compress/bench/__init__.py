@@ -1,0 +1,1 @@
+"""Measuring artifacts (accuracy, size, params, MACs, latency) and writing reports."""

@@ -1,0 +1,51 @@
+"""What the numbers were measured on: library versions, CPU model, threads, GPU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+
+def resolved_threads(threads: int | None) -> int:
+    return threads or torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int | None) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch_pruning
+    import torchvision
+
+    from compress import __version__
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "compress": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": resolved_threads(threads),
+        "gpu": gpu,
+    }

@@ -1,0 +1,155 @@
+"""report.json is the source of truth; report.md and the console table are rendered from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_count(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _p50(art: dict[str, Any], device: str, bs: int) -> float | None:
+    for row in art["latency"]:
+        if row["device"] == device and row["batch_size"] == bs:
+            return row["p50_ms"]
+    return None
+
+
+def _reference(arts: list[dict[str, Any]], fmt: str) -> dict[str, Any] | None:
+    """The teacher artifact to compare against, in the same format (ORT vs ORT, torch vs torch)."""
+    teachers = [a for a in arts if a["role"] == "teacher" and a["format"] == fmt]
+    return teachers[-1] if teachers else None
+
+
+def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    arts = report["artifacts"]
+    batch_sizes = report["recipe"]["benchmark"]["batch_sizes"]
+    header = ["artifact", "format", "precision", "top-1", "size", "params", "nonzero", "MACs"]
+    header += [f"CPU p50 ms (bs={bs})" for bs in batch_sizes]
+    header += ["speed-up vs teacher (bs=%d)" % batch_sizes[0], "smaller than teacher"]
+    rows = []
+    for art in arts:
+        ref = _reference(arts, art["format"])
+        lat = [_p50(art, "cpu", bs) for bs in batch_sizes]
+        speed = size = "–"
+        if ref is not None and ref is not art:
+            r, a = _p50(ref, "cpu", batch_sizes[0]), lat[0]
+            speed = f"{r / a:.2f}×" if r and a else "–"
+            size = f"{ref['size_bytes'] / art['size_bytes']:.1f}×"
+        rows.append([
+            art["name"], art["format"], art["precision"], f"{100 * art['accuracy']:.2f}%",
+            human_bytes(art["size_bytes"]), human_count(art["params"]), human_count(art["nonzero_params"]),
+            human_count(art["macs"]), *[f"{v:.3f}" if v is not None else "–" for v in lat], speed, size,
+        ])
+    return header, rows
+
+
+def int8_notes(report: dict[str, Any]) -> list[str]:
+    """Say plainly when an INT8 model is slower than the FP32 ONNX it came from."""
+    arts = {a["name"]: a for a in report["artifacts"]}
+    notes = []
+    for art in report["artifacts"]:
+        if art["precision"] != "int8":
+            continue
+        fp32 = next((a for a in arts.values() if a["format"] == "onnx" and a["precision"] == "fp32"
+                     and a["role"] == art["role"]), None)
+        if fp32 is None:
+            continue
+        for row in art["latency"]:
+            ref = _p50(fp32, row["device"], row["batch_size"])
+            if ref is None:
+                continue
+            ratio = ref / row["p50_ms"]
+            verdict = "faster" if ratio >= 1 else "SLOWER"
+            notes.append(f"{art['name']} is {ratio:.2f}× {verdict} than {fp32['name']} "
+                         f"({row['device']}, batch {row['batch_size']}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)")
+    return notes
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    header, rows = summary_rows(report)
+    lines = [
+        f"# Compression report: {report['recipe']['name']}",
+        "",
+        f"Run {report['finished']} on {env['cpu']} ({env['threads']} threads"
+        f"{', GPU ' + env['gpu'] if env.get('gpu') else ', no GPU'}); torch {env['torch']}, "
+        f"onnxruntime {env['onnxruntime']}. Top-1 on the {report['data']['test_images']}-image test split.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+        "",
+        "## Latency",
+        "",
+        "| artifact | device | runtime | batch | threads | p50 ms | p90 ms | p99 ms | images/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for art in report["artifacts"]:
+        for r in art["latency"]:
+            lines.append(f"| {art['name']} | {r['device']} | {r['runtime']} | {r['batch_size']} | {r['threads']} | "
+                         f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput']:.0f} |")
+    lines += ["", "## Stages", "", "| # | stage | seconds | result |", "|---|---|---|---|"]
+    for i, st in enumerate(report["stages"]):
+        lines.append(f"| {i} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
+    notes = int8_notes(report) + report.get("notes", [])
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def _stage_summary(metrics: dict[str, Any]) -> str:
+    bits = []
+    if metrics.get("test_acc") is not None:
+        bits.append(f"test top-1 {100 * metrics['test_acc']:.2f}% after {metrics['epochs']} epochs "
+                    f"({metrics.get('precision', 'fp32')})")
+    if "params_before" in metrics:
+        bits.append(f"params {human_count(metrics['params_before'])} → {human_count(metrics['params_after'])}, "
+                    f"MACs {human_count(metrics['macs_before'])} → {human_count(metrics['macs_after'])}")
+    for role in ("student", "teacher"):
+        chk = metrics.get(role)
+        if isinstance(chk, dict) and "max_abs_diff" in chk:
+            bits.append(f"{role} ONNX parity max|Δ| {chk['max_abs_diff']:.1e}, argmax agree "
+                        f"{100 * chk['argmax_agreement']:.1f}%")
+    if "int8_bytes" in metrics:
+        bits.append(f"{metrics['calibration']} calibration on {metrics['calibration_images']} images, "
+                    f"{human_bytes(metrics['fp32_bytes'])} → {human_bytes(metrics['int8_bytes'])}")
+    return "; ".join(bits) or "–"
+
+
+def write(run_dir: Path, report: dict[str, Any]) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / "report.md").write_text(markdown(report))
+
+
+def print_table(report: dict[str, Any], console: Console) -> None:
+    header, rows = summary_rows(report)
+    table = Table(title=f"compress: {report['recipe']['name']}", show_lines=False)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i < 3 else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+    for note in int8_notes(report) + report.get("notes", []):
+        console.print(f"• {note}")

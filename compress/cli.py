@@ -1,0 +1,95 @@
+"""``compress run | validate | list | schema``. User errors: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from compress.errors import CompressError, StageFailed
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        print(f"compress: error: {message} (see 'compress --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="compress", description="Distill, prune, export and quantize a PyTorch model from one recipe.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def recipe_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("recipe", type=Path, help="recipe YAML file")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set stages.1.temperature=2 (repeatable)")
+
+    run = sub.add_parser("run", help="run a recipe end to end")
+    recipe_args(run)
+    run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>-<time>)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    val = sub.add_parser("validate", help="load and validate a recipe; print it resolved")
+    recipe_args(val)
+    sub.add_parser("list", help="list registered stages, models, datasets, losses and importances")
+    sub.add_parser("schema", help="print the recipe's JSON Schema")
+    return p
+
+
+def _list() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from compress.data import DATASETS
+    from compress.distill import LOSSES
+    from compress.importance import IMPORTANCES
+    from compress.models import MODELS
+    from compress.stages import STAGES
+
+    console = Console()
+    for title, registry in (("stages", STAGES), ("models", MODELS), ("datasets", DATASETS),
+                            ("distillation losses", LOSSES), ("pruning importances", IMPORTANCES)):
+        table = Table(title=title, title_justify="left")
+        table.add_column("name")
+        table.add_column("description")
+        for name, obj in registry.items():
+            doc = (obj.__doc__ or "").strip().splitlines()
+            table.add_row(name, doc[0] if doc else "")
+        console.print(table)
+    console.print("models also: torchvision:<name> (any torchvision classifier), package.module:function")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            _list()
+        elif args.command == "schema":
+            from compress.recipe import json_schema
+
+            print(json.dumps(json_schema(), indent=2))
+        else:
+            from compress.recipe import dump_recipe, load_recipe
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            if args.command == "validate":
+                print(dump_recipe(recipe), end="")
+            else:
+                from compress.pipeline import run
+
+                run(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet)
+    except CompressError as exc:
+        print(f"compress: error: {exc}", file=sys.stderr)
+        return 2
+    except StageFailed as exc:
+        print(f"compress: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("compress: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The Context a stage works on: models by role, data, device, run dir, artifacts, logging."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from compress.checkpoint import save_model
+from compress.data import DataBundle
+
+if TYPE_CHECKING:
+    from compress.recipe import ModelSpec, RecipeBase
+
+
+@dataclass
+class Artifact:
+    """One model the report measures: a torch snapshot or an ONNX file."""
+
+    name: str
+    role: str  # "teacher" | "student"
+    format: str  # "torch" | "onnx"
+    precision: str  # "fp32" | "int8"
+    path: Path
+    stage: str  # which stage produced it ("input" for a loaded checkpoint)
+    model: nn.Module | None = field(default=None, repr=False)  # torch artifacts only
+    source: str | None = None  # for ONNX: the torch artifact it was exported from
+
+
+@dataclass
+class Context:
+    recipe: RecipeBase
+    device: torch.device
+    run_dir: Path
+    data: DataBundle
+    models: dict[str, nn.Module]
+    specs: dict[str, ModelSpec]
+    pruned: dict[str, bool] = field(default_factory=dict)
+    artifacts: list[Artifact] = field(default_factory=list)
+    quiet: bool = False
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
+    stage_index: int = 0
+    stage_label: str = ""
+
+    @property
+    def student(self) -> nn.Module:
+        return self.models["student"]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.models.get("teacher")
+
+    def example_input(self, batch_size: int = 2) -> torch.Tensor:
+        return self.data.example_input(batch_size).to(self.device)
+
+    # ------------------------------------------------------------------ artifacts
+    def latest(self, role: str, fmt: str, precision: str = "fp32") -> Artifact | None:
+        for art in reversed(self.artifacts):
+            if art.role == role and art.format == fmt and art.precision == precision:
+                return art
+        return None
+
+    def add_artifact(self, art: Artifact) -> Artifact:
+        self.artifacts = [a for a in self.artifacts if a.name != art.name] + [art]
+        return art
+
+    def snapshot(self, role: str, label: str) -> Artifact:
+        """Checkpoint ``role``'s current weights and record a frozen copy for the report."""
+        model = self.models[role]
+        spec = self.specs[role]
+        path = self.run_dir / "checkpoints" / f"{self.stage_index:02d}-{label}" / f"{role}.pt"
+        save_model(
+            model,
+            path,
+            name=spec.model,
+            kwargs=spec.kwargs,
+            num_classes=self.data.num_classes,
+            in_channels=self.data.channels,
+            pruned=self.pruned.get(role, False),
+        )
+        frozen = copy.deepcopy(model).eval()
+        return self.add_artifact(
+            Artifact(name=f"{role}@{label}", role=role, format="torch", precision="fp32", path=path, stage=label,
+                     model=frozen)
+        )
+
+    # ------------------------------------------------------------------ progress
+    @contextmanager
+    def progress(self) -> Any:
+        """A rich progress bar (epoch, loss, accuracy, ETA); a no-op bar when quiet."""
+        prog = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=self.quiet,
+            transient=False,
+        )
+        with prog:
+            yield prog

@@ -1,0 +1,149 @@
+"""Tensor-resident data: decode once, then every epoch is slicing, not per-sample Python.
+
+Following airbench/nanoGPT, a split is a uint8 tensor (N, C, H, W) plus int64 labels. A loader
+shuffles with a seeded generator, slices batches, converts to float, normalizes and augments the
+whole batch at once (random crop with padding + horizontal flip), on whatever device the data is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+
+class DatasetConfig(BaseModel):
+    """Fields every dataset accepts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    batch_size: int = Field(128, gt=0, le=65536, description="training batch size")
+    eval_batch_size: int = Field(500, gt=0, le=65536, description="batch size for evaluation/calibration")
+
+    def load(self) -> DataBundle:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class DataBundle:
+    train_x: Tensor  # uint8 (N, C, H, W)
+    train_y: Tensor  # int64 (N,)
+    test_x: Tensor
+    test_y: Tensor
+    class_names: list[str]
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units
+    std: tuple[float, ...]
+    augment: bool = False  # random crop (padding `pad`) + horizontal flip
+    pad: int = 4
+    flip: bool = True
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != torch.uint8 or x.ndim != 4:
+                raise ValueError(f"{split} images must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}")
+            if len(x) != len(y) or len(x) == 0:
+                raise ValueError(f"{split} split has {len(x)} images and {len(y)} labels")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean/std must have one value per channel")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+
+    def to(self, device: torch.device) -> DataBundle:
+        """Move the uint8 tensors to ``device`` once (a CIFAR train split is 150 MB)."""
+        for name in ("train_x", "train_y", "test_x", "test_y"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def train_loader(self, seed: int, augment: bool | None = None) -> TensorLoader:
+        aug = self.augment if augment is None else augment
+        return TensorLoader(self, self.train_x, self.train_y, self.batch_size, seed=seed, augment=aug, drop_last=True)
+
+    def eval_loader(self, split: str = "test") -> TensorLoader:
+        x, y = (self.test_x, self.test_y) if split == "test" else (self.train_x, self.train_y)
+        return TensorLoader(self, x, y, self.eval_batch_size, seed=None, augment=False, drop_last=False)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x.float().div_(255.0) - mean) / std
+
+    def example_input(self, batch_size: int = 1) -> Tensor:
+        """A real, normalized test batch (for tracing, export and parity checks)."""
+        return self.normalize(self.test_x[:batch_size])
+
+
+class TensorLoader:
+    """Iterates (images, labels) batches; shuffled with a per-epoch seed when ``seed`` is set."""
+
+    def __init__(
+        self, bundle: DataBundle, x: Tensor, y: Tensor, batch_size: int, *, seed: int | None, augment: bool, drop_last: bool
+    ) -> None:
+        self.bundle, self.x, self.y = bundle, x, y
+        self.batch_size = min(batch_size, len(x)) if drop_last else batch_size
+        self.seed, self.augment, self.drop_last = seed, augment, drop_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = None
+        order = None
+        if self.seed is not None:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(len(self.x), generator=gen).to(self.x.device)
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            idx = order[sl] if order is not None else None
+            xb = self.x[idx] if idx is not None else self.x[sl]
+            yb = self.y[idx] if idx is not None else self.y[sl]
+            xb = self.bundle.normalize(xb)
+            if self.augment:
+                xb = augment_batch(xb, self.bundle.pad, self.bundle.flip, gen)
+            yield xb, yb
+
+
+def augment_batch(x: Tensor, pad: int, flip: bool, gen: torch.Generator | None) -> Tensor:
+    """Random crop with zero padding and random horizontal flip, vectorized over the batch."""
+    n, _, h, w = x.shape
+    if pad > 0:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chan, rows, cols]
+    if flip:
+        mask = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+        x = torch.where(mask, x.flip(3), x)
+    return x.contiguous()
+
+
+def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of a uint8 image tensor, in [0, 1] units."""
+    xf = x.float().div(255.0).transpose(0, 1).reshape(x.shape[1], -1)
+    std = xf.std(dim=1).clamp_min(1e-3)
+    return tuple(xf.mean(dim=1).tolist()), tuple(std.tolist())

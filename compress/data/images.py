@@ -1,0 +1,97 @@
+"""Decode an image tree (a folder or a .tar.gz of one) once into a cached uint8 tensor file.
+
+Layout: ``<root>/<split>/<class>/<image>``, where the tree may sit one folder down (as in
+``cifar10-jpeg.tar.gz``, whose members are ``cifar10-jpeg/train/airplane/0001.jpg``). The cache is a
+plain tensor file keyed by the source's path, size and mtime and loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.errors import CompressError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
+
+
+def load_cached(source: Path, splits: tuple[str, ...], image_size: int | None, field: str) -> dict:
+    """Return {split: (uint8 NCHW tensor, int64 labels)} and ``classes``, decoding on first use."""
+    stat = source.stat()
+    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{splits}|{image_size}"
+    path = cache_dir() / f"images-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    data = decode_tree(source, splits, image_size, field)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+    return data
+
+
+def decode_tree(source: Path, splits: tuple[str, ...], image_size: int | None, field: str) -> dict:
+    from PIL import Image
+
+    found: dict[str, dict[str, list]] = {s: defaultdict(list) for s in splits}
+    for parts, read in _walk(source):
+        # Accept the tree at any depth: find the split folder, then class, then file.
+        for i, part in enumerate(parts[:-2]):
+            if part in found and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES and len(parts) - i == 3:
+                found[part][parts[i + 1]].append((parts[-1], read))
+                break
+    for split, by_class in found.items():
+        if not by_class:
+            raise CompressError(f"{field}: no images under a '{split}/<class>/' folder in {source}")
+    classes = sorted(found[splits[0]])
+    for split in splits[1:]:
+        if sorted(found[split]) != classes:
+            raise CompressError(f"{field}: classes in '{split}/' differ from '{splits[0]}/' in {source}")
+    out: dict = {"classes": classes}
+    for split, by_class in found.items():
+        xs, ys = [], []
+        for label, cls in enumerate(classes):
+            for _, read in sorted(by_class[cls], key=lambda t: t[0]):
+                with Image.open(io.BytesIO(read())) as im:
+                    im = im.convert("RGB")
+                    if image_size is not None and im.size != (image_size, image_size):
+                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                    xs.append(np.asarray(im))
+                ys.append(label)
+        sizes = {x.shape for x in xs}
+        if len(sizes) != 1:
+            raise CompressError(f"{field}: images in '{split}/' have different sizes {sorted(sizes)[:3]}; set image_size")
+        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
+        out[split] = (x, torch.tensor(ys, dtype=torch.long))
+    return out
+
+
+def _walk(source: Path) -> Iterator[tuple[tuple[str, ...], callable]]:
+    """Yield (path parts, reader) for every file in a folder or a tar archive."""
+    if source.is_dir():
+        for p in source.rglob("*"):
+            if p.is_file():
+                yield p.relative_to(source).parts, p.read_bytes
+        return
+    try:
+        tar = tarfile.open(source)
+    except (tarfile.TarError, OSError) as exc:
+        raise CompressError(f"cannot read archive {source}: {exc}") from None
+    with tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        # Read each member's bytes now: the tar stream is only valid inside this block.
+        blobs = {m.name: tar.extractfile(m).read() for m in members}
+    for name, blob in blobs.items():
+        yield tuple(Path(name).parts), (lambda b=blob: b)

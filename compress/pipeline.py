@@ -1,0 +1,197 @@
+"""Run a recipe: prepare (every user error surfaces here) -> stages in order -> measure -> report.
+
+Nothing is written until the data is loaded, the models are built, their checkpoints fit and a
+forward pass works, so a bad recipe leaves no run directory behind. The pipeline never looks at a
+stage's kind: it asks the stage which models it changed and checkpoints those.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from compress.bench import measure as bench
+from compress.bench import report as report_mod
+from compress.bench.env import environment
+from compress.checkpoint import load_weights, read_checkpoint
+from compress.context import Context
+from compress.data import DataBundle
+from compress.errors import CompressError
+from compress.models import build_model
+from compress.recipe import RecipeBase, dump_recipe
+
+RUN_MARKERS = ("status.json", "recipe.resolved.yaml")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CompressError("device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_data(recipe: RecipeBase) -> DataBundle:
+    try:
+        data = recipe.data.load()  # type: ignore[attr-defined]
+    except CompressError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise CompressError(f"data ({recipe.data.name}): {exc}") from None  # type: ignore[attr-defined]
+    return data
+
+
+def build_role(recipe: RecipeBase, role: str, data: DataBundle) -> torch.nn.Module:
+    spec = getattr(recipe, role)
+    model = build_model(spec.model, data.num_classes, data.channels, **spec.kwargs)
+    if spec.checkpoint is not None:
+        state, pruned = read_checkpoint(spec.checkpoint, role, f"{role}.checkpoint")
+        load_weights(model, state, pruned=pruned, field=f"{role}.checkpoint")
+    x = data.example_input(2)
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot take the data is a recipe error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"{role}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first}") \
+            from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CompressError(f"{role}.model: {spec.model!r} returns {shape}, expected logits (2, {data.num_classes})")
+    return model
+
+
+def make_run_dir(recipe: RecipeBase, out: Path | None, overwrite: bool) -> Path:
+    if out is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{recipe.name}-{stamp}"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise CompressError(f"--out: {out} already exists; pass --overwrite or choose another directory")
+        if not out.is_dir() or not any((out / m).exists() for m in RUN_MARKERS):
+            raise CompressError(f"--out: {out} exists and is not a compress run directory; refusing to overwrite it")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise CompressError(f"--out: cannot write to {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def _status(run_dir: Path, state: str, **extra: Any) -> None:
+    (run_dir / "status.json").write_text(json.dumps({"state": state, **extra}, indent=2) + "\n")
+
+
+def _logger(run_dir: Path) -> logging.Logger:
+    log = logging.getLogger(f"compress.run.{run_dir}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.handlers = [handler]
+    return log
+
+
+def run(recipe: RecipeBase, out: Path | None = None, *, overwrite: bool = False, quiet: bool = False,
+        console: Console | None = None) -> Path:
+    """Run every stage, measure every artifact, write the run directory; return its path."""
+    console = console or Console(stderr=True, quiet=quiet)
+    device = resolve_device(recipe.device)
+    seed_everything(recipe.seed)
+    data = load_data(recipe)
+    roles = ["teacher", "student"] if recipe.teacher is not None else ["student"]
+    models = {role: build_role(recipe, role, data) for role in roles}
+    run_dir = make_run_dir(recipe, out, overwrite)
+    data.to(device)
+    started = dt.datetime.now(dt.UTC)
+    (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+    _status(run_dir, "running", started=started.isoformat())
+    ctx = Context(recipe=recipe, device=device, run_dir=run_dir, data=data,
+                  models={r: m.to(device) for r, m in models.items()},
+                  specs={r: getattr(recipe, r) for r in roles}, quiet=quiet, console=console, log=_logger(run_dir))
+    ctx.log.info("run %s on %s: %d train / %d test images, %d classes", recipe.name, device, len(data.train_y),
+                 len(data.test_y), data.num_classes)
+    changed_later = {role for stage in recipe.stages for role in stage.changes()}  # type: ignore[attr-defined]
+    for role in roles:
+        if getattr(recipe, role).checkpoint is not None or role not in changed_later:
+            ctx.stage_label = "input"
+            ctx.snapshot(role, "input")
+    stages_out = []
+    for i, stage in enumerate(recipe.stages, start=1):  # type: ignore[attr-defined]
+        ctx.stage_index, ctx.stage_label = i, stage.kind
+        console.print(f"[bold cyan]stage {i}/{len(recipe.stages)}: {stage.kind}[/]")  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        _status(run_dir, "running", started=started.isoformat(), stage=i, kind=stage.kind)
+        try:
+            metrics = stage.apply(ctx)
+        except BaseException as exc:
+            _status(run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
+            raise
+        seconds = time.perf_counter() - t0
+        for role in stage.changes():
+            ctx.snapshot(role, stage.kind)
+        ctx.log.info("stage %d %s done in %.1fs", i, stage.kind, seconds)
+        stages_out.append({"index": i, "kind": stage.kind, "seconds": seconds, "metrics": metrics})
+    console.print("[bold cyan]measuring artifacts[/]")
+    report = _measure(ctx, stages_out, started)
+    report_mod.write(run_dir, report)
+    _status(run_dir, "complete", started=started.isoformat(), finished=report["finished"])
+    if not quiet:
+        report_mod.print_table(report, console)
+        console.print(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _order(ctx: Context) -> list:
+    idx = {a.name: i for i, a in enumerate(ctx.artifacts)}
+    return sorted(ctx.artifacts, key=lambda a: (a.role != "teacher", a.format == "onnx", a.precision == "int8",
+                                                idx[a.name]))
+
+
+def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetime) -> dict[str, Any]:
+    bench_cfg = ctx.recipe.benchmark
+    rows, notes = [], []
+    macs_cache: dict[str, tuple[int, int]] = {}
+    arts = _order(ctx)
+    with ctx.progress() as prog:
+        task = prog.add_task("benchmark", total=len(arts), info="")
+        for art in arts:
+            prog.update(task, info=art.name)
+            row, art_notes = bench.measure(art, ctx.data, bench_cfg, ctx.device, {}, macs_cache)
+            rows.append(row)
+            notes.extend(art_notes)
+            ctx.log.info("measured %s: top-1 %.4f, %d bytes", art.name, row["accuracy"], row["size_bytes"])
+            prog.advance(task)
+    data = ctx.data
+    return {
+        "recipe": ctx.recipe.model_dump(mode="json"),
+        "environment": environment(bench_cfg.threads),
+        "data": {"name": ctx.recipe.data.name, "train_images": len(data.train_y),  # type: ignore[attr-defined]
+                 "test_images": len(data.test_y), "num_classes": data.num_classes,
+                 "input_shape": list(data.input_shape)},
+        "stages": stages_out,
+        "artifacts": rows,
+        "notes": sorted(set(notes)),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "run_dir": str(ctx.run_dir),
+    }

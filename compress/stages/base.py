@@ -1,0 +1,43 @@
+"""The Stage contract. A stage is a pydantic model (its recipe entry) with an ``apply`` method.
+
+The pipeline knows nothing about specific stages: it asks each one which models it ``changes``
+(to checkpoint them) and which capabilities it ``needs``/``provides`` (to reject an impossible order
+such as quantize-before-export at load time, before any training starts).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from compress.registry import Registry
+
+if TYPE_CHECKING:
+    from compress.context import Context
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+
+    #: capabilities this stage needs from the recipe or earlier stages ("teacher", "onnx", ...)
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: capabilities it provides to later stages
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    def changes(self) -> tuple[str, ...]:
+        """Roles ("teacher"/"student") whose torch weights this stage modifies."""
+        return ()
+
+    def requirements(self) -> frozenset[str]:
+        """Per-instance needs (e.g. prune needs a teacher only when ``distill: true``)."""
+        return self.needs
+
+    def apply(self, ctx: Context) -> dict[str, Any]:
+        """Run the stage; return metrics for the report."""
+        raise NotImplementedError
+
+
+STAGES: Registry[type[Stage]] = Registry("stage kind")

@@ -1,0 +1,28 @@
+"""Supervised training of the teacher or the student (cross-entropy, optional label smoothing)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from compress.context import Context
+from compress.stages.base import STAGES, Stage
+from compress.training import OptimConfig, cross_entropy, fit
+
+
+@STAGES.register("train")
+class Train(Stage, OptimConfig):
+    kind: Literal["train"] = "train"
+    target: Literal["teacher", "student"] = "student"
+    epochs: int = Field(ge=1, le=10_000)
+
+    def requirements(self) -> frozenset[str]:
+        return frozenset({"teacher"}) if self.target == "teacher" else frozenset()
+
+    def changes(self) -> tuple[str, ...]:
+        return (self.target,)
+
+    def apply(self, ctx: Context) -> dict[str, Any]:
+        model = ctx.models[self.target]
+        return fit(ctx, model, cross_entropy(self.label_smoothing), self.epochs, self, f"train {self.target}")

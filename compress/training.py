@@ -1,0 +1,172 @@
+"""The one training loop (train, distill and prune's fine-tune all use it), readable in a screen.
+
+Fast on CPU because it avoids waste: data is already a tensor on the device, batches are sliced
+and augmented as whole tensors, the model runs channels_last under bf16 autocast where the CPU has
+native bf16 (measured: ResNet-20 epoch 1.8 -> 0.7 min on this 2-core machine), and evaluation runs
+under ``inference_mode``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import Tensor, nn
+
+from compress.context import Context
+from compress.data import TensorLoader
+from compress.errors import StageFailed
+
+LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]  # (model, x, y) -> (loss, logits)
+
+
+class OptimConfig(BaseModel):
+    """Optimizer, schedule and numerics shared by every stage that trains."""
+
+    lr: float = Field(0.1, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(0, ge=0, le=1000)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype; auto = bf16 where the device has native bf16, else fp32"
+    )
+    channels_last: bool = True
+    keep: Literal["last", "best"] = Field(
+        "last", description="'best' keeps the epoch with the best test-split top-1 (selection on test data)"
+    )
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
+    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device, dtype: torch.dtype | None = None,
+             channels_last: bool = False) -> float:
+    """Top-1 accuracy in [0, 1]; fp32 unless ``dtype`` is given."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with _autocast(device, dtype):
+        for x, y in loader:
+            logits = model(x.to(device, non_blocking=True).contiguous(memory_format=fmt))
+            correct += (logits.argmax(1) == y.to(device)).sum().item()
+            total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def _lr_lambda(cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    total = max(1, steps_per_epoch * epochs)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        t = (step - warm) / max(1, total - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        # one-cycle: linear up to the peak at 30%, then linear down to ~0
+        return t / 0.3 if t < 0.3 else max(0.0, (1 - t) / 0.7)
+
+    if cfg.schedule == "onecycle" and warm == 0:
+        return lambda step: max(factor(step), 0.04)
+    return factor
+
+
+def fit(ctx: Context, model: nn.Module, loss_fn: LossFn, epochs: int, cfg: OptimConfig, label: str,
+        after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place for ``epochs``; return metrics. Raises StageFailed on NaN/Inf loss."""
+    device = ctx.device
+    dtype = autocast_dtype(cfg.precision, device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=fmt).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    loader = ctx.data.train_loader(seed=ctx.recipe.seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
+    test_loader = ctx.data.eval_loader("test")
+    history: list[dict[str, float]] = []
+    best_acc, best_state = -1.0, None
+    start = time.perf_counter()
+    with ctx.progress() as prog:
+        task = prog.add_task(label, total=epochs * len(loader), info="")
+        for epoch in range(epochs):
+            loader.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            seen = 0
+            for x, y in loader:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+                y = y.to(device, non_blocking=True)
+                with _autocast(device, dtype):
+                    loss, logits = loss_fn(model, x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step()
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(y)
+                prog.advance(task)
+            train_loss = loss_sum.item() / max(seen, 1)
+            if not math.isfinite(train_loss):
+                raise StageFailed(f"{label}: loss became {train_loss} in epoch {epoch + 1}; lower the lr "
+                                  f"(now {cfg.lr}) or use precision: fp32")
+            test_acc = evaluate(model, test_loader, device, dtype, cfg.channels_last)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
+                   "test_acc": test_acc, "lr": opt.param_groups[0]["lr"]}
+            history.append(row)
+            ctx.log.info("%s epoch %d/%d loss %.4f train_acc %.4f test_acc %.4f", label, epoch + 1, epochs,
+                         train_loss, row["train_acc"], test_acc)
+            prog.update(task, info=f"epoch {epoch + 1}/{epochs} loss {train_loss:.3f} acc {test_acc:.3f}")
+            if cfg.keep == "best" and test_acc > best_acc:
+                best_acc = test_acc
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.to(memory_format=torch.contiguous_format).eval()
+    last = history[-1] if history else {}
+    return {
+        "epochs": epochs,
+        "seconds": time.perf_counter() - start,
+        "train_loss": last.get("train_loss"),
+        "test_acc": best_acc if best_state is not None else last.get("test_acc"),
+        "precision": str(dtype).removeprefix("torch.") if dtype else "fp32",
+        "history": history,
+    }
