@@ -195,19 +195,16 @@ def format_validation_error(exc: ValidationError, raw: Any, source: str) -> str:
         path = _field_path(err["loc"], raw)
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-            parent_loc = tuple(p for p in err["loc"][:-1])
-            parent = _field_path(parent_loc, raw)
-            model = _model_at(parent_loc)
+            model = _model_at(tuple(err["loc"][:-1]))
             if model is not None:
                 import difflib
 
                 close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
                 if close:
                     msg += f" (did you mean {close[0]!r}?)"
-            del parent
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r})"
-        parts.append(f"{path}: {msg}")
+        parts.append(msg if path == "recipe" and err["type"] == "value_error" else f"{path}: {msg}")
     more = f" (+{len(parts) - 3} more)" if len(parts) > 3 else ""
     return f"{source}: " + "; ".join(parts[:3]) + more
 
@@ -218,7 +215,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     for part in loc:
         if isinstance(part, int):
             continue
-        if part in STAGES and model is not None:
+        if part in STAGES:
             model = STAGES.get(part)
             continue
         if part in DATASETS:

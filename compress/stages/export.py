@@ -48,6 +48,7 @@ def parity(model: nn.Module, path: Path, x: torch.Tensor) -> dict[str, float]:
     got = run(session(path), x.cpu().numpy())
     return {
         "max_abs_diff": float(np.abs(ref - got).max()),
+        "max_abs_logit": float(np.abs(ref).max()),
         "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
         "batch": int(x.shape[0]),
     }
@@ -59,6 +60,7 @@ class Export(Stage):
     opset: int = Field(18, ge=17, le=23)
     teacher: bool = Field(True, description="also export the teacher (for a like-for-like ONNX comparison)")
     atol: float = Field(1e-4, gt=0, le=1, description="max |Δlogit| allowed between ORT and PyTorch")
+    rtol: float = Field(1e-5, ge=0, le=1, description="plus this fraction of the largest |logit|")
     parity_batch: int = Field(64, ge=1, le=4096, description="test images used for the parity check")
 
     provides = frozenset({"onnx"})
@@ -80,9 +82,13 @@ class Export(Stage):
             metrics[role] = check
             ctx.log.info("export %s -> %s: max|Δ| %.2e, argmax agreement %.4f", role, path.name,
                          check["max_abs_diff"], check["argmax_agreement"])
-            if not check["max_abs_diff"] <= self.atol:
+            # fp32 rounding grows with the logits' scale (a random-init ResNet-56 emits |z| ~ 2000, where
+            # torch's own fp32 result is 1e-3 away from fp64), so the bound is atol + rtol * max|z|.
+            bound = self.atol + self.rtol * check["max_abs_logit"]
+            if not check["max_abs_diff"] <= bound:
                 raise StageFailed(f"export: ONNX Runtime disagrees with PyTorch for the {role}: max |Δlogit| "
-                                  f"{check['max_abs_diff']:.3g} > atol {self.atol:g}")
+                                  f"{check['max_abs_diff']:.3g} > {bound:.3g} (atol {self.atol:g} + rtol "
+                                  f"{self.rtol:g} × max|logit| {check['max_abs_logit']:.3g})")
             source = ctx.latest(role, "torch")
             ctx.add_artifact(Artifact(name=path.name, role=role, format="onnx", precision="fp32", path=path,
                                       stage=self.kind, source=source.name if source else None))

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny real recipes (synthetic or digits data) that run in seconds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "seed": 0,
+    "device": "cpu",
+    "data": {"name": "synthetic", "image_size": 16, "train_size": 256, "test_size": 96, "batch_size": 32},
+    "teacher": {"model": "resnet8x4"},
+    "student": {"model": "resnet20"},
+    "stages": [
+        {"kind": "train", "target": "teacher", "epochs": 1, "lr": 0.05},
+        {"kind": "distill", "epochs": 1, "lr": 0.05},
+        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 1, "distill": True},
+        {"kind": "export"},
+        {"kind": "quantize", "calibration_batches": 2},
+    ],
+    "benchmark": {"batch_sizes": [1, 8], "warmup": 1, "iters": 3, "devices": ["cpu"]},
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    import os
+
+    os.environ.setdefault("COMPRESS_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def tiny() -> dict[str, Any]:
+    """A fresh copy of the tiny recipe as a dict; tests edit it freely."""
+    return copy.deepcopy(TINY)
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path):
+    def write(raw: dict[str, Any] | str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    return write

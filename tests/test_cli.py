@@ -1,0 +1,175 @@
+"""The CLI: every user error is one line on stderr, exit 2, no traceback, no run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from compress.cli import main
+from compress.data import DATASETS
+from compress.models import MODELS
+from compress.stages import STAGES
+
+
+def fails_cleanly(capsys, argv: list[str], out: Path, *needles: str) -> str:
+    code = main(argv + (["--out", str(out)] if argv[0] == "run" else []))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists(), "a user error must not leave a run directory"
+    return lines[0]
+
+
+def _bad(tiny: dict, path: str, value) -> dict:
+    node = tiny
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return tiny
+
+
+CASES = {
+    "unknown stage kind": ("stages.1", {"kind": "distil", "epochs": 1}, ["stages.1", "distil", "'distill'"]),
+    "typo'd field": ("stages.1", {"kind": "distill", "epochs": 1, "temprature": 2}, ["stages.1.temprature",
+                                                                                   "unknown field",
+                                                                                   "did you mean 'temperature'"]),
+    "out of range ratio": ("stages.2.ratio", 1.5, ["stages.2.ratio", "less than 1", "1.5"]),
+    "negative epochs": ("stages.0.epochs", -3, ["stages.0.epochs", "greater than or equal to 1"]),
+    "zero temperature": ("stages.1.temperature", 0, ["stages.1.temperature", "greater than 0"]),
+    "wrong type": ("stages.0.epochs", "many", ["stages.0.epochs", "valid integer"]),
+    "unknown model": ("student.model", "resnet21", ["student.model", "unknown model 'resnet21'"]),
+    "unknown dataset": ("data", {"name": "cifar100"}, ["data", "cifar100"]),
+    "missing data root": ("data", {"name": "cifar10", "root": "/nonexistent/cifar"}, ["data", "does not exist"]),
+    "missing checkpoint": ("teacher.checkpoint", "/nonexistent/t.pt", ["teacher.checkpoint", "does not exist"]),
+    "unknown top-level key": ("benchmarks", {}, ["benchmarks", "unknown field", "did you mean 'benchmark'"]),
+    "unknown loss": ("stages.1.loss", "hintn", ["stages.1.loss", "did you mean hinton"]),
+    "quantize before export": ("stages", [{"kind": "quantize"}], ["stages.0 (quantize) needs onnx"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_errors(case, tiny, write_recipe, tmp_path, capsys):
+    path, value, needles = CASES[case]
+    recipe = write_recipe(_bad(tiny, path, value))
+    line = fails_cleanly(capsys, ["run", str(recipe)], tmp_path / "out", *needles)
+    assert line.startswith(f"compress: error: {recipe}")
+
+
+def test_distill_without_teacher(tiny, write_recipe, tmp_path, capsys):
+    tiny["teacher"] = None
+    tiny["stages"] = tiny["stages"][1:]
+    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.0 (distill) needs teacher")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: [unclosed", "invalid YAML"),
+    ("", "the recipe is empty"),
+    ("- just\n- a list\n", "a recipe must be a mapping"),
+    ("name: !!python/object/apply:os.system ['echo owned']\n", "invalid YAML"),
+])
+def test_malformed_yaml(text, needle, write_recipe, tmp_path, capsys):
+    fails_cleanly(capsys, ["run", str(write_recipe(text))], tmp_path / "out", needle)
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    fails_cleanly(capsys, ["run", str(tmp_path / "nope.yaml")], tmp_path / "out", "no such file")
+
+
+def test_bad_set_override(tiny, write_recipe, tmp_path, capsys):
+    recipe = str(write_recipe(tiny))
+    fails_cleanly(capsys, ["run", recipe, "--set", "stages.7.lr=1"], tmp_path / "out", "index 7 out of range")
+    fails_cleanly(capsys, ["run", recipe, "--set", "stages.0.lr=-1"], tmp_path / "out", "stages.0.lr",
+                  "greater than 0")
+
+
+def test_unknown_cli_option_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "x.yaml", "--bogus"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_mismatched_checkpoint(tiny, write_recipe, tmp_path, capsys):
+    wrong = tmp_path / "resnet32.pt"
+    from compress.models import build_model
+
+    torch.save(build_model("resnet32", 10).state_dict(), wrong)
+    tiny["teacher"]["checkpoint"] = str(wrong)
+    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint",
+                  "does not match the model", "unexpected")
+    torch.save(build_model("resnet8x4", 3).state_dict(), wrong)  # right architecture, wrong class count
+    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint", "fc.weight",
+                  "(3, 256)", "(10, 256)")
+
+
+def test_checkpoint_with_pickled_code_is_refused(tiny, write_recipe, tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    torch.save({"w": Evil()}, evil)
+    tiny["teacher"]["checkpoint"] = str(evil)
+    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint",
+                  "weights-only")
+
+
+def test_model_that_cannot_take_the_input(tiny, write_recipe, tmp_path, capsys):
+    tiny["student"] = {"model": "torchvision:vit_b_16", "kwargs": {"image_size": 224}}  # data is 16x16
+    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "student.model", "cannot run on")
+
+
+def test_existing_out_dir_is_not_overwritten(tiny, write_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    code = main(["run", str(write_recipe(tiny)), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists" in err and (out / "precious.txt").read_text() == "keep"
+    code = main(["run", str(write_recipe(tiny)), "--out", str(out), "--overwrite"])
+    assert code == 2 and "not a compress run directory" in capsys.readouterr().err
+    assert (out / "precious.txt").exists()
+
+
+def test_validate_prints_the_resolved_recipe(tiny, write_recipe, capsys):
+    assert main(["validate", str(write_recipe(tiny)), "--set", "stages.1.temperature=2.5"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["stages"][1]["temperature"] == 2.5
+    assert resolved["stages"][1]["alpha"] == 0.9  # defaults are filled in
+
+
+def test_list_shows_every_registry_entry(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in STAGES.names() + MODELS.names() + DATASETS.names():
+        assert name in out
+
+
+def test_schema_is_json(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "stages" in schema["properties"]
+
+
+def test_console_script_and_module_entry_points(tiny, write_recipe, tmp_path):
+    recipe = write_recipe(_bad(tiny, "stages.2.ratio", 2))
+    for cmd in ([sys.executable, "-m", "compress"], [str(Path(sys.executable).parent / "compress")]):
+        proc = subprocess.run(cmd + ["run", str(recipe), "--out", str(tmp_path / "o")], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "stages.2.ratio" in proc.stderr and not (tmp_path / "o").exists()

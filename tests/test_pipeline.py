@@ -1,0 +1,180 @@
+"""The pipeline on real (tiny) models and data: every stage, real ONNX files, real ORT sessions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compress.checkpoint import load_weights, read_checkpoint
+from compress.context import Context
+from compress.data import DATASETS
+from compress.errors import StageFailed
+from compress.importance import IMPORTANCES
+from compress.models import build_model
+from compress.onnx_utils import run as ort_run
+from compress.onnx_utils import session
+from compress.pipeline import run
+from compress.recipe import validate_recipe
+from compress.stages import STAGES
+
+# The stages each registered kind needs before it (a new stage kind must add its prerequisites here).
+PREREQS = {"train": [], "distill": [], "prune": [], "export": [], "quantize": [{"kind": "export"}]}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One full tiny run shared by the assertions below (train → distill → prune → export → INT8)."""
+    from tests.conftest import TINY
+
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    run(validate_recipe(TINY), out, quiet=True)
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_run_dir_layout(tiny_run):
+    out, report = tiny_run
+    for name in ("recipe.resolved.yaml", "report.json", "report.md", "train.log", "model.onnx", "model.int8.onnx",
+                 "teacher.onnx", "status.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "status.json").read_text())["state"] == "complete"
+    assert {p.parent.name for p in (out / "checkpoints").glob("*/*.pt")} == {"01-train", "02-distill", "03-prune"}
+    assert set(report) >= {"recipe", "environment", "stages", "artifacts"}
+    assert [s["kind"] for s in report["stages"]] == ["train", "distill", "prune", "export", "quantize"]
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] >= 1
+
+
+def test_every_artifact_is_measured(tiny_run):
+    _, report = tiny_run
+    names = [a["name"] for a in report["artifacts"]]
+    assert names == ["teacher@train", "teacher.onnx", "student@distill", "student@prune", "model.onnx",
+                     "model.int8.onnx"]
+    for art in report["artifacts"]:
+        assert 0.0 <= art["accuracy"] <= 1.0
+        assert art["size_bytes"] > 0 and art["params"] > 0 and 0 < art["nonzero_params"] <= art["params"]
+        assert art["macs"] > 0
+        lat = art["latency"]
+        assert {(r["device"], r["batch_size"]) for r in lat} == {("cpu", 1), ("cpu", 8)}
+        for r in lat:
+            assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["throughput"] > 0 and r["threads"] >= 1
+
+
+def test_pruning_really_shrinks_the_student(tiny_run):
+    out, report = tiny_run
+    arts = {a["name"]: a for a in report["artifacts"]}
+    before, after = arts["student@distill"], arts["student@prune"]
+    assert after["params"] < 0.5 * before["params"]
+    assert after["macs"] < 0.5 * before["macs"]
+    assert after["size_bytes"] < 0.5 * before["size_bytes"]
+    prune = report["stages"][2]["metrics"]
+    assert prune["params_after"] == after["params"]
+
+
+def test_onnx_matches_torch_and_int8_is_smaller(tiny_run):
+    out, report = tiny_run
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    int8 = onnx.load(str(out / "model.int8.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+    arts = {a["name"]: a for a in report["artifacts"]}
+    assert arts["model.int8.onnx"]["size_bytes"] < 0.6 * arts["model.onnx"]["size_bytes"]
+    assert arts["model.onnx"]["accuracy"] == pytest.approx(arts["student@prune"]["accuracy"], abs=0.011)
+    # The pruned checkpoint reloads into a fresh resnet20 and agrees with the ONNX file.
+    data = DATASETS.get("synthetic").model_validate(report["recipe"]["data"]).load()
+    model = build_model("resnet20", data.num_classes, data.channels)
+    state, pruned = read_checkpoint(out / "checkpoints" / "03-prune" / "student.pt", "student", "test")
+    assert pruned
+    load_weights(model, state, pruned=True, field="test")
+    x = data.example_input(16)
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    got = ort_run(session(out / "model.onnx"), x.numpy())
+    assert np.abs(ref - got).max() < 1e-3
+    # Dynamic batch axis: any batch size runs.
+    assert ort_run(session(out / "model.int8.onnx"), data.example_input(5).numpy()).shape == (5, data.num_classes)
+
+
+def test_parametrized_over_stage_registry():
+    assert set(PREREQS) == set(STAGES.names()), "add the new stage kind's prerequisites to PREREQS"
+
+
+@pytest.mark.parametrize("kind", STAGES.names())
+def test_each_stage_alone(kind, tiny, tmp_path):
+    """Each stage kind runs as the only model-changing stage of a recipe, with its defaults."""
+    example = next(s for s in tiny["stages"] if s["kind"] == kind)
+    tiny["stages"] = PREREQS[kind] + [example]
+    tiny["benchmark"]["torch_snapshots"] = False
+    out = run(validate_recipe(tiny), tmp_path / "run", quiet=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][-1]["kind"] == kind
+    assert all(a["accuracy"] >= 0 for a in report["artifacts"])
+
+
+@pytest.mark.parametrize("method", IMPORTANCES.names())
+@pytest.mark.parametrize("model", ["resnet20", "digits_student", "torchvision:mobilenet_v2"])
+def test_prune_methods_and_architectures(method, model, tiny, tmp_path):
+    channels = 1 if model.startswith("digits") else 3
+    tiny["data"].update(channels=channels, image_size=8 if channels == 1 else 32, train_size=64, test_size=32)
+    tiny["teacher"] = None
+    tiny["student"] = {"model": model}
+    tiny["stages"] = [{"kind": "prune", "method": method, "ratio": 0.5}, {"kind": "export"}]
+    tiny["benchmark"].update(torch_snapshots=False, iters=1, warmup=0, batch_sizes=[1])
+    out = run(validate_recipe(tiny), tmp_path / "run", quiet=True)
+    report = json.loads((out / "report.json").read_text())
+    arts = {a["name"]: a for a in report["artifacts"]}
+    metrics = report["stages"][0]["metrics"]
+    assert metrics["params_after"] < 0.6 * metrics["params_before"] and metrics["macs_after"] < metrics["macs_before"]
+    assert arts["student@prune"]["params"] == metrics["params_after"]
+    # fp32 weights of the unpruned model would take 4 bytes each; the exported file is far smaller.
+    assert arts["model.onnx"]["size_bytes"] < 0.6 * 4 * metrics["params_before"]
+    assert arts["model.onnx"]["accuracy"] == pytest.approx(arts["student@prune"]["accuracy"], abs=0.04)
+
+
+def test_export_parity_failure_is_loud(tiny, tmp_path, monkeypatch):
+    import compress.stages.export as export
+
+    real = export.parity
+
+    def off_by_a_bit(model, path, x):
+        check = real(model, path, x)
+        check["max_abs_diff"] = 0.5
+        return check
+
+    monkeypatch.setattr(export, "parity", off_by_a_bit)
+    tiny["teacher"] = None
+    tiny["stages"] = [{"kind": "export"}]
+    with pytest.raises(StageFailed, match="ONNX Runtime disagrees with PyTorch for the student"):
+        run(validate_recipe(tiny), tmp_path / "run", quiet=True)
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
+def test_nan_loss_stops_the_stage(tiny, tmp_path, monkeypatch):
+    (tmp_path / "nan_models.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def exploding(num_classes):\n"
+        "    m = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, num_classes))\n"
+        "    nn.init.constant_(m[1].weight, float('inf'))\n"
+        "    return m\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tiny["teacher"] = None
+    tiny["student"] = {"model": "nan_models:exploding"}
+    tiny["stages"] = [{"kind": "train", "epochs": 1, "precision": "fp32"}]
+    with pytest.raises(StageFailed, match="loss became nan in epoch 1"):
+        run(validate_recipe(tiny), tmp_path / "run", quiet=True)
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+
+
+def test_context_latest_prefers_newest():
+    from compress.context import Artifact
+
+    ctx = Context.__new__(Context)
+    ctx.artifacts = []
+    a = Artifact("a", "student", "onnx", "fp32", None, "x")  # type: ignore[arg-type]
+    b = Artifact("b", "student", "onnx", "fp32", None, "y")  # type: ignore[arg-type]
+    Context.add_artifact(ctx, a)
+    Context.add_artifact(ctx, b)
+    assert Context.latest(ctx, "student", "onnx") is b and Context.latest(ctx, "teacher", "onnx") is None
