@@ -32,8 +32,16 @@ def main() -> int:
     ap.add_argument("--root", default="../shared/data/cifar10-jpeg.tar.gz")
     ap.add_argument("--out", default="runs/cifar-short")
     args = ap.parse_args()
-    cmd = ["compress", "run", "recipes/cifar_resnet.yaml", "--out", args.out, "--overwrite",
-           "--set", f"data.root={args.root}"]
+    cmd = [
+        "compress",
+        "run",
+        "recipes/cifar_resnet.yaml",
+        "--out",
+        args.out,
+        "--overwrite",
+        "--set",
+        f"data.root={args.root}",
+    ]
     for o in OVERRIDES:
         cmd += ["--set", o]
     started = dt.datetime.now(dt.UTC)
@@ -41,15 +49,21 @@ def main() -> int:
     if rc:
         return rc
     report = json.loads((ROOT / args.out / "report.json").read_text())
-    report["benchmark_run"] = {"command": shlex.join(cmd), "started": started.isoformat(timespec="seconds"),
-                               "machine": report["environment"]["cpu"], "threads": report["environment"]["threads"]}
+    report["benchmark_run"] = {
+        "command": shlex.join(cmd),
+        "started": started.isoformat(timespec="seconds"),
+        "machine": report["environment"]["cpu"],
+        "threads": report["environment"]["threads"],
+    }
     results = ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / "cifar_resnet_short.json").write_text(json.dumps(report, indent=2) + "\n")
     md = (ROOT / args.out / "report.md").read_text()
-    header = (f"Command: `{shlex.join(cmd)}`  \nMachine: {report['environment']['cpu']}, "
-              f"{report['environment']['threads']} threads, no GPU  \nDate: {started:%Y-%m-%d}  \n"
-              f"Schedule: shortened ({', '.join(OVERRIDES[:3])}); the recipe's full schedule is 200/200/40 epochs.\n\n")
+    header = (
+        f"Command: `{shlex.join(cmd)}`  \nMachine: {report['environment']['cpu']}, "
+        f"{report['environment']['threads']} threads, no GPU  \nDate: {started:%Y-%m-%d}  \n"
+        f"Schedule: shortened ({', '.join(OVERRIDES[:3])}); the recipe's full schedule is 200/200/40 epochs.\n\n"
+    )
     (results / "cifar_resnet_short.md").write_text(md.replace("\n\n", "\n\n" + header, 1))
     return 0
 

@@ -21,8 +21,9 @@ from compress.errors import CompressError
 FORMAT = "compress/1"
 
 
-def save_model(model: nn.Module, path: Path, *, name: str, kwargs: dict, num_classes: int, in_channels: int,
-               pruned: bool) -> None:
+def save_model(
+    model: nn.Module, path: Path, *, name: str, kwargs: dict, num_classes: int, in_channels: int, pruned: bool
+) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -63,7 +64,7 @@ def read_checkpoint(path: Path, role: str, field: str) -> tuple[dict[str, torch.
     # Strip DataParallel/DDP and torch.compile prefixes, which users hit all the time.
     for prefix in ("module.", "_orig_mod."):
         if obj and all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj, False
 
 
@@ -80,8 +81,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, pruned: bo
         raise CompressError(f"{field}: checkpoint does not match the model: {', '.join(bits)}")
     for key, tensor in state.items():
         if own[key].shape != tensor.shape:
-            shrinks = pruned and tensor.ndim == own[key].ndim and all(
-                a <= b for a, b in zip(tensor.shape, own[key].shape, strict=True)
+            shrinks = (
+                pruned
+                and tensor.ndim == own[key].ndim
+                and all(a <= b for a, b in zip(tensor.shape, own[key].shape, strict=True))
             )
             if not shrinks:
                 raise CompressError(
@@ -120,7 +123,9 @@ def _fix_attributes(module: nn.Module) -> None:
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._NormBase):
-        module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+        module.num_features = (
+            module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+        )
     elif isinstance(module, nn.LayerNorm) and module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.GroupNorm) and module.weight is not None:

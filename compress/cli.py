@@ -22,8 +22,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def recipe_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", type=Path, help="recipe YAML file")
-        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a field, e.g. --set stages.1.temperature=2 (repeatable)")
+        sp.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a field, e.g. --set stages.1.temperature=2 (repeatable)",
+        )
 
     run = sub.add_parser("run", help="run a recipe end to end")
     recipe_args(run)
@@ -48,8 +54,13 @@ def _list() -> None:
     from compress.stages import STAGES
 
     console = Console()
-    for title, registry in (("stages", STAGES), ("models", MODELS), ("datasets", DATASETS),
-                            ("distillation losses", LOSSES), ("pruning importances", IMPORTANCES)):
+    for title, registry in (
+        ("stages", STAGES),
+        ("models", MODELS),
+        ("datasets", DATASETS),
+        ("distillation losses", LOSSES),
+        ("pruning importances", IMPORTANCES),
+    ):
         table = Table(title=title, title_justify="left")
         table.add_column("name")
         table.add_column("description")

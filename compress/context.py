@@ -89,8 +89,15 @@ class Context:
         )
         frozen = copy.deepcopy(model).eval()
         return self.add_artifact(
-            Artifact(name=f"{role}@{label}", role=role, format="torch", precision="fp32", path=path, stage=label,
-                     model=frozen)
+            Artifact(
+                name=f"{role}@{label}",
+                role=role,
+                format="torch",
+                precision="fp32",
+                path=path,
+                stage=label,
+                model=frozen,
+            )
         )
 
     # ------------------------------------------------------------------ progress

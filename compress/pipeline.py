@@ -69,8 +69,9 @@ def build_role(recipe: RecipeBase, role: str, data: DataBundle) -> torch.nn.Modu
             out = model.eval()(x)
     except Exception as exc:  # noqa: BLE001 - a model that cannot take the data is a recipe error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CompressError(f"{role}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first}") \
-            from None
+        raise CompressError(
+            f"{role}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first}"
+        ) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise CompressError(f"{role}.model: {spec.model!r} returns {shape}, expected logits (2, {data.num_classes})")
@@ -111,8 +112,14 @@ def _logger(run_dir: Path) -> logging.Logger:
     return log
 
 
-def run(recipe: RecipeBase, out: Path | None = None, *, overwrite: bool = False, quiet: bool = False,
-        console: Console | None = None) -> Path:
+def run(
+    recipe: RecipeBase,
+    out: Path | None = None,
+    *,
+    overwrite: bool = False,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> Path:
     """Run every stage, measure every artifact, write the run directory; return its path."""
     console = console or Console(stderr=True, quiet=quiet)
     device = resolve_device(recipe.device)
@@ -125,11 +132,25 @@ def run(recipe: RecipeBase, out: Path | None = None, *, overwrite: bool = False,
     started = dt.datetime.now(dt.UTC)
     (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
     _status(run_dir, "running", started=started.isoformat())
-    ctx = Context(recipe=recipe, device=device, run_dir=run_dir, data=data,
-                  models={r: m.to(device) for r, m in models.items()},
-                  specs={r: getattr(recipe, r) for r in roles}, quiet=quiet, console=console, log=_logger(run_dir))
-    ctx.log.info("run %s on %s: %d train / %d test images, %d classes", recipe.name, device, len(data.train_y),
-                 len(data.test_y), data.num_classes)
+    ctx = Context(
+        recipe=recipe,
+        device=device,
+        run_dir=run_dir,
+        data=data,
+        models={r: m.to(device) for r, m in models.items()},
+        specs={r: getattr(recipe, r) for r in roles},
+        quiet=quiet,
+        console=console,
+        log=_logger(run_dir),
+    )
+    ctx.log.info(
+        "run %s on %s: %d train / %d test images, %d classes",
+        recipe.name,
+        device,
+        len(data.train_y),
+        len(data.test_y),
+        data.num_classes,
+    )
     changed_later = {role for stage in recipe.stages for role in stage.changes()}  # type: ignore[attr-defined]
     for role in roles:
         if getattr(recipe, role).checkpoint is not None or role not in changed_later:
@@ -163,8 +184,9 @@ def run(recipe: RecipeBase, out: Path | None = None, *, overwrite: bool = False,
 
 def _order(ctx: Context) -> list:
     idx = {a.name: i for i, a in enumerate(ctx.artifacts)}
-    return sorted(ctx.artifacts, key=lambda a: (a.role != "teacher", a.format == "onnx", a.precision == "int8",
-                                                idx[a.name]))
+    return sorted(
+        ctx.artifacts, key=lambda a: (a.role != "teacher", a.format == "onnx", a.precision == "int8", idx[a.name])
+    )
 
 
 def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetime) -> dict[str, Any]:
@@ -185,9 +207,13 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
     return {
         "recipe": ctx.recipe.model_dump(mode="json"),
         "environment": environment(bench_cfg.threads),
-        "data": {"name": ctx.recipe.data.name, "train_images": len(data.train_y),  # type: ignore[attr-defined]
-                 "test_images": len(data.test_y), "num_classes": data.num_classes,
-                 "input_shape": list(data.input_shape)},
+        "data": {
+            "name": ctx.recipe.data.name,
+            "train_images": len(data.train_y),  # type: ignore[attr-defined]
+            "test_images": len(data.test_y),
+            "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape),
+        },
         "stages": stages_out,
         "artifacts": rows,
         "notes": sorted(set(notes)),

@@ -173,9 +173,15 @@ def _field_path(loc: tuple, raw: Any) -> str:
     """
     out, node = [], raw
     for part in loc:
-        if isinstance(node, dict) and isinstance(part, str) and part not in node and part in (
-            node.get("kind"),
-            node.get("name"),
+        if (
+            isinstance(node, dict)
+            and isinstance(part, str)
+            and part not in node
+            and part
+            in (
+                node.get("kind"),
+                node.get("name"),
+            )
         ):
             continue
         if isinstance(part, str) and part.startswith(("function-", "union[")):

@@ -70,8 +70,13 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: TensorLoader, device: torch.device, dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> float:
+def evaluate(
+    model: nn.Module,
+    loader: TensorLoader,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> float:
     """Top-1 accuracy in [0, 1]; fp32 unless ``dtype`` is given."""
     was_training = model.training
     model.eval()
@@ -106,16 +111,28 @@ def _lr_lambda(cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> Callable[
     return factor
 
 
-def fit(ctx: Context, model: nn.Module, loss_fn: LossFn, epochs: int, cfg: OptimConfig, label: str,
-        after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+def fit(
+    ctx: Context,
+    model: nn.Module,
+    loss_fn: LossFn,
+    epochs: int,
+    cfg: OptimConfig,
+    label: str,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Train ``model`` in place for ``epochs``; return metrics. Raises StageFailed on NaN/Inf loss."""
     device = ctx.device
     dtype = autocast_dtype(cfg.precision, device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
     loader = ctx.data.train_loader(seed=ctx.recipe.seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
     test_loader = ctx.data.eval_loader("test")
@@ -146,14 +163,28 @@ def fit(ctx: Context, model: nn.Module, loss_fn: LossFn, epochs: int, cfg: Optim
                 prog.advance(task)
             train_loss = loss_sum.item() / max(seen, 1)
             if not math.isfinite(train_loss):
-                raise StageFailed(f"{label}: loss became {train_loss} in epoch {epoch + 1}; lower the lr "
-                                  f"(now {cfg.lr}) or use precision: fp32")
+                raise StageFailed(
+                    f"{label}: loss became {train_loss} in epoch {epoch + 1}; lower the lr "
+                    f"(now {cfg.lr}) or use precision: fp32"
+                )
             test_acc = evaluate(model, test_loader, device, dtype, cfg.channels_last)
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": correct.item() / max(seen, 1),
-                   "test_acc": test_acc, "lr": opt.param_groups[0]["lr"]}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_acc": correct.item() / max(seen, 1),
+                "test_acc": test_acc,
+                "lr": opt.param_groups[0]["lr"],
+            }
             history.append(row)
-            ctx.log.info("%s epoch %d/%d loss %.4f train_acc %.4f test_acc %.4f", label, epoch + 1, epochs,
-                         train_loss, row["train_acc"], test_acc)
+            ctx.log.info(
+                "%s epoch %d/%d loss %.4f train_acc %.4f test_acc %.4f",
+                label,
+                epoch + 1,
+                epochs,
+                train_loss,
+                row["train_acc"],
+                test_acc,
+            )
             prog.update(task, info=f"epoch {epoch + 1}/{epochs} loss {train_loss:.3f} acc {test_acc:.3f}")
             if cfg.keep == "best" and test_acc > best_acc:
                 best_acc = test_acc

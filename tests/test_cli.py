@@ -44,9 +44,11 @@ def _bad(tiny: dict, path: str, value) -> dict:
 
 CASES = {
     "unknown stage kind": ("stages.1", {"kind": "distil", "epochs": 1}, ["stages.1", "distil", "'distill'"]),
-    "typo'd field": ("stages.1", {"kind": "distill", "epochs": 1, "temprature": 2}, ["stages.1.temprature",
-                                                                                   "unknown field",
-                                                                                   "did you mean 'temperature'"]),
+    "typo'd field": (
+        "stages.1",
+        {"kind": "distill", "epochs": 1, "temprature": 2},
+        ["stages.1.temprature", "unknown field", "did you mean 'temperature'"],
+    ),
     "out of range ratio": ("stages.2.ratio", 1.5, ["stages.2.ratio", "less than 1", "1.5"]),
     "negative epochs": ("stages.0.epochs", -3, ["stages.0.epochs", "greater than or equal to 1"]),
     "zero temperature": ("stages.1.temperature", 0, ["stages.1.temperature", "greater than 0"]),
@@ -75,12 +77,15 @@ def test_distill_without_teacher(tiny, write_recipe, tmp_path, capsys):
     fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.0 (distill) needs teacher")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("name: [unclosed", "invalid YAML"),
-    ("", "the recipe is empty"),
-    ("- just\n- a list\n", "a recipe must be a mapping"),
-    ("name: !!python/object/apply:os.system ['echo owned']\n", "invalid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("name: [unclosed", "invalid YAML"),
+        ("", "the recipe is empty"),
+        ("- just\n- a list\n", "a recipe must be a mapping"),
+        ("name: !!python/object/apply:os.system ['echo owned']\n", "invalid YAML"),
+    ],
+)
 def test_malformed_yaml(text, needle, write_recipe, tmp_path, capsys):
     fails_cleanly(capsys, ["run", str(write_recipe(text))], tmp_path / "out", needle)
 
@@ -92,8 +97,7 @@ def test_missing_recipe_file(tmp_path, capsys):
 def test_bad_set_override(tiny, write_recipe, tmp_path, capsys):
     recipe = str(write_recipe(tiny))
     fails_cleanly(capsys, ["run", recipe, "--set", "stages.7.lr=1"], tmp_path / "out", "index 7 out of range")
-    fails_cleanly(capsys, ["run", recipe, "--set", "stages.0.lr=-1"], tmp_path / "out", "stages.0.lr",
-                  "greater than 0")
+    fails_cleanly(capsys, ["run", recipe, "--set", "stages.0.lr=-1"], tmp_path / "out", "stages.0.lr", "greater than 0")
 
 
 def test_unknown_cli_option_is_one_line(capsys):
@@ -109,11 +113,24 @@ def test_mismatched_checkpoint(tiny, write_recipe, tmp_path, capsys):
 
     torch.save(build_model("resnet32", 10).state_dict(), wrong)
     tiny["teacher"]["checkpoint"] = str(wrong)
-    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint",
-                  "does not match the model", "unexpected")
+    fails_cleanly(
+        capsys,
+        ["run", str(write_recipe(tiny))],
+        tmp_path / "out",
+        "teacher.checkpoint",
+        "does not match the model",
+        "unexpected",
+    )
     torch.save(build_model("resnet8x4", 3).state_dict(), wrong)  # right architecture, wrong class count
-    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint", "fc.weight",
-                  "(3, 256)", "(10, 256)")
+    fails_cleanly(
+        capsys,
+        ["run", str(write_recipe(tiny))],
+        tmp_path / "out",
+        "teacher.checkpoint",
+        "fc.weight",
+        "(3, 256)",
+        "(10, 256)",
+    )
 
 
 def test_checkpoint_with_pickled_code_is_refused(tiny, write_recipe, tmp_path, capsys):
@@ -125,8 +142,7 @@ def test_checkpoint_with_pickled_code_is_refused(tiny, write_recipe, tmp_path, c
 
     torch.save({"w": Evil()}, evil)
     tiny["teacher"]["checkpoint"] = str(evil)
-    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint",
-                  "weights-only")
+    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint", "weights-only")
 
 
 def test_model_that_cannot_take_the_input(tiny, write_recipe, tmp_path, capsys):
@@ -169,7 +185,8 @@ def test_schema_is_json(capsys):
 def test_console_script_and_module_entry_points(tiny, write_recipe, tmp_path):
     recipe = write_recipe(_bad(tiny, "stages.2.ratio", 2))
     for cmd in ([sys.executable, "-m", "compress"], [str(Path(sys.executable).parent / "compress")]):
-        proc = subprocess.run(cmd + ["run", str(recipe), "--out", str(tmp_path / "o")], capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            cmd + ["run", str(recipe), "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "stages.2.ratio" in proc.stderr and not (tmp_path / "o").exists()

@@ -20,11 +20,17 @@ def test_hinton_equals_the_formula_on_fixed_logits():
         return [v / sum(e) for v in e]
 
     kl = 0.0
-    for s, t in zip(z_s.tolist(), z_t.tolist()):
+    for s, t in zip(z_s.tolist(), z_t.tolist(), strict=False):
         ps, pt = softmax(s), softmax(t)
-        kl += sum(b * math.log(b / a) for a, b in zip(ps, pt))  # KL(p_t || p_s)
+        kl += sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=False))  # KL(p_t || p_s)
     kl = kl / 2 * T * T
-    ce = sum(-math.log(math.exp(s[c]) / sum(math.exp(v) for v in s)) for s, c in zip(z_s.tolist(), y.tolist())) / 2
+    ce = (
+        sum(
+            -math.log(math.exp(s[c]) / sum(math.exp(v) for v in s))
+            for s, c in zip(z_s.tolist(), y.tolist(), strict=False)
+        )
+        / 2
+    )
     expected = alpha * kl + (1 - alpha) * ce
     got = LOSSES.get("hinton")(z_s, z_t, y, temperature=T, alpha=alpha)
     assert got.item() == pytest.approx(expected, rel=1e-6)

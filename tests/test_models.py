@@ -23,7 +23,9 @@ def test_cifar_resnet_depths_and_size():
     # He et al. 2016: ResNet-20 has 0.27M parameters (option A); option B adds two 1x1 projections.
     n = sum(p.numel() for p in build_model("resnet20", 10).parameters())
     assert 270_000 < n < 280_000
-    convs = [m for m in build_model("resnet56", 10).modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    convs = [
+        m for m in build_model("resnet56", 10).modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+    ]
     assert len(convs) == 55  # 6n + 1 3x3 convs plus the classifier = 56 weighted layers
 
 
@@ -34,22 +36,27 @@ def test_torchvision_model_adapts_classes_and_channels():
 
 
 def test_user_model_from_module_function(tmp_path, monkeypatch):
-    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_models.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
         def tiny(num_classes, width=4):
             return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, width), nn.ReLU(), nn.Linear(width, num_classes))
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     model = build_model("my_models:tiny", num_classes=5, in_channels=3, width=6)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 5)
     sys.modules.pop("my_models", None)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("resnet21", "did you mean"),
-    ("torchvision:resnet19", "unknown torchvision classifier"),
-    (":f", "package.module:function"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("resnet21", "did you mean"),
+        ("torchvision:resnet19", "unknown torchvision classifier"),
+        (":f", "package.module:function"),
+    ],
+)
 def test_unknown_names_are_rejected_at_validation(name, message):
     with pytest.raises(ValueError, match=message):
         check_model_name(name)

@@ -37,8 +37,16 @@ def tiny_run(tmp_path_factory):
 
 def test_run_dir_layout(tiny_run):
     out, report = tiny_run
-    for name in ("recipe.resolved.yaml", "report.json", "report.md", "train.log", "model.onnx", "model.int8.onnx",
-                 "teacher.onnx", "status.json"):
+    for name in (
+        "recipe.resolved.yaml",
+        "report.json",
+        "report.md",
+        "train.log",
+        "model.onnx",
+        "model.int8.onnx",
+        "teacher.onnx",
+        "status.json",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "status.json").read_text())["state"] == "complete"
     assert {p.parent.name for p in (out / "checkpoints").glob("*/*.pt")} == {"01-train", "02-distill", "03-prune"}
@@ -51,8 +59,14 @@ def test_run_dir_layout(tiny_run):
 def test_every_artifact_is_measured(tiny_run):
     _, report = tiny_run
     names = [a["name"] for a in report["artifacts"]]
-    assert names == ["teacher@train", "teacher.onnx", "student@distill", "student@prune", "model.onnx",
-                     "model.int8.onnx"]
+    assert names == [
+        "teacher@train",
+        "teacher.onnx",
+        "student@distill",
+        "student@prune",
+        "model.onnx",
+        "model.int8.onnx",
+    ]
     for art in report["artifacts"]:
         assert 0.0 <= art["accuracy"] <= 1.0
         assert art["size_bytes"] > 0 and art["params"] > 0 and 0 < art["nonzero_params"] <= art["params"]

@@ -109,18 +109,28 @@ def onnx_weight_counts(path) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- latency
-def latency_rows(art: Artifact, data: DataBundle, batch_sizes: list[int], warmup: int, iters: int,
-                 threads: int | None, devices: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+def latency_rows(
+    art: Artifact,
+    data: DataBundle,
+    batch_sizes: list[int],
+    warmup: int,
+    iters: int,
+    threads: int | None,
+    devices: list[str],
+) -> tuple[list[dict[str, Any]], list[str]]:
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     n_threads = resolved_threads(threads)
     for device in devices:
         if device == "cuda" and not torch.cuda.is_available():
-            notes.append(f"{art.name}: cuda unavailable (no CUDA device)")
+            notes.append("cuda: no CUDA device on this machine; GPU latency not measured")
             continue
         runtime = "torch" if art.format == "torch" else "onnxruntime"
         if art.format == "onnx" and device == "cuda" and not cuda_available():
-            notes.append(f"{art.name}: onnxruntime CUDAExecutionProvider unavailable")
+            notes.append(
+                "cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu); "
+                "ONNX GPU latency not measured"
+            )
             continue
         for bs in batch_sizes:
             x = batch_of(data, bs)
@@ -130,8 +140,16 @@ def latency_rows(art: Artifact, data: DataBundle, batch_sizes: list[int], warmup
                 sess = session(art.path, threads=n_threads, device=device)
                 feed = x.numpy()
                 samples = time_calls(lambda s=sess, f=feed: run(s, f), warmup, iters)
-            rows.append({"device": device, "runtime": runtime, "batch_size": bs, "threads": n_threads,
-                         "iters": iters, **percentiles(samples, bs)})
+            rows.append(
+                {
+                    "device": device,
+                    "runtime": runtime,
+                    "batch_size": bs,
+                    "threads": n_threads,
+                    "iters": iters,
+                    **percentiles(samples, bs),
+                }
+            )
     return rows, notes
 
 
@@ -146,8 +164,14 @@ def _time_torch(model: nn.Module, x: torch.Tensor, device: str, warmup: int, ite
     return samples
 
 
-def measure(art: Artifact, data: DataBundle, bench, device: torch.device, sources: dict[str, Artifact],
-            macs_cache: dict[str, tuple[int, int]]) -> tuple[dict[str, Any], list[str]]:
+def measure(
+    art: Artifact,
+    data: DataBundle,
+    bench,
+    device: torch.device,
+    sources: dict[str, Artifact],
+    macs_cache: dict[str, tuple[int, int]],
+) -> tuple[dict[str, Any], list[str]]:
     """One row of report.json's ``artifacts``."""
     example = batch_of(data, 1)
     if art.format == "torch":
@@ -164,8 +188,9 @@ def measure(art: Artifact, data: DataBundle, bench, device: torch.device, source
         params = params if params is not None else params_onnx
     latency, notes = [], []
     if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
-        latency, notes = latency_rows(art, data, bench.batch_sizes, bench.warmup, bench.iters, bench.threads,
-                                      bench.devices)
+        latency, notes = latency_rows(
+            art, data, bench.batch_sizes, bench.warmup, bench.iters, bench.threads, bench.devices
+        )
     row = {
         "name": art.name,
         "role": art.role,

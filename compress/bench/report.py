@@ -47,7 +47,7 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     batch_sizes = report["recipe"]["benchmark"]["batch_sizes"]
     header = ["artifact", "format", "precision", "top-1", "size", "params", "nonzero", "MACs"]
     header += [f"CPU p50 ms (bs={bs})" for bs in batch_sizes]
-    header += ["speed-up vs teacher (bs=%d)" % batch_sizes[0], "smaller than teacher"]
+    header += [f"speed-up vs teacher (bs={batch_sizes[0]})", "smaller than teacher"]
     rows = []
     for art in arts:
         ref = _reference(arts, art["format"])
@@ -57,11 +57,21 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             r, a = _p50(ref, "cpu", batch_sizes[0]), lat[0]
             speed = f"{r / a:.2f}×" if r and a else "–"
             size = f"{ref['size_bytes'] / art['size_bytes']:.1f}×"
-        rows.append([
-            art["name"], art["format"], art["precision"], f"{100 * art['accuracy']:.2f}%",
-            human_bytes(art["size_bytes"]), human_count(art["params"]), human_count(art["nonzero_params"]),
-            human_count(art["macs"]), *[f"{v:.3f}" if v is not None else "–" for v in lat], speed, size,
-        ])
+        rows.append(
+            [
+                art["name"],
+                art["format"],
+                art["precision"],
+                f"{100 * art['accuracy']:.2f}%",
+                human_bytes(art["size_bytes"]),
+                human_count(art["params"]),
+                human_count(art["nonzero_params"]),
+                human_count(art["macs"]),
+                *[f"{v:.3f}" if v is not None else "–" for v in lat],
+                speed,
+                size,
+            ]
+        )
     return header, rows
 
 
@@ -72,8 +82,14 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
     for art in report["artifacts"]:
         if art["precision"] != "int8":
             continue
-        fp32 = next((a for a in arts.values() if a["format"] == "onnx" and a["precision"] == "fp32"
-                     and a["role"] == art["role"]), None)
+        fp32 = next(
+            (
+                a
+                for a in arts.values()
+                if a["format"] == "onnx" and a["precision"] == "fp32" and a["role"] == art["role"]
+            ),
+            None,
+        )
         if fp32 is None:
             continue
         for row in art["latency"]:
@@ -82,8 +98,10 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
                 continue
             ratio = ref / row["p50_ms"]
             verdict = "faster" if ratio >= 1 else "SLOWER"
-            notes.append(f"{art['name']} is {ratio:.2f}× {verdict} than {fp32['name']} "
-                         f"({row['device']}, batch {row['batch_size']}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)")
+            notes.append(
+                f"{art['name']} is {ratio:.2f}× {verdict} than {fp32['name']} "
+                f"({row['device']}, batch {row['batch_size']}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)"
+            )
     return notes
 
 
@@ -108,11 +126,13 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for art in report["artifacts"]:
         for r in art["latency"]:
-            lines.append(f"| {art['name']} | {r['device']} | {r['runtime']} | {r['batch_size']} | {r['threads']} | "
-                         f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput']:.0f} |")
+            lines.append(
+                f"| {art['name']} | {r['device']} | {r['runtime']} | {r['batch_size']} | {r['threads']} | "
+                f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput']:.0f} |"
+            )
     lines += ["", "## Stages", "", "| # | stage | seconds | result |", "|---|---|---|---|"]
-    for i, st in enumerate(report["stages"]):
-        lines.append(f"| {i} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
+    for st in report["stages"]:
+        lines.append(f"| {st['index']} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
     notes = int8_notes(report) + report.get("notes", [])
     if notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
@@ -122,19 +142,27 @@ def markdown(report: dict[str, Any]) -> str:
 def _stage_summary(metrics: dict[str, Any]) -> str:
     bits = []
     if metrics.get("test_acc") is not None:
-        bits.append(f"test top-1 {100 * metrics['test_acc']:.2f}% after {metrics['epochs']} epochs "
-                    f"({metrics.get('precision', 'fp32')})")
+        bits.append(
+            f"test top-1 {100 * metrics['test_acc']:.2f}% after {metrics['epochs']} epochs "
+            f"({metrics.get('precision', 'fp32')})"
+        )
     if "params_before" in metrics:
-        bits.append(f"params {human_count(metrics['params_before'])} → {human_count(metrics['params_after'])}, "
-                    f"MACs {human_count(metrics['macs_before'])} → {human_count(metrics['macs_after'])}")
+        bits.append(
+            f"params {human_count(metrics['params_before'])} → {human_count(metrics['params_after'])}, "
+            f"MACs {human_count(metrics['macs_before'])} → {human_count(metrics['macs_after'])}"
+        )
     for role in ("student", "teacher"):
         chk = metrics.get(role)
         if isinstance(chk, dict) and "max_abs_diff" in chk:
-            bits.append(f"{role} ONNX parity max|Δ| {chk['max_abs_diff']:.1e}, argmax agree "
-                        f"{100 * chk['argmax_agreement']:.1f}%")
+            bits.append(
+                f"{role} ONNX parity max|Δ| {chk['max_abs_diff']:.1e}, argmax agree "
+                f"{100 * chk['argmax_agreement']:.1f}%"
+            )
     if "int8_bytes" in metrics:
-        bits.append(f"{metrics['calibration']} calibration on {metrics['calibration_images']} images, "
-                    f"{human_bytes(metrics['fp32_bytes'])} → {human_bytes(metrics['int8_bytes'])}")
+        bits.append(
+            f"{metrics['calibration']} calibration on {metrics['calibration_images']} images, "
+            f"{human_bytes(metrics['fp32_bytes'])} → {human_bytes(metrics['int8_bytes'])}"
+        )
     return "; ".join(bits) or "–"
 
 
@@ -143,13 +171,36 @@ def write(run_dir: Path, report: dict[str, Any]) -> None:
     (run_dir / "report.md").write_text(markdown(report))
 
 
+CONSOLE_COLUMNS = {
+    "artifact": "artifact",
+    "precision": "prec",
+    "top-1": "top-1",
+    "size": "size",
+}
+
+
 def print_table(report: dict[str, Any], console: Console) -> None:
+    """The summary on a terminal: the report.md table less the columns that rarely fit in 80 chars."""
     header, rows = summary_rows(report)
-    table = Table(title=f"compress: {report['recipe']['name']}", show_lines=False)
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 3 else "right")
+    first_p50 = next(h for h in header if h.startswith("CPU p50"))
+    keep = [
+        i
+        for i, h in enumerate(header)
+        if h in CONSOLE_COLUMNS or h == first_p50 or h.startswith(("speed-up", "smaller"))
+    ]
+    short = {h: CONSOLE_COLUMNS.get(h, h) for h in header}
+    for h in header:
+        if h.startswith("CPU p50"):
+            short[h] = "p50 ms bs=" + h.split("=")[1].rstrip(")")
+        elif h.startswith("speed-up"):
+            short[h] = "speed-up"
+        elif h.startswith("smaller"):
+            short[h] = "smaller"
+    table = Table(title=f"compress: {report['recipe']['name']} (full table: report.md)", show_lines=False)
+    for i in keep:
+        table.add_column(short[header[i]], justify="left" if i < 3 else "right", no_wrap=i == 0)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(r[i] for i in keep))
     console.print(table)
     for note in int8_notes(report) + report.get("notes", []):
         console.print(f"• {note}")

@@ -93,7 +93,15 @@ class TensorLoader:
     """Iterates (images, labels) batches; shuffled with a per-epoch seed when ``seed`` is set."""
 
     def __init__(
-        self, bundle: DataBundle, x: Tensor, y: Tensor, batch_size: int, *, seed: int | None, augment: bool, drop_last: bool
+        self,
+        bundle: DataBundle,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        seed: int | None,
+        augment: bool,
+        drop_last: bool,
     ) -> None:
         self.bundle, self.x, self.y = bundle, x, y
         self.batch_size = min(batch_size, len(x)) if drop_last else batch_size

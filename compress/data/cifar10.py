@@ -27,6 +27,8 @@ STD = (0.2470, 0.2435, 0.2616)
 
 @DATASETS.register("cifar10")
 class Cifar10(DatasetConfig):
+    """CIFAR-10 (50k/10k, 32x32): a python-format folder, an ImageFolder tree or a .tar.gz of one."""
+
     name: Literal["cifar10"] = "cifar10"
     root: Path
     download: bool = False

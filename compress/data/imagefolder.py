@@ -18,6 +18,8 @@ from compress.data.images import load_cached
 
 @DATASETS.register("imagefolder")
 class ImageFolder(DatasetConfig):
+    """Your own train/ + val/ class folders, resized to image_size and decoded once."""
+
     name: Literal["imagefolder"] = "imagefolder"
     root: Path
     val_split: Literal["val", "test"] = "val"

@@ -72,7 +72,9 @@ def decode_tree(source: Path, splits: tuple[str, ...], image_size: int | None, f
                 ys.append(label)
         sizes = {x.shape for x in xs}
         if len(sizes) != 1:
-            raise CompressError(f"{field}: images in '{split}/' have different sizes {sorted(sizes)[:3]}; set image_size")
+            raise CompressError(
+                f"{field}: images in '{split}/' have different sizes {sorted(sizes)[:3]}; set image_size"
+            )
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
         out[split] = (x, torch.tensor(ys, dtype=torch.long))
     return out

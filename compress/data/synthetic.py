@@ -13,6 +13,8 @@ from compress.data.base import DataBundle, DatasetConfig
 
 @DATASETS.register("synthetic")
 class Synthetic(DatasetConfig):
+    """Class templates plus noise: learnable random tensors, for tests."""
+
     name: Literal["synthetic"] = "synthetic"
     num_classes: int = Field(10, ge=2, le=1000)
     channels: int = Field(3, ge=1, le=16)

@@ -10,8 +10,9 @@ from compress.registry import Registry
 
 
 class DistillLoss(Protocol):
-    def __call__(self, z_s: Tensor, z_t: Tensor, y: Tensor, *, temperature: float, alpha: float,
-                 label_smoothing: float = 0.0) -> Tensor: ...
+    def __call__(
+        self, z_s: Tensor, z_t: Tensor, y: Tensor, *, temperature: float, alpha: float, label_smoothing: float = 0.0
+    ) -> Tensor: ...
 
 
 LOSSES: Registry[DistillLoss] = Registry("distillation loss")

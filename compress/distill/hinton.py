@@ -17,8 +17,10 @@ from compress.distill import LOSSES
 
 
 @LOSSES.register("hinton")
-def hinton(z_s: Tensor, z_t: Tensor, y: Tensor, *, temperature: float, alpha: float,
-           label_smoothing: float = 0.0) -> Tensor:
+def hinton(
+    z_s: Tensor, z_t: Tensor, y: Tensor, *, temperature: float, alpha: float, label_smoothing: float = 0.0
+) -> Tensor:
+    """Hinton KD: α·T²·KL(p_t ‖ p_s) + (1−α)·CE(z_s, y), softmax at temperature T."""
     z_s, z_t = z_s.float(), z_t.float()  # softmax at T in full precision even under autocast
     log_p_s = F.log_softmax(z_s / temperature, dim=1)
     log_p_t = F.log_softmax(z_t / temperature, dim=1)

@@ -48,6 +48,8 @@ def kd_loss(teacher: nn.Module, cfg: KDConfig, label_smoothing: float) -> LossFn
 
 @STAGES.register("distill")
 class Distill(Stage, OptimConfig, KDConfig):
+    """Knowledge distillation from the teacher into the student with a registered loss."""
+
     kind: Literal["distill"] = "distill"
     epochs: int = Field(ge=1, le=10_000)
 
@@ -62,8 +64,14 @@ class Distill(Stage, OptimConfig, KDConfig):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         teacher.to(device=ctx.device, memory_format=fmt)
         try:
-            metrics = fit(ctx, ctx.student, kd_loss(teacher, self, self.label_smoothing), self.epochs, self,
-                          f"distill ({self.loss}, T={self.temperature:g}, α={self.alpha:g})")
+            metrics = fit(
+                ctx,
+                ctx.student,
+                kd_loss(teacher, self, self.label_smoothing),
+                self.epochs,
+                self,
+                f"distill ({self.loss}, T={self.temperature:g}, α={self.alpha:g})",
+            )
         finally:
             teacher.to(memory_format=torch.contiguous_format)
             for p in teacher.parameters():

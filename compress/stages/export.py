@@ -56,6 +56,8 @@ def parity(model: nn.Module, path: Path, x: torch.Tensor) -> dict[str, float]:
 
 @STAGES.register("export")
 class Export(Stage):
+    """ONNX export with a dynamic batch axis, checked by onnx.checker and ORT parity."""
+
     kind: Literal["export"] = "export"
     opset: int = Field(18, ge=17, le=23)
     teacher: bool = Field(True, description="also export the teacher (for a like-for-like ONNX comparison)")
@@ -80,17 +82,33 @@ class Export(Stage):
                 raise StageFailed(f"export: {role} ({type(model).__name__}) could not be exported: {first}") from exc
             check = parity(model, path, x)
             metrics[role] = check
-            ctx.log.info("export %s -> %s: max|Δ| %.2e, argmax agreement %.4f", role, path.name,
-                         check["max_abs_diff"], check["argmax_agreement"])
+            ctx.log.info(
+                "export %s -> %s: max|Δ| %.2e, argmax agreement %.4f",
+                role,
+                path.name,
+                check["max_abs_diff"],
+                check["argmax_agreement"],
+            )
             # fp32 rounding grows with the logits' scale (a random-init ResNet-56 emits |z| ~ 2000, where
             # torch's own fp32 result is 1e-3 away from fp64), so the bound is atol + rtol * max|z|.
             bound = self.atol + self.rtol * check["max_abs_logit"]
             if not check["max_abs_diff"] <= bound:
-                raise StageFailed(f"export: ONNX Runtime disagrees with PyTorch for the {role}: max |Δlogit| "
-                                  f"{check['max_abs_diff']:.3g} > {bound:.3g} (atol {self.atol:g} + rtol "
-                                  f"{self.rtol:g} × max|logit| {check['max_abs_logit']:.3g})")
+                raise StageFailed(
+                    f"export: ONNX Runtime disagrees with PyTorch for the {role}: max |Δlogit| "
+                    f"{check['max_abs_diff']:.3g} > {bound:.3g} (atol {self.atol:g} + rtol "
+                    f"{self.rtol:g} × max|logit| {check['max_abs_logit']:.3g})"
+                )
             source = ctx.latest(role, "torch")
-            ctx.add_artifact(Artifact(name=path.name, role=role, format="onnx", precision="fp32", path=path,
-                                      stage=self.kind, source=source.name if source else None))
+            ctx.add_artifact(
+                Artifact(
+                    name=path.name,
+                    role=role,
+                    format="onnx",
+                    precision="fp32",
+                    path=path,
+                    stage=self.kind,
+                    source=source.name if source else None,
+                )
+            )
             model.to(ctx.device)
         return metrics

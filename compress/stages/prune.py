@@ -32,6 +32,8 @@ def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
 
 @STAGES.register("prune")
 class Prune(Stage, OptimConfig, KDConfig):
+    """Structured channel pruning (torch-pruning DepGraph) + optional (KD) fine-tune."""
+
     kind: Literal["prune"] = "prune"
     method: str = Field("l1", description="importance criterion (compress list)")
     ratio: float = Field(0.5, gt=0, lt=1, description="fraction of channels removed per layer (uniform) or overall")
@@ -74,18 +76,31 @@ class Prune(Stage, OptimConfig, KDConfig):
             )
             pruner.step()
         except Exception as exc:  # noqa: BLE001 - report which model/op torch-pruning could not handle
-            raise StageFailed(f"prune: torch-pruning failed on {type(model).__name__}: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise StageFailed(
+                f"prune: torch-pruning failed on {type(model).__name__}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         with torch.no_grad():
             out_after = model(example)
         if out_after.shape != out_before.shape:
             raise StageFailed(f"prune: output shape changed {tuple(out_before.shape)} -> {tuple(out_after.shape)}")
         macs1, params1 = count(model, example)
         ctx.pruned["student"] = True
-        ctx.log.info("prune %s ratio %.2f: params %d -> %d, MACs %d -> %d", self.method, self.ratio, params0,
-                     params1, macs0, macs1)
-        metrics: dict[str, Any] = {"params_before": params0, "params_after": params1, "macs_before": macs0,
-                                   "macs_after": macs1}
+        ctx.log.info(
+            "prune %s ratio %.2f: params %d -> %d, MACs %d -> %d",
+            self.method,
+            self.ratio,
+            params0,
+            params1,
+            macs0,
+            macs1,
+        )
+        metrics: dict[str, Any] = {
+            "params_before": params0,
+            "params_after": params1,
+            "macs_before": macs0,
+            "macs_after": macs1,
+        }
         if self.finetune_epochs:
             if self.distill:
                 teacher = ctx.teacher

@@ -50,6 +50,8 @@ class BatchReader:
 
 @STAGES.register("quantize")
 class Quantize(Stage):
+    """INT8 static PTQ with onnxruntime.quantization (QDQ, U8S8 per-channel)."""
+
     kind: Literal["quantize"] = "quantize"
     calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
     percentile: float = Field(99.999, gt=90, lt=100, description="for calibration: percentile")
@@ -70,8 +72,11 @@ class Quantize(Stage):
         fp32 = ctx.latest("student", "onnx")
         assert fp32 is not None  # guaranteed by the recipe's stage-order check
         out = fp32.path.with_name(fp32.path.stem + ".int8.onnx")
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[self.calibration]
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[self.calibration]
         extra = {"CalibPercentile": self.percentile} if self.calibration == "percentile" else {}
         reader = BatchReader(ctx.data, "input", self.calibration_batches, self.calibration_batch_size)
         with tempfile.TemporaryDirectory() as tmp, quiet_stdout():
@@ -88,8 +93,17 @@ class Quantize(Stage):
                 calibrate_method=method,
                 extra_options=extra,
             )
-        ctx.add_artifact(Artifact(name=out.name, role="student", format="onnx", precision="int8", path=out,
-                                  stage=self.kind, source=fp32.source))
+        ctx.add_artifact(
+            Artifact(
+                name=out.name,
+                role="student",
+                format="onnx",
+                precision="int8",
+                path=out,
+                stage=self.kind,
+                source=fp32.source,
+            )
+        )
         return {
             "calibration": self.calibration,
             "calibration_images": len(reader._index),

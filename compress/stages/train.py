@@ -13,6 +13,8 @@ from compress.training import OptimConfig, cross_entropy, fit
 
 @STAGES.register("train")
 class Train(Stage, OptimConfig):
+    """Supervised training of the teacher or the student (SGD + nesterov, cosine/one-cycle, warm-up)."""
+
     kind: Literal["train"] = "train"
     target: Literal["teacher", "student"] = "student"
     epochs: int = Field(ge=1, le=10_000)
