@@ -19,9 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDES = [
-    "stages.0.epochs=12",
-    "stages.1.epochs=12",
-    "stages.2.finetune_epochs=4",
+    "stages.0.epochs=15",
+    "stages.1.epochs=15",
+    "stages.2.finetune_epochs=5",
     "benchmark.iters=100",
     "benchmark.warmup=10",
 ]

@@ -127,6 +127,8 @@ def run(
     data = load_data(recipe)
     roles = ["teacher", "student"] if recipe.teacher is not None else ["student"]
     models = {role: build_role(recipe, role, data) for role in roles}
+    for i, stage in enumerate(recipe.stages):  # type: ignore[attr-defined]
+        stage.preflight(models, f"stages.{i}")
     run_dir = make_run_dir(recipe, out, overwrite)
     data.to(device)
     started = dt.datetime.now(dt.UTC)

@@ -150,6 +150,13 @@ def test_model_that_cannot_take_the_input(tiny, write_recipe, tmp_path, capsys):
     fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "student.model", "cannot run on")
 
 
+def test_prune_ignore_pattern_matching_nothing(tiny, write_recipe, tmp_path, capsys):
+    tiny["stages"][2]["ignore"] = ["layer4.*"]
+    fails_cleanly(
+        capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.2.ignore", "'layer4.*'", "matches no module"
+    )
+
+
 def test_existing_out_dir_is_not_overwritten(tiny, write_recipe, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

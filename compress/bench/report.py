@@ -155,7 +155,7 @@ def _stage_summary(metrics: dict[str, Any]) -> str:
         chk = metrics.get(role)
         if isinstance(chk, dict) and "max_abs_diff" in chk:
             bits.append(
-                f"{role} ONNX parity max|Δ| {chk['max_abs_diff']:.1e}, argmax agree "
+                f"{role} ONNX parity max abs Δ {chk['max_abs_diff']:.1e}, argmax agree "
                 f"{100 * chk['argmax_agreement']:.1f}%"
             )
     if "int8_bytes" in metrics:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 from compress.registry import Registry
 
@@ -34,6 +35,13 @@ class Stage(BaseModel):
     def requirements(self) -> frozenset[str]:
         """Per-instance needs (e.g. prune needs a teacher only when ``distill: true``)."""
         return self.needs
+
+    def preflight(self, models: dict[str, nn.Module], field: str) -> None:
+        """Check the recipe against the built models before anything is written.
+
+        Raise CompressError naming ``field`` (e.g. ``stages.2``) for a user error that the schema
+        alone cannot see, such as a module-name pattern that matches nothing.
+        """
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         """Run the stage; return metrics for the report."""

@@ -8,6 +8,7 @@ teacher when ``distill: true``.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from typing import Any, Literal
 
@@ -116,12 +117,18 @@ class Prune(Stage, OptimConfig, KDConfig):
                     p.requires_grad_(True)
         return metrics
 
+    def preflight(self, models: dict[str, nn.Module], field: str) -> None:
+        names = [n for n, _ in models["student"].named_modules() if n]
+        for pattern in self.ignore:
+            if not any(fnmatch.fnmatch(n, pattern) for n in names):
+                close = difflib.get_close_matches(pattern, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise CompressError(f"{field}.ignore: pattern {pattern!r} matches no module of the student{hint}")
+
     def _ignored_layers(self, model: nn.Module, num_classes: int) -> list[nn.Module]:
+        """The classifier (any Linear producing num_classes outputs) plus the ``ignore`` patterns."""
         names = dict(model.named_modules())
         ignored = [m for m in names.values() if isinstance(m, nn.Linear) and m.out_features == num_classes]
         for pattern in self.ignore:
-            matched = [m for n, m in names.items() if n and fnmatch.fnmatch(n, pattern)]
-            if not matched:
-                raise CompressError(f"prune.ignore: pattern {pattern!r} matches no module of the student")
-            ignored.extend(matched)
+            ignored.extend(m for n, m in names.items() if n and fnmatch.fnmatch(n, pattern))
         return ignored
