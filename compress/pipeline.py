@@ -200,7 +200,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
         task = prog.add_task("benchmark", total=len(arts), info="")
         for art in arts:
             prog.update(task, info=art.name)
-            row, art_notes = bench.measure(art, ctx.data, bench_cfg, ctx.device, {}, macs_cache)
+            row, art_notes = bench.measure(art, ctx.data, bench_cfg, ctx.device, macs_cache)
             rows.append(row)
             notes.extend(art_notes)
             ctx.log.info("measured %s: top-1 %.4f, %d bytes", art.name, row["accuracy"], row["size_bytes"])

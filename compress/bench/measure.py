@@ -169,7 +169,6 @@ def measure(
     data: DataBundle,
     bench,
     device: torch.device,
-    sources: dict[str, Artifact],
     macs_cache: dict[str, tuple[int, int]],
 ) -> tuple[dict[str, Any], list[str]]:
     """One row of report.json's ``artifacts``."""
