@@ -157,6 +157,13 @@ def test_prune_ignore_pattern_matching_nothing(tiny, write_recipe, tmp_path, cap
     )
 
 
+def test_data_root_that_is_not_an_archive(tiny, write_recipe, tmp_path, capsys):
+    junk = tmp_path / "cifar.tar.gz"
+    junk.write_text("not an archive")
+    tiny["data"] = {"name": "cifar10", "root": str(junk)}
+    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "data.root", "neither a folder nor")
+
+
 def test_existing_out_dir_is_not_overwritten(tiny, write_recipe, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

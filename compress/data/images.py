@@ -90,7 +90,8 @@ def _walk(source: Path) -> Iterator[tuple[tuple[str, ...], callable]]:
     try:
         tar = tarfile.open(source)
     except (tarfile.TarError, OSError) as exc:
-        raise CompressError(f"cannot read archive {source}: {exc}") from None
+        first = str(exc).strip().splitlines()[0].rstrip(":") if str(exc).strip() else type(exc).__name__
+        raise CompressError(f"data.root: {source} is neither a folder nor a readable tar archive ({first})") from None
     with tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         # Read each member's bytes now: the tar stream is only valid inside this block.
