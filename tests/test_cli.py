@@ -17,7 +17,7 @@ from compress.models import MODELS
 from compress.stages import STAGES
 
 
-def fails_cleanly(capsys, argv: list[str], out: Path, *needles: str) -> str:
+def check_fails_cleanly(capsys, argv: list[str], out: Path, *needles: str) -> str:
     code = main(argv + (["--out", str(out)] if argv[0] == "run" else []))
     err = capsys.readouterr().err
     assert code == 2, err
@@ -67,14 +67,14 @@ CASES = {
 def test_recipe_errors(case, tiny, write_recipe, tmp_path, capsys):
     path, value, needles = CASES[case]
     recipe = write_recipe(_bad(tiny, path, value))
-    line = fails_cleanly(capsys, ["run", str(recipe)], tmp_path / "out", *needles)
+    line = check_fails_cleanly(capsys, ["run", str(recipe)], tmp_path / "out", *needles)
     assert line.startswith(f"compress: error: {recipe}")
 
 
 def test_distill_without_teacher(tiny, write_recipe, tmp_path, capsys):
     tiny["teacher"] = None
     tiny["stages"] = tiny["stages"][1:]
-    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.0 (distill) needs teacher")
+    check_fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.0 (distill) needs teacher")
 
 
 @pytest.mark.parametrize(
@@ -87,17 +87,19 @@ def test_distill_without_teacher(tiny, write_recipe, tmp_path, capsys):
     ],
 )
 def test_malformed_yaml(text, needle, write_recipe, tmp_path, capsys):
-    fails_cleanly(capsys, ["run", str(write_recipe(text))], tmp_path / "out", needle)
+    check_fails_cleanly(capsys, ["run", str(write_recipe(text))], tmp_path / "out", needle)
 
 
 def test_missing_recipe_file(tmp_path, capsys):
-    fails_cleanly(capsys, ["run", str(tmp_path / "nope.yaml")], tmp_path / "out", "no such file")
+    check_fails_cleanly(capsys, ["run", str(tmp_path / "nope.yaml")], tmp_path / "out", "no such file")
 
 
 def test_bad_set_override(tiny, write_recipe, tmp_path, capsys):
     recipe = str(write_recipe(tiny))
-    fails_cleanly(capsys, ["run", recipe, "--set", "stages.7.lr=1"], tmp_path / "out", "index 7 out of range")
-    fails_cleanly(capsys, ["run", recipe, "--set", "stages.0.lr=-1"], tmp_path / "out", "stages.0.lr", "greater than 0")
+    check_fails_cleanly(capsys, ["run", recipe, "--set", "stages.7.lr=1"], tmp_path / "out", "index 7 out of range")
+    check_fails_cleanly(
+        capsys, ["run", recipe, "--set", "stages.0.lr=-1"], tmp_path / "out", "stages.0.lr", "greater than 0"
+    )
 
 
 def test_unknown_cli_option_is_one_line(capsys):
@@ -113,7 +115,7 @@ def test_mismatched_checkpoint(tiny, write_recipe, tmp_path, capsys):
 
     torch.save(build_model("resnet32", 10).state_dict(), wrong)
     tiny["teacher"]["checkpoint"] = str(wrong)
-    fails_cleanly(
+    check_fails_cleanly(
         capsys,
         ["run", str(write_recipe(tiny))],
         tmp_path / "out",
@@ -122,7 +124,7 @@ def test_mismatched_checkpoint(tiny, write_recipe, tmp_path, capsys):
         "unexpected",
     )
     torch.save(build_model("resnet8x4", 3).state_dict(), wrong)  # right architecture, wrong class count
-    fails_cleanly(
+    check_fails_cleanly(
         capsys,
         ["run", str(write_recipe(tiny))],
         tmp_path / "out",
@@ -142,17 +144,19 @@ def test_checkpoint_with_pickled_code_is_refused(tiny, write_recipe, tmp_path, c
 
     torch.save({"w": Evil()}, evil)
     tiny["teacher"]["checkpoint"] = str(evil)
-    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint", "weights-only")
+    check_fails_cleanly(
+        capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "teacher.checkpoint", "weights-only"
+    )
 
 
 def test_model_that_cannot_take_the_input(tiny, write_recipe, tmp_path, capsys):
     tiny["student"] = {"model": "torchvision:vit_b_16", "kwargs": {"image_size": 224}}  # data is 16x16
-    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "student.model", "cannot run on")
+    check_fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "student.model", "cannot run on")
 
 
 def test_prune_ignore_pattern_matching_nothing(tiny, write_recipe, tmp_path, capsys):
     tiny["stages"][2]["ignore"] = ["layer4.*"]
-    fails_cleanly(
+    check_fails_cleanly(
         capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.2.ignore", "'layer4.*'", "matches no module"
     )
 
@@ -161,7 +165,7 @@ def test_data_root_that_is_not_an_archive(tiny, write_recipe, tmp_path, capsys):
     junk = tmp_path / "cifar.tar.gz"
     junk.write_text("not an archive")
     tiny["data"] = {"name": "cifar10", "root": str(junk)}
-    fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "data.root", "neither a folder nor")
+    check_fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "data.root", "neither a folder nor")
 
 
 def test_existing_out_dir_is_not_overwritten(tiny, write_recipe, tmp_path, capsys):
