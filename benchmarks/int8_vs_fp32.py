@@ -84,8 +84,9 @@ def main() -> int:
         "| file | top-1 | size | p50 ms bs=1 | p99 ms bs=1 | p50 ms bs=64 | p99 ms bs=64 |",
         "|---|---|---|---|---|---|---|",
         *(
-            f"| {r['file']} | {100 * r['accuracy']:.2f}% | {r['size_bytes'] / 1024:.1f} KB | {r['bs1']['p50_ms']:.3f} | "
-            f"{r['bs1']['p99_ms']:.3f} | {r['bs64']['p50_ms']:.3f} | {r['bs64']['p99_ms']:.3f} |"
+            f"| {r['file']} | {100 * r['accuracy']:.2f}% | {r['size_bytes'] / 1024:.1f} KB | "
+            f"{r['bs1']['p50_ms']:.3f} | {r['bs1']['p99_ms']:.3f} | "
+            f"{r['bs64']['p50_ms']:.3f} | {r['bs64']['p99_ms']:.3f} |"
             for r in rows
         ),
         "",

@@ -1,4 +1,4 @@
-"""``compress run | validate | list | schema``. User errors: one line on stderr, exit 2."""
+"""``compress run | validate | predict | list | schema``. User errors: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     val = sub.add_parser("validate", help="load and validate a recipe; print it resolved")
     recipe_args(val)
+    pred = sub.add_parser("predict", help="top-k classes for images from an exported ONNX model (no torch needed)")
+    from compress.deploy import add_predict_arguments
+
+    add_predict_arguments(pred)
     sub.add_parser("list", help="list registered stages, models, datasets, losses and importances")
     sub.add_parser("schema", help="print the recipe's JSON Schema")
     return p
@@ -73,6 +77,14 @@ def _list() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "predict":  # torch-free: only numpy, onnxruntime and Pillow are imported
+        from compress.deploy import DeployError, run_predict
+
+        try:
+            return run_predict(args)
+        except DeployError as exc:
+            print(f"compress: error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.command == "list":
             _list()

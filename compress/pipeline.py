@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from compress import metadata
 from compress.bench import measure as bench
 from compress.bench import report as report_mod
 from compress.bench.env import environment
@@ -201,6 +202,18 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
         for art in arts:
             prog.update(task, info=art.name)
             row, art_notes = bench.measure(art, ctx.data, bench_cfg, ctx.device, macs_cache)
+            if art.format == "onnx":
+                # The file states its own measured accuracy, so it carries it wherever it is shipped.
+                metadata.update(
+                    art.path,
+                    {
+                        "top1": json.dumps(row["accuracy"]),
+                        "top1_split": "test",
+                        "test_images": str(len(ctx.data.test_y)),
+                    },
+                )
+                row["size_bytes"] = art.path.stat().st_size
+                row["input"] = metadata.describe_input(art.path)
             rows.append(row)
             notes.extend(art_notes)
             ctx.log.info("measured %s: top-1 %.4f, %d bytes", art.name, row["accuracy"], row["size_bytes"])
@@ -208,6 +221,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
     data = ctx.data
     return {
         "recipe": ctx.recipe.model_dump(mode="json"),
+        "recipe_sha256": metadata.recipe_sha256(ctx.recipe),
         "environment": environment(bench_cfg.threads),
         "data": {
             "name": ctx.recipe.data.name,

@@ -208,7 +208,11 @@ def format_validation_error(exc: ValidationError, raw: Any, source: str) -> str:
                 close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
                 if close:
                     msg += f" (did you mean {close[0]!r}?)"
-        elif "input" in err and err["type"] not in ("missing", "value_error") and not isinstance(err["input"], (dict, list)):
+        elif (
+            "input" in err
+            and err["type"] not in ("missing", "value_error")
+            and not isinstance(err["input"], (dict, list))
+        ):
             msg += f" (got {err['input']!r})"
         parts.append(msg if path == "recipe" and err["type"] == "value_error" else f"{path}: {msg}")
     more = f" (+{len(parts) - 3} more)" if len(parts) > 3 else ""

@@ -9,6 +9,7 @@ import onnx
 import pytest
 
 from compress.context import Artifact, Context
+from compress.deploy import Predictor
 from compress.onnx_utils import run as ort_run
 from compress.onnx_utils import session
 from compress.pipeline import load_data, run
@@ -67,9 +68,9 @@ def test_int8_model_agrees_with_fp32(fields, exported, tmp_path):
     assert metrics["int8_bytes"] < metrics["fp32_bytes"]
     ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
     assert ("QuantizeLinear" in ops) if fields.get("format", "qdq") == "qdq" else ("QLinearConv" in ops)
-    x, y = ctx.data.example_input(len(ctx.data.test_x)).numpy(), ctx.data.test_y.numpy()
-    ref = ort_run(session(tmp_path / "model.onnx"), x).argmax(1)
-    got = ort_run(session(int8.path), x).argmax(1)
+    x, y = ctx.data.test_x.numpy(), ctx.data.test_y.numpy()
+    ref = Predictor(tmp_path / "model.onnx").logits(x, layout="nchw").argmax(1)
+    got = Predictor(int8.path).logits(x, layout="nchw").argmax(1)
     assert (ref == got).mean() >= 0.9
     assert (got == y).mean() >= (ref == y).mean() - 0.05
 
@@ -78,12 +79,26 @@ def test_calibration_reader_streams_batches(exported):
     from compress.stages.quantize import BatchReader
 
     recipe, _ = exported
-    reader = BatchReader(load_data(recipe), "input", batches=3, batch_size=10)
+    data = load_data(recipe)
+    reader = BatchReader(data, "input", batches=3, batch_size=10)
     shapes = []
     while (batch := reader.get_next()) is not None:
         shapes.append(batch["input"].shape)
     assert shapes == [(10, 1, 8, 8)] * 3
     reader.rewind()
-    assert np.array_equal(
-        reader.get_next()["input"], BatchReader(load_data(recipe), "input", 3, 10).get_next()["input"]
-    )
+    assert np.array_equal(reader.get_next()["input"], BatchReader(data, "input", 3, 10).get_next()["input"])
+
+
+def test_calibration_feeds_what_the_model_metadata_asks_for(exported):
+    """The exported graph takes uint8 NHWC pixels; calibration must feed those, not normalized floats."""
+    from compress.metadata import feeder
+    from compress.stages.quantize import BatchReader
+
+    recipe, out = exported
+    data = load_data(recipe)
+    sess = session(out / "model.onnx")
+    reader = BatchReader(data, "images", 2, 10, feeder(sess, data))
+    batch = reader.get_next()["images"]
+    assert batch.dtype == np.uint8 and batch.shape == (10, 8, 8, 1)
+    assert np.array_equal(batch, data.train_x[reader._index[:10]].permute(0, 2, 3, 1).numpy())
+    assert ort_run(sess, batch).shape == (10, 10)

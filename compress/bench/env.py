@@ -25,15 +25,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(threads: int | None) -> dict[str, Any]:
+def library_versions() -> dict[str, str]:
+    """The versions that decide what a model computes (also stamped into every exported ONNX)."""
     import onnx
     import onnxruntime
+    import onnxscript
     import torch_pruning
     import torchvision
 
     from compress import __version__
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "compress": __version__,
         "python": sys.version.split()[0],
@@ -42,6 +43,16 @@ def environment(threads: int | None) -> dict[str, Any]:
         "torch_pruning": getattr(torch_pruning, "__version__", "unknown"),
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "onnxscript": getattr(onnxscript, "__version__", "unknown"),
+    }
+
+
+def environment(threads: int | None) -> dict[str, Any]:
+    import onnxruntime
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        **library_versions(),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "platform": platform.platform(),
         "cpu": cpu_model(),

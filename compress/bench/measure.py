@@ -21,6 +21,7 @@ from torch import nn
 from compress.bench.env import resolved_threads
 from compress.context import Artifact
 from compress.data import DataBundle
+from compress.metadata import feeder
 from compress.onnx_utils import cuda_available, run, session
 from compress.stages.prune import count
 
@@ -61,11 +62,15 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def raw_batch(data: DataBundle, batch_size: int) -> torch.Tensor:
+    """A real uint8 NCHW test batch of exactly ``batch_size`` images (repeated if the split is small)."""
+    idx = torch.arange(batch_size) % len(data.test_x)
+    return data.test_x.cpu()[idx]
+
+
 def batch_of(data: DataBundle, batch_size: int) -> torch.Tensor:
-    """A real normalized test batch of exactly ``batch_size`` images (repeated if the split is small)."""
-    n = len(data.test_x)
-    idx = torch.arange(batch_size) % n
-    return data.normalize(data.test_x.cpu()[idx])
+    """The same batch, normalized as the torch model takes it."""
+    return data.normalize(raw_batch(data, batch_size))
 
 
 # --------------------------------------------------------------------------- accuracy
@@ -79,10 +84,14 @@ def torch_accuracy(model: nn.Module, data: DataBundle, device: torch.device) -> 
 
 
 def onnx_accuracy(path, data: DataBundle) -> float:
+    """Top-1 of an ONNX file fed the raw test images the way its metadata says (as a deployer would)."""
     sess = session(path)
+    feed = feeder(sess, data)
     correct = 0
-    for x, y in data.eval_loader("test"):
-        correct += int((run(sess, x.cpu().numpy()).argmax(1) == y.cpu().numpy()).sum())
+    for start in range(0, len(data.test_x), data.eval_batch_size):
+        x = data.test_x[start : start + data.eval_batch_size]
+        y = data.test_y[start : start + data.eval_batch_size]
+        correct += int((run(sess, feed(x)).argmax(1) == y.cpu().numpy()).sum())
     return correct / len(data.test_y)
 
 
@@ -133,12 +142,11 @@ def latency_rows(
             )
             continue
         for bs in batch_sizes:
-            x = batch_of(data, bs)
             if art.format == "torch":
-                samples = _time_torch(art.model, x, device, warmup, iters, n_threads)
+                samples = _time_torch(art.model, batch_of(data, bs), device, warmup, iters, n_threads)
             else:
                 sess = session(art.path, threads=n_threads, device=device)
-                feed = x.numpy()
+                feed = feeder(sess, data)(raw_batch(data, bs))
                 samples = time_calls(lambda s=sess, f=feed: run(s, f), warmup, iters)
             rows.append(
                 {

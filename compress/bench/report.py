@@ -130,6 +130,20 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {art['name']} | {r['device']} | {r['runtime']} | {r['batch_size']} | {r['threads']} | "
                 f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput']:.0f} |"
             )
+    onnx_rows = [a for a in report["artifacts"] if a.get("input")]
+    if onnx_rows:
+        lines += [
+            "",
+            "## Deploy",
+            "",
+            "Each ONNX file describes itself in its metadata (class names, input layout, normalization, "
+            "recipe hash, measured top-1); ONNX latency above includes any preprocessing done in the graph.",
+            "",
+            *(f"- `{a['name']}` takes {a['input']}" for a in onnx_rows),
+            "",
+            "Top-k for image files or folders, needing only onnxruntime, numpy and Pillow: "
+            "`compress predict model.onnx IMAGE_OR_FOLDER ... --top-k 5` (or `python compress/deploy.py ...`).",
+        ]
     lines += ["", "## Stages", "", "| # | stage | seconds | result |", "|---|---|---|---|"]
     for st in report["stages"]:
         lines.append(f"| {st['index']} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
@@ -158,6 +172,8 @@ def _stage_summary(metrics: dict[str, Any]) -> str:
                 f"{role} ONNX parity max abs Δ {chk['max_abs_diff']:.1e}, argmax agree "
                 f"{100 * chk['argmax_agreement']:.1f}%"
             )
+    if "input" in metrics:
+        bits.append(f"ONNX input {metrics['input']}")
     if "int8_bytes" in metrics:
         bits.append(
             f"{metrics['calibration']} calibration on {metrics['calibration_images']} images, "

@@ -1,8 +1,11 @@
 """Export to ONNX (torch.onnx dynamo exporter + onnxscript) with a dynamic batch axis, then prove it.
 
-After writing, the file passes ``onnx.checker`` (full check) and ONNX Runtime must reproduce
-PyTorch's logits on a real test batch within ``atol``; otherwise the stage fails rather than leave
-a broken model in the run directory.
+By default the exported graph takes raw uint8 images (NHWC, as Pillow/OpenCV hand them over) and
+does the scaling and normalization itself, so a deployer needs no preprocessing code; the file's
+metadata says so (see ``compress.metadata``). After writing, the file passes ``onnx.checker`` (full
+check) and ONNX Runtime fed the raw test images must reproduce PyTorch's logits on the same images
+normalized the training way, within ``atol``; otherwise the stage fails rather than leave a broken
+model in the run directory.
 """
 
 from __future__ import annotations
@@ -16,13 +19,35 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from compress import metadata
 from compress.context import Artifact, Context
+from compress.deploy import ModelInfo
 from compress.errors import StageFailed
 from compress.onnx_utils import quiet_stdout, run, session
 from compress.stages.base import STAGES, Stage
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+class InGraphPreprocess(nn.Module):
+    """uint8 images in ``layout`` -> (optionally) the model's normalization -> the model.
+
+    The arithmetic is DataBundle.normalize's, op for op (cast, /255, -mean, /std), so the first
+    convolution sees the same float32 values in ONNX Runtime as in training.
+    """
+
+    def __init__(self, model: nn.Module, info: ModelInfo) -> None:
+        super().__init__()
+        self.model, self.nhwc, self.normalize = model, info.layout == "nhwc", info.preprocess_in_graph
+        self.register_buffer("mean", torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2) if self.nhwc else images
+        if self.normalize:
+            x = (x.to(torch.float32) / 255.0 - self.mean) / self.std
+        return self.model(x)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str = "input") -> None:
     model = model.eval().to("cpu")
     batch = torch.export.Dim("batch", min=1, max=65536)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +57,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int)
             (example.cpu(),),
             dynamo=True,
             opset_version=opset,
-            input_names=["input"],
+            input_names=[input_name],
             output_names=["logits"],
             dynamic_shapes=({0: batch},),
             optimize=True,
@@ -42,10 +67,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int)
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def parity(model: nn.Module, path: Path, x: torch.Tensor) -> dict[str, float]:
+def parity(model: nn.Module, path: Path, x: torch.Tensor, feed: torch.Tensor | None = None) -> dict[str, float]:
+    """PyTorch on ``x`` (normalized) vs ONNX Runtime on ``feed`` (the same images as the graph takes them)."""
     with torch.inference_mode():
         ref = model.eval().to("cpu")(x.cpu()).numpy()
-    got = run(session(path), x.cpu().numpy())
+    got = run(session(path), (x if feed is None else feed).cpu().numpy())
     return {
         "max_abs_diff": float(np.abs(ref - got).max()),
         "max_abs_logit": float(np.abs(ref).max()),
@@ -64,23 +90,33 @@ class Export(Stage):
     atol: float = Field(1e-4, gt=0, le=1, description="max |Δlogit| allowed between ORT and PyTorch")
     rtol: float = Field(1e-5, ge=0, le=1, description="plus this fraction of the largest |logit|")
     parity_batch: int = Field(64, ge=1, le=4096, description="test images used for the parity check")
+    preprocess_in_graph: bool = Field(
+        True, description="the graph takes uint8 pixels and normalizes them itself (false: normalized float32 input)"
+    )
+    input_layout: Literal["nhwc", "nchw"] = Field("nhwc", description="image layout of the graph input")
+    keep_debug_info: bool = Field(
+        False, description="keep the exporter's per-node FX/stack-trace annotations (local paths; larger files)"
+    )
 
     provides = frozenset({"onnx"})
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         roles = ["student"] + (["teacher"] if self.teacher and ctx.teacher is not None else [])
-        x = ctx.data.example_input(min(self.parity_batch, len(ctx.data.test_x))).cpu()
-        metrics: dict[str, Any] = {}
+        info = metadata.model_info(ctx.data, preprocess_in_graph=self.preprocess_in_graph, layout=self.input_layout)
+        raw = ctx.data.test_x[: min(self.parity_batch, len(ctx.data.test_x))].cpu()
+        x, feed = ctx.data.normalize(raw), torch.from_numpy(info.prepare(raw.numpy(), layout="nchw"))
+        metrics: dict[str, Any] = {"input": info.describe()}
         for role in roles:
             model = ctx.models[role]
             path = ctx.run_dir / ("model.onnx" if role == "student" else "teacher.onnx")
+            wrapped = InGraphPreprocess(model, info) if info.preprocess_in_graph or info.layout == "nhwc" else model
             try:
-                export_onnx(model, x[:2] if len(x) > 1 else x, path, self.opset)
+                export_onnx(wrapped, feed[:2] if len(feed) > 1 else feed, path, self.opset, info.input_name)
             except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
                 path.unlink(missing_ok=True)
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise StageFailed(f"export: {role} ({type(model).__name__}) could not be exported: {first}") from exc
-            check = parity(model, path, x)
+            check = parity(model, path, x, feed)
             metrics[role] = check
             ctx.log.info(
                 "export %s -> %s: max|Δ| %.2e, argmax agreement %.4f",
@@ -99,6 +135,15 @@ class Export(Stage):
                     f"{self.rtol:g} × max|logit| {check['max_abs_logit']:.3g})"
                 )
             source = ctx.latest(role, "torch")
+            spec = ctx.specs[role]
+            metadata.update(
+                path,
+                info.to_metadata()
+                | metadata.provenance(
+                    ctx.recipe, role=role, model=spec.model, precision="fp32", source=source.name if source else None
+                ),
+                strip_node_debug=not self.keep_debug_info,
+            )
             ctx.add_artifact(
                 Artifact(
                     name=path.name,

@@ -1,0 +1,334 @@
+"""Run a compress ONNX model with nothing but numpy, onnxruntime and Pillow.
+
+Every model ``compress run`` exports describes itself in its ONNX ``metadata_props``: class names,
+input name/dtype/layout/size, colour mode, normalization, and whether that normalization is inside
+the graph. This module reads that description, turns image files into the exact tensor the model
+takes, and prints top-k predictions. It imports nothing from the rest of ``compress`` and never
+imports torch, so a deployer can copy this one file next to the model:
+
+    python deploy.py model.onnx photo.jpg images/ --top-k 3
+    compress predict model.onnx photo.jpg images/ --top-k 3      # the same, installed
+
+Image loading matches training: ``PIL.Image.convert`` to the model's colour mode, then a bilinear
+resize only when the size differs (what ``compress``'s data loaders do when decoding a folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METADATA_VERSION = "1"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+COLOR_MODES = {1: "L", 3: "RGB"}
+
+
+class DeployError(ValueError):
+    """A problem with the user's model or images: reported as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a deployer must know about the model's input and output; stored as ONNX metadata."""
+
+    class_names: tuple[str, ...]
+    channels: int
+    height: int
+    width: int
+    layout: str  # "nhwc" | "nchw"
+    input_dtype: str  # "uint8" (raw pixels) | "float32" (already normalized)
+    preprocess_in_graph: bool  # True: the graph scales and normalizes uint8 pixels itself
+    mean: tuple[float, ...]  # per channel, in [0, 1] pixel units: x = (pixels / 255 - mean) / std
+    std: tuple[float, ...]
+    input_name: str = "images"
+    output_name: str = "logits"
+    resize: str = "bilinear"
+
+    @property
+    def color_mode(self) -> str | None:
+        return COLOR_MODES.get(self.channels)
+
+    @property
+    def input_shape(self) -> tuple[str | int, ...]:
+        c, h, w = self.channels, self.height, self.width
+        return ("N", h, w, c) if self.layout == "nhwc" else ("N", c, h, w)
+
+    def describe(self) -> str:
+        dims = "x".join(str(d) for d in self.input_shape)
+        how = "normalized in the graph" if self.preprocess_in_graph else "normalize (x/255 - mean)/std first"
+        return f"{self.input_name}: {self.input_dtype} {self.layout.upper()} {dims} ({how})"
+
+    # ------------------------------------------------------------------ metadata
+    def to_metadata(self) -> dict[str, str]:
+        """Plain string keys; structured values are JSON, so any tool can read them."""
+        return {
+            "compress.metadata_version": METADATA_VERSION,
+            "task": "image-classification",
+            "class_names": json.dumps(list(self.class_names)),
+            "num_classes": str(len(self.class_names)),
+            "input_name": self.input_name,
+            "input_dtype": self.input_dtype,
+            "input_layout": self.layout,
+            "input_shape": json.dumps(list(self.input_shape)),
+            "image_size": json.dumps([self.height, self.width]),
+            "channels": str(self.channels),
+            "color_mode": self.color_mode or "",
+            "preprocess_in_graph": json.dumps(self.preprocess_in_graph),
+            "mean": json.dumps(list(self.mean)),
+            "std": json.dumps(list(self.std)),
+            "resize": self.resize,
+            "output_name": self.output_name,
+            "output": "logits (apply softmax for probabilities)",
+        }
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], source: str = "model") -> ModelInfo:
+        if "compress.metadata_version" not in props:
+            raise DeployError(
+                f"{source}: the model has no compress metadata (class names, input layout, normalization); "
+                "export it with 'compress run' (export stage)"
+            )
+        version = props["compress.metadata_version"]
+        if version != METADATA_VERSION:
+            raise DeployError(
+                f"{source}: metadata version {version!r} is not supported (this reader knows {METADATA_VERSION!r})"
+            )
+        try:
+            height, width = json.loads(props["image_size"])
+            info = cls(
+                class_names=tuple(str(c) for c in json.loads(props["class_names"])),
+                channels=int(props["channels"]),
+                height=int(height),
+                width=int(width),
+                layout=props["input_layout"],
+                input_dtype=props["input_dtype"],
+                preprocess_in_graph=bool(json.loads(props["preprocess_in_graph"])),
+                mean=tuple(float(v) for v in json.loads(props["mean"])),
+                std=tuple(float(v) for v in json.loads(props["std"])),
+                input_name=props["input_name"],
+                output_name=props.get("output_name", "logits"),
+                resize=props.get("resize", "bilinear"),
+            )
+        except KeyError as exc:
+            raise DeployError(f"{source}: metadata key {exc.args[0]!r} is missing") from None
+        except (ValueError, TypeError) as exc:
+            raise DeployError(f"{source}: malformed metadata ({exc})") from None
+        if info.layout not in ("nhwc", "nchw") or info.input_dtype not in ("uint8", "float32"):
+            raise DeployError(
+                f"{source}: metadata input_layout/input_dtype {info.layout!r}/{info.input_dtype!r} unknown"
+            )
+        if len(info.mean) != info.channels or len(info.std) != info.channels:
+            raise DeployError(f"{source}: metadata mean/std do not have one value per channel ({info.channels})")
+        return info
+
+    # ------------------------------------------------------------------ tensors
+    def prepare(self, images: np.ndarray, layout: str = "nhwc") -> np.ndarray:
+        """uint8 images (N, H, W, C) or (N, C, H, W) -> exactly what the graph input takes."""
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DeployError(f"images must be a uint8 array of rank 4, got {images.dtype} {images.shape}")
+        if layout != self.layout:
+            images = images.transpose(0, 3, 1, 2) if layout == "nhwc" else images.transpose(0, 2, 3, 1)
+        images = np.ascontiguousarray(images)
+        if self.preprocess_in_graph:
+            return images
+        axis = (1, -1, 1, 1) if self.layout == "nchw" else (1, 1, 1, -1)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(axis)
+        std = np.asarray(self.std, dtype=np.float32).reshape(axis)
+        # The same float32 operations, in the same order, as training's normalization.
+        return (images.astype(np.float32) / np.float32(255.0) - mean) / std
+
+
+# ---------------------------------------------------------------------- images
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image suffixes (sorted)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise DeployError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            found.extend(inside)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DeployError(f"{path}: no such file or folder")
+    return found
+
+
+def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.ndarray:
+    """One image file -> uint8 (H, W, C) in the model's colour mode and size."""
+    from PIL import Image, UnidentifiedImageError
+
+    if info.color_mode is None:
+        raise DeployError(
+            f"the model takes {info.channels}-channel input; only 1 (L) or 3 (RGB) channels load from images"
+        )
+    try:
+        with Image.open(path) as im:
+            im = im.convert(info.color_mode)
+            if im.size != (info.width, info.height):
+                if not resize:
+                    raise DeployError(
+                        f"{path}: image is {im.size[0]}x{im.size[1]}, the model takes {info.width}x{info.height} "
+                        "(resizing is off)"
+                    )
+                im = im.resize((info.width, info.height), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        reason = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise DeployError(f"{path}: {reason}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+# ---------------------------------------------------------------------- model
+def read_metadata(session: Any) -> dict[str, str]:
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+class Predictor:
+    """An onnxruntime session plus the model's own description of its input."""
+
+    def __init__(self, model: str | Path, threads: int | None = None, providers: Sequence[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(model)
+        if not path.is_file():
+            raise DeployError(f"{path}: no such model file")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=list(providers or ["CPUExecutionProvider"])
+            )
+        except Exception as exc:  # noqa: BLE001 - ORT raises several types; the first line says enough
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DeployError(f"{path}: onnxruntime cannot load it: {first}") from None
+        self.path = path
+        self.metadata = read_metadata(self.session)
+        self.info = ModelInfo.from_metadata(self.metadata, str(path))
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        """The graph's real input must be what the metadata promises, or every answer would be wrong."""
+        info = self.info
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != info.input_name:
+            names = [i.name for i in inputs]
+            raise DeployError(f"{self.path}: graph inputs {names} do not match metadata input_name {info.input_name!r}")
+        got = inputs[0]
+        want_type = f"tensor({'uint8' if info.input_dtype == 'uint8' else 'float'})"
+        dims = list(got.shape)
+        expected = list(info.input_shape)
+        fixed_ok = len(dims) == 4 and all(
+            not isinstance(d, int) or not isinstance(e, int) or d == e
+            for d, e in zip(dims[1:], expected[1:], strict=True)
+        )
+        if got.type != want_type or not fixed_ok:
+            raise DeployError(
+                f"{self.path}: graph input {got.name!r} is {got.type} {dims}, but the metadata says "
+                f"{want_type} {expected}; the model and its metadata do not match"
+            )
+        outputs = [o.name for o in self.session.get_outputs()]
+        if info.output_name not in outputs:
+            raise DeployError(f"{self.path}: graph outputs {outputs} lack metadata output_name {info.output_name!r}")
+
+    def logits(self, images: np.ndarray, layout: str = "nhwc") -> np.ndarray:
+        feed = {self.info.input_name: self.info.prepare(images, layout)}
+        return self.session.run([self.info.output_name], feed)[0]
+
+    def predict(self, images: np.ndarray, top_k: int = 5, layout: str = "nhwc") -> list[list[dict[str, Any]]]:
+        """Per image: the top-k classes as {class, index, probability}, most probable first."""
+        probs = softmax(self.logits(images, layout))
+        k = max(1, min(top_k, probs.shape[1]))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [
+            [{"class": self.info.class_names[i], "index": int(i), "probability": float(p[i])} for i in row]
+            for p, row in zip(probs, order, strict=True)
+        ]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ---------------------------------------------------------------------- command line
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="an ONNX model exported by compress (FP32 or INT8)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--no-resize", action="store_true", help="refuse images whose size differs from the model's")
+    p.add_argument("--batch-size", type=int, default=64, help="images per onnxruntime call (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+
+
+def predict_files(predictor: Predictor, files: Sequence[Path], top_k: int, resize: bool, batch_size: int) -> list[dict]:
+    """Predictions per file; ``label`` is the parent folder's name when it is one of the classes."""
+    classes = set(predictor.info.class_names)
+    out: list[dict] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        batch = np.stack([load_image(f, predictor.info, resize) for f in chunk])
+        for f, top in zip(chunk, predictor.predict(batch, top_k), strict=True):
+            label = f.parent.name if f.parent.name in classes else None
+            out.append({"image": str(f), "label": label, "top_k": top})
+    return out
+
+
+def run_predict(args: argparse.Namespace, stdout: Any = None) -> int:
+    stdout = stdout or sys.stdout
+    if args.top_k < 1 or args.batch_size < 1:
+        raise DeployError("--top-k and --batch-size must be at least 1")
+    predictor = Predictor(args.model, threads=args.threads)
+    files = find_images(args.images)
+    rows = predict_files(predictor, files, args.top_k, not args.no_resize, args.batch_size)
+    labelled = [r for r in rows if r["label"] is not None]
+    correct = sum(r["top_k"][0]["class"] == r["label"] for r in labelled)
+    top1 = correct / len(labelled) if labelled else None
+    if args.json:
+        doc = {
+            "model": str(args.model),
+            "input": predictor.info.describe(),
+            "predictions": rows,
+            "labelled_images": len(labelled),
+            "top1": top1,
+        }
+        print(json.dumps(doc, indent=2), file=stdout)
+        return 0
+    for r in rows:
+        tops = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in r["top_k"])
+        print(f"{r['image']}: {tops}", file=stdout)
+    if labelled:
+        print(
+            f"top-1 {top1:.4f} ({correct}/{len(labelled)} images whose folder is named after a class)",
+            file=stdout,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploy.py", description="Top-k predictions from a compress ONNX model.")
+    add_predict_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_predict(args)
+    except DeployError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The metadata every exported ONNX carries, written with onnx and read back with onnxruntime.
+
+Two groups of keys, all plain strings (JSON where structured) in ``metadata_props``:
+- the input/output contract a deployer needs, defined in one place: ``compress.deploy.ModelInfo``;
+- provenance: recipe name and the sha256 of ``recipe.resolved.yaml``, dataset, model, role,
+  precision, the torch artifact it came from, library versions, and (once measured) top-1 on the
+  test split. No timestamps, so the same recipe exports the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import torch
+
+from compress.data import DataBundle
+from compress.deploy import ModelInfo, read_metadata
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from compress.recipe import RecipeBase
+
+
+def model_info(data: DataBundle, *, preprocess_in_graph: bool, layout: str) -> ModelInfo:
+    _, h, w = data.input_shape
+    return ModelInfo(
+        class_names=tuple(data.class_names),
+        channels=data.channels,
+        height=h,
+        width=w,
+        layout=layout,
+        input_dtype="uint8" if preprocess_in_graph else "float32",
+        preprocess_in_graph=preprocess_in_graph,
+        mean=tuple(float(m) for m in data.mean),
+        std=tuple(float(s) for s in data.std),
+        input_name="images" if preprocess_in_graph else "input",
+    )
+
+
+def recipe_sha256(recipe: RecipeBase) -> str:
+    """The hash of exactly the text written to ``recipe.resolved.yaml``."""
+    from compress.recipe import dump_recipe
+
+    return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()
+
+
+def provenance(recipe: RecipeBase, *, role: str, model: str, precision: str, source: str | None) -> dict[str, str]:
+    from compress.bench.env import library_versions
+
+    versions = library_versions()
+    return {
+        "producer": f"compress {versions['compress']}",
+        "recipe_name": recipe.name,
+        "recipe_sha256": recipe_sha256(recipe),
+        "dataset": recipe.data.name,  # type: ignore[attr-defined]
+        "model": model,
+        "role": role,
+        "precision": precision,
+        "source": source or "",
+        "versions": json.dumps(versions, sort_keys=True),
+    }
+
+
+def read(path: Path) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def describe_input(path: Path) -> str | None:
+    props = read(path)
+    return ModelInfo.from_metadata(props).describe() if "compress.metadata_version" in props else None
+
+
+def update(path: Path, props: dict[str, str], strip_node_debug: bool = False) -> None:
+    """Merge ``props`` into the file's metadata and refresh its doc string, atomically.
+
+    ``strip_node_debug`` drops the exporter's per-node annotations (FX node, Python stack trace with
+    local file paths, module hierarchy): a third of a small model's bytes, and nothing a runtime reads.
+    """
+    model = onnx.load(str(path))
+    if strip_node_debug:
+        for node in model.graph.node:
+            del node.metadata_props[:]
+    merged = {p.key: p.value for p in model.metadata_props} | props
+    onnx.helper.set_model_props(model, merged)
+    if "compress.metadata_version" in merged:
+        model.doc_string = doc_string(merged)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def doc_string(props: dict[str, str]) -> str:
+    """One paragraph for tools that show only the doc string (Netron, onnx.helper.printable_graph)."""
+    info = ModelInfo.from_metadata(props)
+    shown = ", ".join(info.class_names[:10]) + (", ..." if len(info.class_names) > 10 else "")
+    what = f"{props.get('model', 'model')} ({props.get('role', '?')}, {props.get('precision', '?')})"
+    return (
+        f"{what} from compress recipe {props.get('recipe_name', '?')!r}. Input {info.describe()}. "
+        f"Output {info.output_name}: float32 N x {len(info.class_names)} logits over [{shown}]. "
+        "Full description in metadata_props."
+    )
+
+
+def feeder(sess: ort.InferenceSession, data: DataBundle) -> Callable[[torch.Tensor], np.ndarray]:
+    """uint8 NCHW test images -> what this session's input takes, read from the model's metadata.
+
+    A model without compress metadata (e.g. exported by hand in a benchmark) gets the normalized
+    float tensor the torch model takes.
+    """
+    props = read_metadata(sess)
+    if "compress.metadata_version" not in props:
+        return lambda x: data.normalize(x.cpu()).numpy()
+    info = ModelInfo.from_metadata(props)
+    return lambda x: info.prepare(x.cpu().numpy(), layout="nchw")
