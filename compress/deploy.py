@@ -164,7 +164,11 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.ndarray:
-    """One image file -> uint8 (H, W, C) in the model's colour mode and size."""
+    """One image file -> uint8 (H, W, C) in the model's colour mode and size.
+
+    As in training: ``convert`` to the colour mode (alpha dropped, EXIF orientation not applied),
+    then a bilinear resize only when the size differs.
+    """
     from PIL import Image, UnidentifiedImageError
 
     if info.color_mode is None:
@@ -173,6 +177,8 @@ def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.nda
         )
     try:
         with Image.open(path) as im:
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raise DeployError(f"{path}: {im.mode} (16-bit or float) pixels; the model takes 8-bit images")
             im = im.convert(info.color_mode)
             if im.size != (info.width, info.height):
                 if not resize:
@@ -182,9 +188,14 @@ def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.nda
                     )
                 im = im.resize((info.width, info.height), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        reason = "not an image Pillow can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
-        raise DeployError(f"{path}: {reason}") from None
+    except UnidentifiedImageError:
+        raise DeployError(f"{path}: not an image Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise DeployError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated/corrupt files raise all of these
+        if isinstance(exc, DeployError):
+            raise
+        raise DeployError(f"{path}: cannot decode the image ({exc})") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -200,6 +211,8 @@ class Predictor:
         import onnxruntime as ort
 
         path = Path(model)
+        if path.is_dir():
+            raise DeployError(f"{path}: is a folder, not an ONNX model file")
         if not path.is_file():
             raise DeployError(f"{path}: no such model file")
         opts = ort.SessionOptions()
@@ -238,9 +251,16 @@ class Predictor:
                 f"{self.path}: graph input {got.name!r} is {got.type} {dims}, but the metadata says "
                 f"{want_type} {expected}; the model and its metadata do not match"
             )
-        outputs = [o.name for o in self.session.get_outputs()]
+        outputs = {o.name: o for o in self.session.get_outputs()}
         if info.output_name not in outputs:
-            raise DeployError(f"{self.path}: graph outputs {outputs} lack metadata output_name {info.output_name!r}")
+            raise DeployError(
+                f"{self.path}: graph outputs {list(outputs)} lack metadata output_name {info.output_name!r}"
+            )
+        width = outputs[info.output_name].shape[-1]
+        if isinstance(width, int) and width != len(info.class_names):
+            raise DeployError(
+                f"{self.path}: the graph outputs {width} logits but the metadata names {len(info.class_names)} classes"
+            )
 
     def logits(self, images: np.ndarray, layout: str = "nhwc") -> np.ndarray:
         feed = {self.info.input_name: self.info.prepare(images, layout)}
@@ -290,8 +310,9 @@ def predict_files(predictor: Predictor, files: Sequence[Path], top_k: int, resiz
 
 def run_predict(args: argparse.Namespace, stdout: Any = None) -> int:
     stdout = stdout or sys.stdout
-    if args.top_k < 1 or args.batch_size < 1:
-        raise DeployError("--top-k and --batch-size must be at least 1")
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise DeployError(f"{flag} must be at least 1, got {value}")
     predictor = Predictor(args.model, threads=args.threads)
     files = find_images(args.images)
     rows = predict_files(predictor, files, args.top_k, not args.no_resize, args.batch_size)
@@ -310,7 +331,8 @@ def run_predict(args: argparse.Namespace, stdout: Any = None) -> int:
         return 0
     for r in rows:
         tops = ", ".join(f"{t['class']} {t['probability']:.4f}" for t in r["top_k"])
-        print(f"{r['image']}: {tops}", file=stdout)
+        name = r["image"] if r["image"].isprintable() else repr(r["image"])  # one line per image, always
+        print(f"{name}: {tops}", file=stdout)
     if labelled:
         print(
             f"top-1 {top1:.4f} ({correct}/{len(labelled)} images whose folder is named after a class)",

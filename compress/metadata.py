@@ -79,8 +79,9 @@ def describe_input(path: Path) -> str | None:
     return ModelInfo.from_metadata(props).describe() if "compress.metadata_version" in props else None
 
 
-def update(path: Path, props: dict[str, str], strip_node_debug: bool = False) -> None:
-    """Merge ``props`` into the file's metadata and refresh its doc string, atomically.
+def update(path: Path, props: dict[str, str], strip_node_debug: bool = False, dest: Path | None = None) -> None:
+    """Merge ``props`` into the file's metadata and refresh its doc string; write it atomically to
+    ``dest`` (default: in place), so a reader never sees a file without its metadata.
 
     ``strip_node_debug`` drops the exporter's per-node annotations (FX node, Python stack trace with
     local file paths, module hierarchy): a third of a small model's bytes, and nothing a runtime reads.
@@ -93,10 +94,11 @@ def update(path: Path, props: dict[str, str], strip_node_debug: bool = False) ->
     onnx.helper.set_model_props(model, merged)
     if "compress.metadata_version" in merged:
         model.doc_string = doc_string(merged)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    dest = dest or path
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
     try:
         onnx.save(model, str(tmp))
-        os.replace(tmp, path)
+        os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
 

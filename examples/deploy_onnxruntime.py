@@ -12,6 +12,8 @@ from PIL import Image
 
 session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 meta = session.get_modelmeta().custom_metadata_map  # class names, input layout/size, normalization, top-1
+if meta["input_dtype"] != "uint8":
+    sys.exit("this model takes normalized floats (exported with preprocess_in_graph: false); use compress/deploy.py")
 classes, (height, width) = json.loads(meta["class_names"]), json.loads(meta["image_size"])
 for path in sys.argv[2:]:
     image = Image.open(path).convert(meta["color_mode"]).resize((width, height), Image.BILINEAR)

@@ -110,12 +110,22 @@ def test_model_info_round_trips_through_metadata():
     assert info.to_metadata()["input_shape"] == '["N", 3, 32, 24]'
 
 
-def test_same_recipe_exports_the_same_metadata(digits_run):
-    """No timestamps: the metadata depends on the recipe and the libraries only."""
+def test_exporting_twice_gives_the_same_file(digits_run, tmp_path):
+    """No timestamps or paths in the metadata: the same model and recipe export to the same bytes."""
     out, _, recipe = digits_run
-    props = metadata.provenance(recipe, role="student", model="digits_student", precision="fp32", source="x")
-    assert props["recipe_sha256"] == metadata.read(out / "model.onnx")["recipe_sha256"]
-    assert props == metadata.provenance(recipe, role="student", model="digits_student", precision="fp32", source="x")
+    _export_variant(out, recipe, tmp_path / "a")
+    _export_variant(out, recipe, tmp_path / "b")
+    a, b = (tmp_path / "a" / "model.onnx"), (tmp_path / "b" / "model.onnx")
+    assert metadata.read(a) == metadata.read(b)
+    assert a.read_bytes() == b.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.onnx"]  # no temporary left behind
+
+
+def test_int8_names_its_fp32_source(digits_run):
+    out, _, _ = digits_run
+    props = metadata.read(out / "model.int8.onnx")
+    assert props["source"] == "model.onnx" and "QDQ" in props["quantization"]
+    assert metadata.read(out / "model.onnx")["source"] == "student@distill"
 
 
 # --------------------------------------------------------------------------- predict
@@ -175,50 +185,79 @@ def test_predict_resizes_like_training_and_can_refuse(digits_run, digits_pngs, t
     assert err.count("\n") == 0 and "32x32" in err and "8x8" in err
 
 
-def _strip_metadata(src: Path, dst: Path) -> Path:
+def _edit_metadata(src: Path, dst: Path, changes: dict[str, str] | None) -> Path:
+    """A copy of ``src`` with some metadata values changed (``None``: all metadata removed)."""
     model = onnx.load(str(src))
+    props = {} if changes is None else {p.key: p.value for p in model.metadata_props} | changes
     del model.metadata_props[:]
-    onnx.save(model, str(dst))
-    return dst
-
-
-def _lie_about_size(src: Path, dst: Path) -> Path:
-    model = onnx.load(str(src))
-    props = {p.key: p.value for p in model.metadata_props} | {"image_size": "[16, 16]"}
     onnx.helper.set_model_props(model, props)
     onnx.save(model, str(dst))
     return dst
 
 
-def _error_argv(case: str, run: Path, pngs: Path, tmp: Path) -> list[Path]:
-    """[model, images...] for one kind of bad input."""
+def _png_with_header_size(src: Path, dst: Path, width: int, height: int) -> Path:
+    """A real PNG whose IHDR claims another size (CRC fixed): what a decompression bomb looks like."""
+    import struct
+    import zlib
+
+    blob = bytearray(src.read_bytes())
+    assert blob[12:16] == b"IHDR"
+    blob[16:24] = struct.pack(">II", width, height)
+    blob[29:33] = struct.pack(">I", zlib.crc32(bytes(blob[12:29])))
+    dst.write_bytes(bytes(blob))
+    return dst
+
+
+def _error_argv(case: str, run: Path, pngs: Path, tmp: Path) -> list[str | Path]:
+    """[model, images..., flags...] for one kind of bad input."""
+    model, one = run / "model.onnx", sorted((pngs / "0").iterdir())[0]
     if case == "missing image":
-        return [run / "model.onnx", tmp / "nope.png"]
+        return [model, tmp / "nope.png"]
     if case == "not an image":
         (tmp / "notes.png").write_text("hello")
-        return [run / "model.onnx", pngs / "0", tmp / "notes.png"]
+        return [model, pngs / "0", tmp / "notes.png"]
+    if case == "truncated image":
+        (tmp / "cut.png").write_bytes(one.read_bytes()[:60])
+        return [model, tmp / "cut.png"]
+    if case == "decompression bomb":
+        return [model, _png_with_header_size(one, tmp / "bomb.png", 30000, 30000)]
+    if case == "16-bit image":
+        Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(tmp / "deep.png")
+        return [model, tmp / "deep.png"]
     if case == "empty folder":
         (tmp / "empty").mkdir()
-        return [run / "model.onnx", tmp / "empty"]
+        return [model, tmp / "empty"]
     if case == "missing model":
         return [tmp / "nope.onnx", pngs]
+    if case == "model is a folder":
+        return [run, pngs]
     if case == "not onnx":
         (tmp / "x.onnx").write_text("not a model")
         return [tmp / "x.onnx", pngs]
     if case == "no metadata":
-        return [_strip_metadata(run / "model.onnx", tmp / "bare.onnx"), pngs]
-    assert case == "shape mismatch"
-    return [_lie_about_size(run / "model.onnx", tmp / "liar.onnx"), pngs]
+        return [_edit_metadata(model, tmp / "bare.onnx", None), pngs]
+    if case == "shape mismatch":
+        return [_edit_metadata(model, tmp / "liar.onnx", {"image_size": "[16, 16]"}), pngs]
+    if case == "class count mismatch":
+        return [_edit_metadata(model, tmp / "few.onnx", {"class_names": '["a", "b", "c"]'}), pngs]
+    assert case == "bad threads"
+    return [model, pngs, "--threads", "0"]
 
 
 PREDICT_ERRORS = {
     "missing image": "no such file or folder",
     "not an image": "not an image Pillow can read",
+    "truncated image": "cannot decode the image",
+    "decompression bomb": "decompression bomb",
+    "16-bit image": "the model takes 8-bit images",
     "empty folder": "no images",
     "missing model": "no such model file",
+    "model is a folder": "is a folder, not an ONNX model file",
     "not onnx": "onnxruntime cannot load it",
     "no metadata": "no compress metadata",
     "shape mismatch": "the model and its metadata do not match",
+    "class count mismatch": "the graph outputs 10 logits but the metadata names 3 classes",
+    "bad threads": "--threads must be at least 1, got 0",
 }
 
 

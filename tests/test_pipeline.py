@@ -153,6 +153,7 @@ def test_export_parity_failure_is_loud(tiny, tmp_path):
     with pytest.raises(StageFailed, match="ONNX Runtime disagrees with PyTorch for the student"):
         run(validate_recipe(tiny), tmp_path / "run", quiet=True)
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+    assert not list((tmp_path / "run").glob("*.onnx")) and not list((tmp_path / "run").glob(".*.onnx"))
 
 
 def test_nan_loss_stops_the_stage(tiny, tmp_path, monkeypatch):
@@ -170,6 +171,7 @@ def test_nan_loss_stops_the_stage(tiny, tmp_path, monkeypatch):
     with pytest.raises(StageFailed, match="loss became nan in epoch 1"):
         run(validate_recipe(tiny), tmp_path / "run", quiet=True)
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+    assert not list((tmp_path / "run").glob("*.onnx")) and not list((tmp_path / "run").glob(".*.onnx"))
 
 
 def test_context_latest_prefers_newest():

@@ -109,41 +109,23 @@ class Export(Stage):
         for role in roles:
             model = ctx.models[role]
             path = ctx.run_dir / ("model.onnx" if role == "student" else "teacher.onnx")
-            wrapped = InGraphPreprocess(model, info) if info.preprocess_in_graph or info.layout == "nhwc" else model
+            # Written under a temporary name; only a file that passed every check, with its metadata,
+            # ever appears under its real name.
+            tmp = path.with_name(f".{path.stem}.unchecked.onnx")
             try:
-                export_onnx(wrapped, feed[:2] if len(feed) > 1 else feed, path, self.opset, info.input_name)
-            except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
-                path.unlink(missing_ok=True)
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise StageFailed(f"export: {role} ({type(model).__name__}) could not be exported: {first}") from exc
-            check = parity(model, path, x, feed)
-            metrics[role] = check
-            ctx.log.info(
-                "export %s -> %s: max|Δ| %.2e, argmax agreement %.4f",
-                role,
-                path.name,
-                check["max_abs_diff"],
-                check["argmax_agreement"],
-            )
-            # fp32 rounding grows with the logits' scale (a random-init ResNet-56 emits |z| ~ 2000, where
-            # torch's own fp32 result is 1e-3 away from fp64), so the bound is atol + rtol * max|z|.
-            bound = self.atol + self.rtol * check["max_abs_logit"]
-            if not check["max_abs_diff"] <= bound:
-                raise StageFailed(
-                    f"export: ONNX Runtime disagrees with PyTorch for the {role}: max |Δlogit| "
-                    f"{check['max_abs_diff']:.3g} > {bound:.3g} (atol {self.atol:g} + rtol "
-                    f"{self.rtol:g} × max|logit| {check['max_abs_logit']:.3g})"
+                check = self._export_and_check(ctx, role, model, info, tmp, x, feed)
+                source = ctx.latest(role, "torch")
+                props = metadata.provenance(
+                    ctx.recipe,
+                    role=role,
+                    model=ctx.specs[role].model,
+                    precision="fp32",
+                    source=source.name if source else None,
                 )
-            source = ctx.latest(role, "torch")
-            spec = ctx.specs[role]
-            metadata.update(
-                path,
-                info.to_metadata()
-                | metadata.provenance(
-                    ctx.recipe, role=role, model=spec.model, precision="fp32", source=source.name if source else None
-                ),
-                strip_node_debug=not self.keep_debug_info,
-            )
+                metadata.update(tmp, info.to_metadata() | props, strip_node_debug=not self.keep_debug_info, dest=path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            metrics[role] = check
             ctx.add_artifact(
                 Artifact(
                     name=path.name,
@@ -155,5 +137,38 @@ class Export(Stage):
                     source=source.name if source else None,
                 )
             )
-            model.to(ctx.device)
         return metrics
+
+    def _export_and_check(
+        self,
+        ctx: Context,
+        role: str,
+        model: nn.Module,
+        info: ModelInfo,
+        path: Path,
+        x: torch.Tensor,
+        feed: torch.Tensor,
+    ) -> dict[str, float]:
+        wrapped = InGraphPreprocess(model, info) if info.preprocess_in_graph or info.layout == "nhwc" else model
+        try:
+            try:
+                export_onnx(wrapped, feed[:2] if len(feed) > 1 else feed, path, self.opset, info.input_name)
+            except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise StageFailed(f"export: {role} ({type(model).__name__}) could not be exported: {first}") from exc
+            check = parity(model, path, x, feed)
+        finally:
+            model.to(ctx.device)
+        ctx.log.info(
+            "export %s: max|Δ| %.2e, argmax agreement %.4f", role, check["max_abs_diff"], check["argmax_agreement"]
+        )
+        # fp32 rounding grows with the logits' scale (a random-init ResNet-56 emits |z| ~ 2000, where
+        # torch's own fp32 result is 1e-3 away from fp64), so the bound is atol + rtol * max|z|.
+        bound = self.atol + self.rtol * check["max_abs_logit"]
+        if not check["max_abs_diff"] <= bound:
+            raise StageFailed(
+                f"export: ONNX Runtime disagrees with PyTorch for the {role}: max |Δlogit| "
+                f"{check['max_abs_diff']:.3g} > {bound:.3g} (atol {self.atol:g} + rtol "
+                f"{self.rtol:g} × max|logit| {check['max_abs_logit']:.3g})"
+            )
+        return check

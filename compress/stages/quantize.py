@@ -99,11 +99,11 @@ class Quantize(Stage):
             metadata.feeder(sess, ctx.data),
         )
         with tempfile.TemporaryDirectory() as tmp, quiet_stdout():
-            pre = Path(tmp) / "pre.onnx"
+            pre, raw = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
             quant_pre_process(str(fp32.path), str(pre))
             quantize_static(
                 str(pre),
-                str(out),
+                str(raw),
                 reader,
                 quant_format=QuantFormat.QDQ if self.format == "qdq" else QuantFormat.QOperator,
                 per_channel=self.per_channel,
@@ -112,7 +112,9 @@ class Quantize(Stage):
                 calibrate_method=method,
                 extra_options=extra,
             )
-        metadata.update(out, metadata.read(fp32.path) | {"precision": "int8", "quantization": self._describe()})
+            # The INT8 file appears in the run directory only complete, with its metadata.
+            props = {"precision": "int8", "source": fp32.name, "quantization": self._describe()}
+            metadata.update(raw, metadata.read(fp32.path) | props, dest=out)
         ctx.add_artifact(
             Artifact(
                 name=out.name,
