@@ -1,4 +1,4 @@
-"""``compress run | validate | predict | list | schema``. User errors: one line on stderr, exit 2."""
+"""``compress run | validate | predict | report | list | schema``. User errors: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     from compress.deploy import add_predict_arguments
 
     add_predict_arguments(pred)
+    rep = sub.add_parser("report", help="re-render one run's report, or compare several runs (Markdown, HTML, plots)")
+    rep.add_argument("runs", nargs="+", type=Path, help="run directories (or their report.json)")
+    rep.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: the run itself, or runs/compare-<time>)"
+    )
     sub.add_parser("list", help="list registered stages, models, datasets, losses and importances")
     sub.add_parser("schema", help="print the recipe's JSON Schema")
     return p
@@ -75,6 +80,28 @@ def _list() -> None:
     console.print("models also: torchvision:<name> (any torchvision classifier), package.module:function")
 
 
+def _report(runs: list[Path], out: Path | None) -> None:
+    import datetime as dt
+
+    from compress.bench.report import load_reports, render
+
+    reports = load_reports(runs)
+    if out is None:
+        single = runs[0] if runs[0].is_dir() else runs[0].parent
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = single if len(runs) == 1 else Path("runs") / f"compare-{stamp}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompressError(f"--out: cannot create {out}: {exc.strerror or exc}") from None
+    try:
+        written = render(out, reports)
+    except OSError as exc:
+        raise CompressError(f"--out: cannot write to {out}: {exc.strerror or exc}") from None
+    for path in written:
+        print(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "predict":  # torch-free: only numpy, onnxruntime and Pillow are imported
@@ -88,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             _list()
+        elif args.command == "report":
+            _report(args.runs, args.out)
         elif args.command == "schema":
             from compress.recipe import json_schema
 

@@ -236,4 +236,5 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run_dir": str(ctx.run_dir),
+        "label": ctx.run_dir.name,  # how plots and comparisons name this run
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,31 @@ def write_recipe(tmp_path: Path):
         return path
 
     return write
+
+
+DIGITS_RUN = {
+    "name": "deploy",
+    "device": "cpu",
+    "data": {"name": "digits"},
+    "teacher": {"model": "digits_teacher"},
+    "student": {"model": "digits_student"},
+    "stages": [
+        {"kind": "train", "target": "teacher", "epochs": 3, "lr": 0.05, "precision": "fp32"},
+        {"kind": "distill", "epochs": 4, "lr": 0.05, "precision": "fp32"},
+        {"kind": "export"},
+        {"kind": "quantize", "calibration_batches": 4},
+    ],
+    "benchmark": {"batch_sizes": [1], "iters": 2, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
+}
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A small real digits run with every ONNX artifact (teacher, FP32, INT8): (run dir, report, recipe)."""
+    from compress.pipeline import run
+    from compress.recipe import validate_recipe
+
+    out = tmp_path_factory.mktemp("deploy") / "run"
+    recipe = validate_recipe(DIGITS_RUN)
+    run(recipe, out, quiet=True)
+    return out, json.loads((out / "report.json").read_text()), recipe

@@ -25,37 +25,13 @@ from compress.context import Artifact, Context
 from compress.data import DataBundle
 from compress.deploy import ModelInfo, Predictor, load_image
 from compress.models import build_model
-from compress.pipeline import load_data, run
-from compress.recipe import validate_recipe
+from compress.pipeline import load_data
 from compress.stages import STAGES
 from compress.stages.export import InGraphPreprocess, export_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 ONNX_FILES = ["model.onnx", "model.int8.onnx", "teacher.onnx"]
-
-RECIPE = {
-    "name": "deploy",
-    "device": "cpu",
-    "data": {"name": "digits"},
-    "teacher": {"model": "digits_teacher"},
-    "student": {"model": "digits_student"},
-    "stages": [
-        {"kind": "train", "target": "teacher", "epochs": 3, "lr": 0.05, "precision": "fp32"},
-        {"kind": "distill", "epochs": 4, "lr": 0.05, "precision": "fp32"},
-        {"kind": "export"},
-        {"kind": "quantize", "calibration_batches": 4},
-    ],
-    "benchmark": {"batch_sizes": [1], "iters": 2, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
-}
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deploy") / "run"
-    recipe = validate_recipe(RECIPE)
-    run(recipe, out, quiet=True)
-    return out, json.loads((out / "report.json").read_text()), recipe
 
 
 @pytest.fixture(scope="module")

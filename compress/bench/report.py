@@ -182,9 +182,98 @@ def _stage_summary(metrics: dict[str, Any]) -> str:
     return "; ".join(bits) or "–"
 
 
+PLOTS = {"accuracy_vs_latency": "latency", "accuracy_vs_size": "size"}
+
+
 def write(run_dir: Path, report: dict[str, Any]) -> None:
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / "report.md").write_text(markdown(report))
+    """report.json (the source of truth), then everything rendered from it."""
+    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    render(run_dir, [report])
+
+
+def render(out_dir: Path, reports: list[dict[str, Any]]) -> list[Path]:
+    """report.md, report.html and the two PNG plots for one run or a comparison of several."""
+    from compress.bench import html
+    from compress.bench.plots import scatter_png
+
+    pngs = {name: scatter_png(reports, axis) for name, axis in PLOTS.items()}
+    written = []
+    for name, png in pngs.items():
+        if png is not None:
+            written.append(_atomic_write(out_dir / f"{name}.png", png))
+    md = markdown(reports[0]) if len(reports) == 1 else comparison_markdown(reports)
+    pictures = [f"![{name.replace('_', ' ')}]({name}.png)" for name, png in pngs.items() if png is not None]
+    if pictures:
+        md += "\n## Plots\n\nThe dashed line is the Pareto front (report.html has them embedded).\n\n"
+        md += "\n\n".join(pictures) + "\n"
+    written.append(_atomic_write(out_dir / "report.md", md))
+    written.append(_atomic_write(out_dir / "report.html", html.render(reports, pngs)))
+    return written
+
+
+REQUIRED_KEYS = ("recipe", "environment", "data", "artifacts", "finished")
+
+
+def load_reports(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """Each run's report.json, labelled by its folder name (made unique); one-line errors."""
+    from compress.errors import CompressError
+
+    reports, seen = [], {}
+    for d in run_dirs:
+        path = d / "report.json" if d.is_dir() else d
+        if not path.is_file():
+            why = "no such folder" if not d.exists() else "no report.json (not a finished compress run)"
+            raise CompressError(f"{d}: {why}")
+        try:
+            rep = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CompressError(f"{path}: not a readable report ({exc})") from None
+        missing = [k for k in REQUIRED_KEYS if not isinstance(rep, dict) or k not in rep]
+        if missing:
+            raise CompressError(f"{path}: not a compress report (missing {', '.join(missing)})")
+        label = path.parent.name
+        seen[label] = seen.get(label, 0) + 1
+        rep["label"] = label if seen[label] == 1 else f"{label}#{seen[label]}"
+        reports.append(rep)
+    return reports
+
+
+def comparison_markdown(reports: list[dict[str, Any]]) -> str:
+    from compress.bench.plots import common_batch_size, cpu_p50, front_names
+
+    bs = common_batch_size(reports)
+    on_lat, on_size = front_names(reports, "latency"), front_names(reports, "size")
+    header = ["run", "artifact", "format", "precision", "top-1", "size", "MACs", f"CPU p50 ms (bs={bs})", "Pareto"]
+    lines = [
+        f"# Compression comparison: {len(reports)} runs",
+        "",
+        "Top-1 is each run's own test split; compare runs on the same dataset. *Pareto* marks the artifacts "
+        "no other one beats on both accuracy and latency / size.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    for rep in reports:
+        label = rep.get("label") or rep["recipe"]["name"]
+        for art in rep["artifacts"]:
+            p50 = cpu_p50(art, bs) if bs is not None else None
+            front = [k for k, s in (("latency", on_lat), ("size", on_size)) if (label, art["name"]) in s]
+            lines.append(
+                f"| {label} | {art['name']} | {art['format']} | {art['precision']} | {100 * art['accuracy']:.2f}% | "
+                f"{human_bytes(art['size_bytes'])} | {human_count(art.get('macs'))} | "
+                f"{f'{p50:.3f}' if p50 is not None else '–'} | {', '.join(front) or '–'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, data: str | bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    tmp.replace(path)
+    return path
 
 
 CONSOLE_COLUMNS = {
