@@ -48,13 +48,25 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path, role: str, field: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """Return (state_dict, pruned) from a compress file, a plain state_dict or {"state_dict": ...}."""
+def _load(path: Path, field: str) -> Any:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(f"{field}: cannot load {path} as a weights-only checkpoint: {first}") from None
+
+
+def checkpoint_info(path: Path) -> dict[str, Any] | None:
+    """A compress checkpoint's architecture (model, kwargs, num_classes, in_channels); None for a plain state_dict."""
+    obj = _load(path, str(path))
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return {k: obj[k] for k in ("model", "kwargs", "num_classes", "in_channels") if k in obj}
+    return None
+
+
+def read_checkpoint(path: Path, role: str, field: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """Return (state_dict, pruned) from a compress file, a plain state_dict or {"state_dict": ...}."""
+    obj = _load(path, field)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return obj["state_dict"], bool(obj.get("pruned"))
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

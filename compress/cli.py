@@ -16,6 +16,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _words(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="compress", description="Distill, prune, export and quantize a PyTorch model from one recipe.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -42,6 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     from compress.deploy import add_predict_arguments
 
     add_predict_arguments(pred)
+    ben = sub.add_parser("bench", help="measure ONNX files, checkpoints or runs: accuracy, size, MACs, memory, latency")
+    ben.add_argument("models", nargs="+", help="MODEL.onnx, CHECKPOINT.pt (or FILE.pt:MODEL_NAME), or a run directory")
+    ben.add_argument("--data", default=None, help="dataset name (default: from the run's recipe or the ONNX metadata)")
+    ben.add_argument("--root", default=None, help="dataset root (for cifar10 / imagefolder)")
+    ben.add_argument("--batch-sizes", type=_ints, default=[1, 32], help="comma-separated (default 1,32)")
+    ben.add_argument("--threads", type=_ints, default=None, help="comma-separated CPU thread counts (default: all)")
+    ben.add_argument("--devices", type=_words, default=["cpu", "cuda"], help="cpu,cuda (cuda skipped with a note)")
+    ben.add_argument("--runtime", type=_words, default=["ort", "torch"], help="ort,torch (default both)")
+    ben.add_argument("--warmup", type=int, default=10)
+    ben.add_argument("--iters", type=int, default=100)
+    ben.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
+    ben.add_argument("--quiet", action="store_true", help="no progress bar or table")
     rep = sub.add_parser("report", help="re-render one run's report, or compare several runs (Markdown, HTML, plots)")
     rep.add_argument("runs", nargs="+", type=Path, help="run directories (or their report.json)")
     rep.add_argument(
@@ -80,6 +103,30 @@ def _list() -> None:
     console.print("models also: torchvision:<name> (any torchvision classifier), package.module:function")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from compress.bench.harness import bench
+
+    unknown = [r for r in args.runtime if r not in ("ort", "torch")]
+    if unknown:
+        raise CompressError(f"--runtime: unknown runtime {unknown[0]!r} (choose from ort, torch)")
+    options = {
+        "batch_sizes": args.batch_sizes,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "threads": args.threads,
+        "devices": args.devices,
+    }
+    bench(
+        args.models,
+        data_name=args.data,
+        root=args.root,
+        options=options,
+        runtimes=args.runtime,
+        out=args.out,
+        quiet=args.quiet,
+    )
+
+
 def _report(runs: list[Path], out: Path | None) -> None:
     import datetime as dt
 
@@ -115,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             _list()
+        elif args.command == "bench":
+            _bench(args)
         elif args.command == "report":
             _report(args.runs, args.out)
         elif args.command == "schema":

@@ -24,6 +24,7 @@ from compress import metadata
 from compress.bench import measure as bench
 from compress.bench import report as report_mod
 from compress.bench.env import environment
+from compress.bench.size import gzip_bytes
 from compress.checkpoint import load_weights, read_checkpoint
 from compress.context import Context
 from compress.data import DataBundle
@@ -212,7 +213,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
                         "test_images": str(len(ctx.data.test_y)),
                     },
                 )
-                row["size_bytes"] = art.path.stat().st_size
+                row["size_bytes"], row["gzip_bytes"] = art.path.stat().st_size, gzip_bytes(art.path)
                 row["input"] = metadata.describe_input(art.path)
             rows.append(row)
             notes.extend(art_notes)

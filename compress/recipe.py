@@ -46,7 +46,9 @@ class BenchmarkConfig(BaseModel):
     batch_sizes: list[Annotated[int, Field(gt=0, le=4096)]] = Field(default_factory=lambda: [1, 64], min_length=1)
     warmup: int = Field(10, ge=0, le=10_000)
     iters: int = Field(100, gt=0, le=100_000)
-    threads: int | None = Field(None, gt=0, le=1024, description="CPU threads; default: torch's default")
+    threads: Annotated[int, Field(gt=0, le=1024)] | list[Annotated[int, Field(gt=0, le=1024)]] | None = Field(
+        None, description="CPU threads to time at, one count or a list; default: torch's default"
+    )
     devices: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu", "cuda"], min_length=1)
     torch_snapshots: bool = Field(True, description="also time every intermediate torch student")
 

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 
 
-def resolved_threads(threads: int | None) -> int:
+def resolved_threads(threads: int | list[int] | None) -> int | list[int]:
+    """What the latency rows were timed at: the configured count(s), or torch's default."""
+    if isinstance(threads, list):
+        return threads[0] if len(threads) == 1 else threads
     return threads or torch.get_num_threads()
 
 
@@ -47,7 +50,7 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def environment(threads: int | None) -> dict[str, Any]:
+def environment(threads: int | list[int] | None) -> dict[str, Any]:
     import onnxruntime
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

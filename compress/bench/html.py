@@ -36,7 +36,7 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 def render(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -> str:
-    from compress.bench.report import int8_notes, summary_rows
+    from compress.bench.report import int8_notes, summary_rows, threads_label
 
     title = (
         f"Compression report: {reports[0]['recipe']['name']}"
@@ -58,7 +58,7 @@ def render(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -> 
         parts.append(f"<h2>{html.escape(label)}</h2>")
         parts.append(
             f"<p>Recipe <code>{html.escape(rep['recipe']['name'])}</code>, finished {html.escape(rep['finished'])} "
-            f"on {html.escape(str(env.get('cpu')))} ({env.get('threads')} threads"
+            f"on {html.escape(str(env.get('cpu')))} ({threads_label(env.get('threads'))} threads"
             f"{', GPU ' + html.escape(env['gpu']) if env.get('gpu') else ', no GPU'}); torch "
             f"{html.escape(env['torch'])}, onnxruntime {html.escape(env['onnxruntime'])}; top-1 on "
             f"{rep['data']['test_images']} test images.</p>"

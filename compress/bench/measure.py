@@ -1,8 +1,11 @@
-"""Measure every artifact the same way: top-1, bytes, params, nonzero params, MACs, latency.
+"""Measure every artifact the same way: top-1/top-5, bytes, params, nonzero params, MACs, memory, latency.
 
-Latency follows the usual discipline: fixed thread count (recorded), warm-up runs, then ``iters``
-timed runs of one batch each under ``inference_mode`` (torch) or a plain ``session.run`` (ORT),
-device-synchronized on CUDA; we report p50/p90/p99/mean/std and throughput (images/s at p50).
+Latency follows the usual discipline: fixed thread counts (recorded as the runtime reports them),
+warm-up runs, then ``iters`` timed runs of one batch each under ``inference_mode`` (torch) or a
+plain ``session.run`` (ORT). On CUDA the input already sits on the GPU (ORT through IO binding) and
+every call is synchronized, so host<->device copies are excluded, and the row says so. We report
+p50/p90/p99/mean/std and throughput (images/s at p50), and flag rows whose spread says the machine
+was busy.
 """
 
 from __future__ import annotations
@@ -13,17 +16,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
-import onnx
+import onnxruntime as ort
 import torch
-from onnx import numpy_helper
 from torch import nn
 
-from compress.bench.env import resolved_threads
+from compress.bench.size import gzip_bytes, onnx_macs, onnx_weight_counts, peak_rss
 from compress.context import Artifact
 from compress.data import DataBundle
 from compress.metadata import feeder
-from compress.onnx_utils import cuda_available, run, session
+from compress.onnx_utils import run, session
 from compress.stages.prune import count
+
+__all__ = ["measure", "onnx_accuracy", "onnx_weight_counts", "percentiles", "raw_batch", "time_calls"]
+
+UNSTABLE_P90_OVER_P50 = 1.5  # a model's own spread is far tighter; beyond this other work interfered
 
 
 def percentiles(samples_ms: list[float], batch_size: int) -> dict[str, float]:
@@ -62,6 +68,13 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def thread_counts(threads: int | list[int] | None) -> list[int]:
+    """The CPU thread counts to time at: as configured, or torch's default."""
+    if threads is None:
+        return [torch.get_num_threads()]
+    return [threads] if isinstance(threads, int) else list(dict.fromkeys(threads))
+
+
 def raw_batch(data: DataBundle, batch_size: int) -> torch.Tensor:
     """A real uint8 NCHW test batch of exactly ``batch_size`` images (repeated if the split is small)."""
     idx = torch.arange(batch_size) % len(data.test_x)
@@ -74,102 +87,128 @@ def batch_of(data: DataBundle, batch_size: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- accuracy
+def _correct(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
+    """(top-1 hits, top-5 hits) in a batch."""
+    k = min(5, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return int((logits.argmax(1) == y).sum()), int((top == y[:, None]).any(1).sum())
+
+
 @torch.inference_mode()
-def torch_accuracy(model: nn.Module, data: DataBundle, device: torch.device) -> float:
+def torch_accuracy(model: nn.Module, data: DataBundle, device: torch.device) -> tuple[float, float]:
+    """(top-1, top-5) on the test split."""
     model = model.eval().to(device)
-    correct = 0
+    hits = np.zeros(2, dtype=np.int64)
     for x, y in data.eval_loader("test"):
-        correct += (model(x.to(device)).argmax(1).cpu() == y.cpu()).sum().item()
-    return correct / len(data.test_y)
+        hits += _correct(model(x.to(device)).float().cpu().numpy(), y.cpu().numpy())
+    return hits[0] / len(data.test_y), hits[1] / len(data.test_y)
 
 
-def onnx_accuracy(path, data: DataBundle) -> float:
-    """Top-1 of an ONNX file fed the raw test images the way its metadata says (as a deployer would)."""
+def onnx_accuracy(path, data: DataBundle, top5: bool = False) -> float | tuple[float, float]:
+    """Top-1 (and top-5) of an ONNX file fed the raw test images the way its metadata says."""
     sess = session(path)
     feed = feeder(sess, data)
-    correct = 0
+    hits = np.zeros(2, dtype=np.int64)
     for start in range(0, len(data.test_x), data.eval_batch_size):
         x = data.test_x[start : start + data.eval_batch_size]
-        y = data.test_y[start : start + data.eval_batch_size]
-        correct += int((run(sess, feed(x)).argmax(1) == y.cpu().numpy()).sum())
-    return correct / len(data.test_y)
-
-
-# --------------------------------------------------------------------------- size
-def onnx_weight_counts(path) -> tuple[int, int]:
-    """(weights, nonzero weights) over the ONNX initializers, excluding QDQ scales/zero points."""
-    model = onnx.load(str(path))
-    qparams = {
-        name
-        for node in model.graph.node
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-        for name in node.input[1:]
-    }
-    total = nonzero = 0
-    for init in model.graph.initializer:
-        if init.name in qparams:
-            continue
-        arr = numpy_helper.to_array(init)
-        if arr.ndim == 0 or not (np.issubdtype(arr.dtype, np.floating) or arr.dtype in (np.int8, np.uint8)):
-            continue  # shape constants and scalars are not weights
-        total += arr.size
-        nonzero += int(np.count_nonzero(arr))
-    return total, nonzero
+        y = data.test_y[start : start + data.eval_batch_size].cpu().numpy()
+        hits += _correct(run(sess, feed(x)), y)
+    top1, top5_acc = hits[0] / len(data.test_y), hits[1] / len(data.test_y)
+    return (top1, top5_acc) if top5 else top1
 
 
 # --------------------------------------------------------------------------- latency
-def latency_rows(
-    art: Artifact,
-    data: DataBundle,
-    batch_sizes: list[int],
-    warmup: int,
-    iters: int,
-    threads: int | None,
-    devices: list[str],
-) -> tuple[list[dict[str, Any]], list[str]]:
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    n_threads = resolved_threads(threads)
-    for device in devices:
-        if device == "cuda" and not torch.cuda.is_available():
-            notes.append("cuda: no CUDA device on this machine; GPU latency not measured")
-            continue
-        runtime = "torch" if art.format == "torch" else "onnxruntime"
-        if art.format == "onnx" and device == "cuda" and not cuda_available():
-            notes.append(
-                "cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu); "
-                "ONNX GPU latency not measured"
-            )
-            continue
-        for bs in batch_sizes:
-            if art.format == "torch":
-                samples = _time_torch(art.model, batch_of(data, bs), device, warmup, iters, n_threads)
-            else:
-                sess = session(art.path, threads=n_threads, device=device)
-                feed = feeder(sess, data)(raw_batch(data, bs))
-                samples = time_calls(lambda s=sess, f=feed: run(s, f), warmup, iters)
-            rows.append(
-                {
-                    "device": device,
-                    "runtime": runtime,
-                    "batch_size": bs,
-                    "threads": n_threads,
-                    "iters": iters,
-                    **percentiles(samples, bs),
-                }
-            )
-    return rows, notes
+def _ort_targets(device: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """[(runtime label, session device)] for ORT on ``device``, and notes for what is unavailable."""
+    providers = ort.get_available_providers()
+    if device == "cpu":
+        return [("onnxruntime", "cpu")], []
+    targets, notes = [], []
+    if "CUDAExecutionProvider" in providers:
+        targets.append(("onnxruntime-cuda", "cuda"))
+    else:
+        notes.append("cuda: onnxruntime CUDAExecutionProvider unavailable (install onnxruntime-gpu); not measured")
+    if "TensorrtExecutionProvider" in providers:
+        targets.append(("onnxruntime-tensorrt", "tensorrt"))
+    else:
+        notes.append("cuda: onnxruntime TensorrtExecutionProvider unavailable; not measured")
+    return targets, notes
 
 
-def _time_torch(model: nn.Module, x: torch.Tensor, device: str, warmup: int, iters: int, threads: int) -> list[float]:
+def bound_runner(sess: ort.InferenceSession, feed: np.ndarray, device: str) -> Callable[[], Any]:
+    """A call that runs ``sess`` on ``feed`` already placed on ``device`` (IO binding): no copies timed."""
+    binding = sess.io_binding()
+    binding.bind_ortvalue_input(sess.get_inputs()[0].name, ort.OrtValue.ortvalue_from_numpy(feed, device, 0))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, device)
+    return lambda: (sess.run_with_iobinding(binding), binding)[1]
+
+
+def _time_ort(path, feed: np.ndarray, device: str, threads: int, warmup: int, iters: int) -> tuple[list[float], int]:
+    sess = session(path, threads=threads, device=device)
+    if device == "cpu":
+        name = sess.get_inputs()[0].name
+        fn = lambda: sess.run(None, {name: feed})  # noqa: E731
+    else:  # input bound on the GPU once; outputs stay there: copies excluded
+        fn = bound_runner(sess, feed, "cuda")
+    return time_calls(fn, warmup, iters), sess.get_session_options().intra_op_num_threads
+
+
+def _time_torch(model: nn.Module, x: torch.Tensor, device: str, warmup: int, iters: int, threads: int):
     dev = torch.device(device)
     model = model.eval().to(dev)
     x = x.to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch_threads(threads), torch.inference_mode():
+        used = torch.get_num_threads()
         samples = time_calls(lambda: model(x), warmup, iters, sync)
     model.to("cpu")
-    return samples
+    return samples, used
+
+
+def latency_rows(art: Artifact, data: DataBundle, bench: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per (device, runtime, threads, batch size); notes for what could not be measured."""
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for device in bench.devices:
+        if device == "cuda" and not torch.cuda.is_available():
+            notes.append("cuda: no CUDA device on this machine; GPU latency not measured")
+            continue
+        if art.format == "torch":
+            targets = [("torch", device)]
+        else:
+            targets, missing = _ort_targets(device)
+            notes += missing
+        # Thread counts matter on CPU; a GPU run uses one host thread setting (the first).
+        counts = thread_counts(bench.threads)
+        feed_of = feeder(session(art.path), data) if art.format == "onnx" else None
+        for runtime, target in targets:
+            for threads in counts if device == "cpu" else counts[:1]:
+                for bs in bench.batch_sizes:
+                    if feed_of is None:
+                        x = batch_of(data, bs)
+                        samples, used = _time_torch(art.model, x, device, bench.warmup, bench.iters, threads)
+                    else:
+                        feed = feed_of(raw_batch(data, bs))
+                        samples, used = _time_ort(art.path, feed, target, threads, bench.warmup, bench.iters)
+                    row = {
+                        "device": device,
+                        "runtime": runtime,
+                        "batch_size": bs,
+                        "threads": used,
+                        "iters": bench.iters,
+                        "copies": "excluded (input on the GPU, synchronized)" if device == "cuda" else "n/a",
+                        **percentiles(samples, bs),
+                    }
+                    # p90, not p99: with ~100 iterations p99 is one sample, and one hiccup is not a trend.
+                    row["unstable"] = row["p90_ms"] > UNSTABLE_P90_OVER_P50 * row["p50_ms"]
+                    if row["unstable"]:
+                        notes.append(
+                            f"{art.name} ({runtime}, {device}, batch {bs}, {used} threads): unstable, p90 is "
+                            f"{row['p90_ms'] / row['p50_ms']:.1f}× p50 — other work on the machine; rerun alone"
+                        )
+                    rows.append(row)
+    return rows, notes
 
 
 def measure(
@@ -180,24 +219,23 @@ def measure(
     macs_cache: dict[str, tuple[int, int]],
 ) -> tuple[dict[str, Any], list[str]]:
     """One row of report.json's ``artifacts``."""
-    example = batch_of(data, 1)
-    if art.format == "torch":
-        assert art.model is not None
-        acc = torch_accuracy(art.model, data, device)
-        art.model.to("cpu")
-        macs, params = count(art.model, example)
-        macs_cache[art.name] = (macs, params)
-        nonzero = sum(int(torch.count_nonzero(p)) for p in art.model.parameters())
-    else:
-        acc = onnx_accuracy(art.path, data)
-        macs, params = macs_cache.get(art.source or "", (None, None))
-        params_onnx, nonzero = onnx_weight_counts(art.path)
-        params = params if params is not None else params_onnx
-    latency, notes = [], []
-    if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
-        latency, notes = latency_rows(
-            art, data, bench.batch_sizes, bench.warmup, bench.iters, bench.threads, bench.devices
-        )
+    with peak_rss() as mem:
+        if art.format == "torch":
+            assert art.model is not None
+            top1, top5 = torch_accuracy(art.model, data, device)
+            art.model.to("cpu")
+            macs, params = count(art.model, batch_of(data, 1))
+            macs_cache[art.name] = (macs, params)
+            nonzero = sum(int(torch.count_nonzero(p)) for p in art.model.parameters())
+        else:
+            top1, top5 = onnx_accuracy(art.path, data, top5=True)
+            macs, params = macs_cache.get(art.source or "", (None, None))
+            params_onnx, nonzero = onnx_weight_counts(art.path)
+            params = params if params is not None else params_onnx
+            macs = macs if macs is not None else onnx_macs(art.path)
+        latency, notes = [], []
+        if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
+            latency, notes = latency_rows(art, data, bench)
     row = {
         "name": art.name,
         "role": art.role,
@@ -205,11 +243,14 @@ def measure(
         "path": str(art.path),
         "format": art.format,
         "precision": art.precision,
-        "accuracy": acc,
+        "accuracy": top1,
+        "top5": top5,
         "size_bytes": art.path.stat().st_size,
+        "gzip_bytes": gzip_bytes(art.path),
         "params": params,
         "nonzero_params": nonzero,
         "macs": macs,
+        "peak_rss_bytes": mem["bytes"],
         "latency": latency,
     }
     return row, notes

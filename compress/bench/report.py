@@ -45,9 +45,12 @@ def _reference(arts: list[dict[str, Any]], fmt: str) -> dict[str, Any] | None:
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     arts = report["artifacts"]
     batch_sizes = report["recipe"]["benchmark"]["batch_sizes"]
-    header = ["artifact", "format", "precision", "top-1", "size", "params", "nonzero", "MACs"]
+    has = {key: any(a.get(key) is not None for a in arts) for key in ("top5", "gzip_bytes", "peak_rss_bytes")}
+    header = ["artifact", "format", "precision", "top-1"] + (["top-5"] if has["top5"] else [])
+    header += ["size"] + (["gzip"] if has["gzip_bytes"] else []) + ["params", "nonzero", "MACs"]
     header += [f"CPU p50 ms (bs={bs})" for bs in batch_sizes]
     header += [f"speed-up vs teacher (bs={batch_sizes[0]})", "smaller than teacher"]
+    header += ["peak RSS +"] if has["peak_rss_bytes"] else []
     rows = []
     for art in arts:
         ref = _reference(arts, art["format"])
@@ -57,22 +60,32 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             r, a = _p50(ref, "cpu", batch_sizes[0]), lat[0]
             speed = f"{r / a:.2f}×" if r and a else "–"
             size = f"{ref['size_bytes'] / art['size_bytes']:.1f}×"
+        top5 = [f"{100 * art['top5']:.2f}%" if art.get("top5") is not None else "–"] if has["top5"] else []
+        gz = [human_bytes(art.get("gzip_bytes"))] if has["gzip_bytes"] else []
+        mem = [human_bytes(art.get("peak_rss_bytes"))] if has["peak_rss_bytes"] else []
         rows.append(
             [
                 art["name"],
                 art["format"],
                 art["precision"],
-                f"{100 * art['accuracy']:.2f}%",
+                f"{100 * art['accuracy']:.2f}%" if art.get("accuracy") is not None else "–",
+                *top5,
                 human_bytes(art["size_bytes"]),
+                *gz,
                 human_count(art["params"]),
                 human_count(art["nonzero_params"]),
                 human_count(art["macs"]),
                 *[f"{v:.3f}" if v is not None else "–" for v in lat],
                 speed,
                 size,
+                *mem,
             ]
         )
     return header, rows
+
+
+def threads_label(threads: Any) -> str:
+    return "/".join(map(str, threads)) if isinstance(threads, list) else str(threads)
 
 
 def int8_notes(report: dict[str, Any]) -> list[str]:
@@ -92,15 +105,18 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
         )
         if fp32 is None:
             continue
+        several = len({r["threads"] for r in art["latency"]}) > 1
         for row in art["latency"]:
-            ref = _p50(fp32, row["device"], row["batch_size"])
+            same = ("device", "runtime", "batch_size", "threads")
+            ref = next((r["p50_ms"] for r in fp32["latency"] if all(r[k] == row[k] for k in same)), None)
             if ref is None:
                 continue
             ratio = ref / row["p50_ms"]
             verdict = "faster" if ratio >= 1 else "SLOWER"
+            threads = f", {row['threads']} threads" if several else ""
             notes.append(
                 f"{art['name']} is {ratio:.2f}× {verdict} than {fp32['name']} "
-                f"({row['device']}, batch {row['batch_size']}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)"
+                f"({row['device']}, batch {row['batch_size']}{threads}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)"
             )
     return notes
 
@@ -111,7 +127,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Compression report: {report['recipe']['name']}",
         "",
-        f"Run {report['finished']} on {env['cpu']} ({env['threads']} threads"
+        f"Run {report['finished']} on {env['cpu']} ({threads_label(env['threads'])} threads"
         f"{', GPU ' + env['gpu'] if env.get('gpu') else ', no GPU'}); torch {env['torch']}, "
         f"onnxruntime {env['onnxruntime']}. Top-1 on the {report['data']['test_images']}-image test split.",
         "",

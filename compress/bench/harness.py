@@ -1,0 +1,222 @@
+"""``compress bench MODEL...``: measure ONNX files, checkpoints or whole runs the way a run measures them.
+
+A MODEL is an ``.onnx`` file (its metadata names the dataset and how to feed it), a checkpoint
+(``student.pt``; compress checkpoints carry their model name, a plain state_dict takes
+``file.pt:MODEL_NAME``) or a run directory (all its ONNX files and checkpoints). The result is a
+report directory like a run's: report.json, report.md, report.html and the Pareto plots, so
+``compress report`` can put benches and runs side by side.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import TypeAdapter, ValidationError
+
+from compress import metadata
+from compress.bench import report as report_mod
+from compress.bench.env import environment
+from compress.bench.measure import measure
+from compress.checkpoint import checkpoint_info, load_weights, read_checkpoint
+from compress.context import Artifact
+from compress.data import DataBundle
+from compress.errors import CompressError
+from compress.models import build_model
+from compress.recipe import BenchmarkConfig, format_validation_error, load_recipe, recipe_model
+
+STAGE_DIR = re.compile(r"^\d+-(?P<stage>.+)$")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    out, i = name, 2
+    while out in taken:
+        out, i = f"{name}#{i}", i + 1
+    taken.add(out)
+    return out
+
+
+class Plan:
+    """What to measure: artifacts (torch models still to be built once the data is known) and data hints."""
+
+    def __init__(self) -> None:
+        self.onnx: list[tuple[str, Path, dict[str, str]]] = []
+        self.torch: list[tuple[str, Path, str | None]] = []  # (name, checkpoint, model name override)
+        self.data_hints: list[tuple[str, Any]] = []  # (where it came from, data config dict)
+        self.names: set[str] = set()
+
+    def add(self, spec: str) -> None:
+        path = Path(spec)
+        model_name = None
+        if not path.exists() and ":" in spec:
+            head, _, tail = spec.partition(":")
+            if Path(head).is_file():
+                path, model_name = Path(head), tail
+        if path.is_dir():
+            self._add_run(path)
+        elif not path.is_file():
+            raise CompressError(f"{spec}: no such file or run directory")
+        elif path.suffix == ".onnx":
+            self._add_onnx(path, path.name)
+        else:
+            self.torch.append((_unique(path.stem, self.names), path, model_name))
+
+    def _add_onnx(self, path: Path, name: str) -> None:
+        try:
+            props = metadata.read(path)
+        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends
+            raise CompressError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+        self.onnx.append((_unique(name, self.names), path, props))
+        if props.get("dataset"):
+            self.data_hints.append((f"{path} metadata", {"name": props["dataset"]}))
+
+    def _add_run(self, run_dir: Path) -> None:
+        recipe_file = run_dir / "recipe.resolved.yaml"
+        onnx_files = sorted(run_dir.glob("*.onnx"))
+        ckpts = sorted(run_dir.glob("checkpoints/*/*.pt"))
+        if not onnx_files and not ckpts:
+            raise CompressError(f"{run_dir}: no .onnx files or checkpoints/ in this folder (not a compress run?)")
+        if recipe_file.is_file():
+            recipe = load_recipe(recipe_file)
+            self.data_hints.append((str(recipe_file), recipe.data.model_dump(mode="json")))  # type: ignore[attr-defined]
+        for ckpt in ckpts:
+            m = STAGE_DIR.match(ckpt.parent.name)
+            label = f"{ckpt.stem}@{m['stage'] if m else ckpt.parent.name}"
+            self.torch.append((_unique(label, self.names), ckpt, None))
+        for path in onnx_files:
+            self._add_onnx(path, path.name)
+
+
+def _data_config(plan: Plan, name: str | None, root: str | None) -> tuple[Any, str]:
+    adapter = TypeAdapter(recipe_model().model_fields["data"].annotation)
+    if name is not None:
+        raw, source = {"name": name, **({"root": root} if root else {})}, "--data"
+    elif plan.data_hints:
+        source, raw = plan.data_hints[0]
+        raw = dict(raw) | ({"root": root} if root else {})
+    else:
+        raise CompressError("--data: name the dataset to measure on (e.g. --data cifar10 --root PATH)")
+    try:
+        return adapter.validate_python(raw), source
+    except ValidationError as exc:
+        msg = format_validation_error(exc, raw, source)
+        hint = "" if name else " (pass --data NAME [--root PATH])"
+        raise CompressError(msg.replace("recipe.", "") + hint) from None
+
+
+def _load_torch(name: str, ckpt: Path, override: str | None, data: DataBundle) -> Artifact:
+    info = checkpoint_info(ckpt)
+    model_name = override or (info or {}).get("model")
+    if model_name is None:
+        raise CompressError(f"{ckpt}: a plain state_dict does not name its model; pass {ckpt}:MODEL_NAME")
+    classes = (info or {}).get("num_classes", data.num_classes)
+    if classes != data.num_classes:
+        raise CompressError(f"{ckpt}: the model has {classes} classes but the data has {data.num_classes}")
+    model = build_model(model_name, data.num_classes, data.channels, **(info or {}).get("kwargs", {}))
+    state, pruned = read_checkpoint(ckpt, "model", str(ckpt))
+    load_weights(model, state, pruned=pruned, field=str(ckpt))
+    role = ckpt.stem if ckpt.stem in ("teacher", "student") else "model"
+    return Artifact(name, role, "torch", "fp32", ckpt, "checkpoint", model=model.eval())
+
+
+def _onnx_artifact(name: str, path: Path, props: dict[str, str], data: DataBundle) -> Artifact:
+    if props.get("num_classes") and int(props["num_classes"]) != data.num_classes:
+        raise CompressError(f"{path}: the model has {props['num_classes']} classes but the data has {data.num_classes}")
+    if props.get("image_size") and props.get("channels"):
+        h, w = json.loads(props["image_size"])
+        shape = (int(props["channels"]), h, w)
+        if shape != tuple(data.input_shape):
+            raise CompressError(
+                f"{path}: the model takes {'x'.join(map(str, shape))} images but the data has "
+                f"{'x'.join(map(str, data.input_shape))}"
+            )
+    precision = props.get("precision")
+    if precision is None:
+        import onnx
+
+        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        precision = "int8" if ops & {"QuantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger"} else "fp32"
+    return Artifact(name, props.get("role", "model"), "onnx", precision, path, "file")
+
+
+def bench(
+    models: list[str],
+    *,
+    data_name: str | None,
+    root: str | None,
+    options: dict[str, Any],
+    runtimes: list[str],
+    out: Path | None,
+    quiet: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    plan = Plan()
+    for spec in models:
+        plan.add(spec)
+    if "torch" not in runtimes:
+        plan.torch.clear()
+    if "ort" not in runtimes:
+        plan.onnx.clear()
+    if not plan.torch and not plan.onnx:
+        raise CompressError(f"--runtime {','.join(runtimes)}: none of the models runs in it")
+    try:
+        cfg = BenchmarkConfig.model_validate(options)
+    except ValidationError as exc:
+        raise CompressError(format_validation_error(exc, options, "bench options")) from None
+    data_cfg, data_source = _data_config(plan, data_name, root)
+    try:
+        data = data_cfg.load()
+    except (OSError, ValueError) as exc:
+        raise CompressError(f"data ({data_cfg.name}): {exc}") from None
+    arts = [_load_torch(n, c, o, data) for n, c, o in plan.torch]
+    arts += [_onnx_artifact(n, p, props, data) for n, p, props in plan.onnx]
+    # As in a run's report: teacher first, torch before ONNX, FP32 before INT8 (the speed-up reference).
+    arts.sort(key=lambda a: (a.role != "teacher", a.format == "onnx", a.precision == "int8"))
+    out = out or Path("runs") / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CompressError(f"--out: cannot create {out}: {exc.strerror or exc}") from None
+    device = torch.device("cuda" if "cuda" in cfg.devices and torch.cuda.is_available() else "cpu")
+    started = dt.datetime.now(dt.UTC)
+    rows, notes, macs = [], [], {}
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True, quiet=quiet)
+    with Progress(console=console, disable=quiet, transient=True) as prog:
+        task = prog.add_task("bench", total=len(arts))
+        for art in arts:
+            prog.update(task, description=f"bench {art.name}")
+            row, art_notes = measure(art, data, cfg.model_copy(update={"torch_snapshots": True}), device, macs)
+            rows.append(row)
+            notes += art_notes
+            prog.advance(task)
+    report = {
+        "recipe": {"name": out.name, "benchmark": cfg.model_dump(mode="json")},
+        "environment": environment(cfg.threads),
+        "data": {
+            "name": data_cfg.name,
+            "source": data_source,
+            "train_images": len(data.train_y),
+            "test_images": len(data.test_y),
+            "num_classes": data.num_classes,
+            "input_shape": list(data.input_shape),
+        },
+        "models": models,
+        "stages": [],
+        "artifacts": rows,
+        "notes": sorted(set(notes)),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "run_dir": str(out),
+        "label": out.name,
+    }
+    report_mod.write(out, report)
+    if not quiet:
+        report_mod.print_table(report, console)
+        console.print(f"bench directory: {out}")
+    return out, report
