@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--batch-sizes", type=_ints, default=[1, 32], help="comma-separated (default 1,32)")
     ben.add_argument("--threads", type=_ints, default=None, help="comma-separated CPU thread counts (default: all)")
     ben.add_argument("--devices", type=_words, default=["cpu", "cuda"], help="cpu,cuda (cuda skipped with a note)")
-    ben.add_argument("--runtime", type=_words, default=["ort", "torch"], help="ort,torch (default both)")
+    ben.add_argument(
+        "--runtime", type=_words, default=["ort", "torch"], help="ort,torch,torch-compile (default ort,torch)"
+    )
     ben.add_argument("--warmup", type=int, default=10)
     ben.add_argument("--iters", type=int, default=100)
     ben.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
@@ -106,15 +108,16 @@ def _list() -> None:
 def _bench(args: argparse.Namespace) -> None:
     from compress.bench.harness import bench
 
-    unknown = [r for r in args.runtime if r not in ("ort", "torch")]
+    unknown = [r for r in args.runtime if r not in ("ort", "torch", "torch-compile")]
     if unknown:
-        raise CompressError(f"--runtime: unknown runtime {unknown[0]!r} (choose from ort, torch)")
+        raise CompressError(f"--runtime: unknown runtime {unknown[0]!r} (choose from ort, torch, torch-compile)")
     options = {
         "batch_sizes": args.batch_sizes,
         "warmup": args.warmup,
         "iters": args.iters,
         "threads": args.threads,
         "devices": args.devices,
+        "torch_compile": "torch-compile" in args.runtime,
     }
     bench(
         args.models,

@@ -51,6 +51,7 @@ class BenchmarkConfig(BaseModel):
     )
     devices: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu", "cuda"], min_length=1)
     torch_snapshots: bool = Field(True, description="also time every intermediate torch student")
+    torch_compile: bool = Field(False, description="also time torch models under torch.compile (slow to compile)")
 
 
 class RecipeBase(BaseModel):

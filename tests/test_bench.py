@@ -163,3 +163,17 @@ def test_bench_errors_are_one_line(case, digits_run, tmp_path, capsys):
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and needle in err, err
     assert not Path(target).exists()
+
+
+def test_a_checkpoint_in_a_run_benches_with_that_runs_data_and_torch_compile(digits_run, tmp_path):
+    out, run_report, _ = digits_run
+    ckpt = out / "checkpoints" / "02-distill" / "student.pt"
+    argv = ["bench", str(ckpt), "--runtime", "torch,torch-compile", "--devices", "cpu", "--batch-sizes", "2"]
+    assert main([*argv, "--iters", "3", "--warmup", "1", "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["data"]["source"] == str(out / "recipe.resolved.yaml")
+    (art,) = report["artifacts"]
+    assert {r["runtime"] for r in art["latency"]} == {"torch", "torch-compile"}
+    assert all(r["p50_ms"] > 0 for r in art["latency"])
+    distill = next(a for a in run_report["artifacts"] if a["name"] == "student@distill")
+    assert art["accuracy"] == distill["accuracy"]

@@ -64,6 +64,13 @@ class Plan:
             self._add_onnx(path, path.name)
         else:
             self.torch.append((_unique(path.stem, self.names), path, model_name))
+            # A checkpoint inside a run (run/checkpoints/NN-stage/x.pt): that run's data.
+            self._hint_from_recipe(path.parent.parent.parent / "recipe.resolved.yaml")
+
+    def _hint_from_recipe(self, recipe_file: Path) -> None:
+        if recipe_file.is_file():
+            recipe = load_recipe(recipe_file)
+            self.data_hints.append((str(recipe_file), recipe.data.model_dump(mode="json")))  # type: ignore[attr-defined]
 
     def _add_onnx(self, path: Path, name: str) -> None:
         try:
@@ -80,9 +87,7 @@ class Plan:
         ckpts = sorted(run_dir.glob("checkpoints/*/*.pt"))
         if not onnx_files and not ckpts:
             raise CompressError(f"{run_dir}: no .onnx files or checkpoints/ in this folder (not a compress run?)")
-        if recipe_file.is_file():
-            recipe = load_recipe(recipe_file)
-            self.data_hints.append((str(recipe_file), recipe.data.model_dump(mode="json")))  # type: ignore[attr-defined]
+        self._hint_from_recipe(recipe_file)
         for ckpt in ckpts:
             m = STAGE_DIR.match(ckpt.parent.name)
             label = f"{ckpt.stem}@{m['stage'] if m else ckpt.parent.name}"
@@ -156,7 +161,7 @@ def bench(
     plan = Plan()
     for spec in models:
         plan.add(spec)
-    if "torch" not in runtimes:
+    if "torch" not in runtimes and "torch-compile" not in runtimes:
         plan.torch.clear()
     if "ort" not in runtimes:
         plan.onnx.clear()

@@ -156,14 +156,27 @@ def _time_ort(path, feed: np.ndarray, device: str, threads: int, warmup: int, it
 
 def _time_torch(model: nn.Module, x: torch.Tensor, device: str, warmup: int, iters: int, threads: int):
     dev = torch.device(device)
-    model = model.eval().to(dev)
+    model = model.eval().to(dev) if isinstance(model, nn.Module) else model
     x = x.to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch_threads(threads), torch.inference_mode():
         used = torch.get_num_threads()
         samples = time_calls(lambda: model(x), warmup, iters, sync)
-    model.to("cpu")
+    if isinstance(model, nn.Module):
+        model.to("cpu")
     return samples, used
+
+
+def _compiled(model: nn.Module, device: str, x: torch.Tensor) -> tuple[Any, str | None]:
+    """torch.compile'd ``model`` on ``device`` (compiled now, outside the timing), or (None, why not)."""
+    try:
+        compiled = torch.compile(model.eval().to(device))
+        with torch.inference_mode():
+            compiled(x.to(device))
+        return compiled, None
+    except Exception as exc:  # noqa: BLE001 - inductor failures are many and long; keep the first line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"torch.compile unavailable for {device}: {first}"
 
 
 def latency_rows(art: Artifact, data: DataBundle, bench: Any) -> tuple[list[dict[str, Any]], list[str]]:
@@ -175,7 +188,7 @@ def latency_rows(art: Artifact, data: DataBundle, bench: Any) -> tuple[list[dict
             notes.append("cuda: no CUDA device on this machine; GPU latency not measured")
             continue
         if art.format == "torch":
-            targets = [("torch", device)]
+            targets = [("torch", device)] + ([("torch-compile", device)] if bench.torch_compile else [])
         else:
             targets, missing = _ort_targets(device)
             notes += missing
@@ -187,7 +200,13 @@ def latency_rows(art: Artifact, data: DataBundle, bench: Any) -> tuple[list[dict
                 for bs in bench.batch_sizes:
                     if feed_of is None:
                         x = batch_of(data, bs)
-                        samples, used = _time_torch(art.model, x, device, bench.warmup, bench.iters, threads)
+                        model: Any = art.model
+                        if runtime == "torch-compile":
+                            model, why = _compiled(art.model, device, x)
+                            if model is None:
+                                notes.append(f"{art.name}: {why}")
+                                continue
+                        samples, used = _time_torch(model, x, device, bench.warmup, bench.iters, threads)
                     else:
                         feed = feed_of(raw_batch(data, bs))
                         samples, used = _time_ort(art.path, feed, target, threads, bench.warmup, bench.iters)
@@ -219,6 +238,9 @@ def measure(
     macs_cache: dict[str, tuple[int, int]],
 ) -> tuple[dict[str, Any], list[str]]:
     """One row of report.json's ``artifacts``."""
+    cuda_peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with peak_rss() as mem:
         if art.format == "torch":
             assert art.model is not None
@@ -236,6 +258,8 @@ def measure(
         latency, notes = [], []
         if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
             latency, notes = latency_rows(art, data, bench)
+    if device.type == "cuda" and art.format == "torch":
+        cuda_peak = int(torch.cuda.max_memory_allocated(device))
     row = {
         "name": art.name,
         "role": art.role,
@@ -251,6 +275,7 @@ def measure(
         "nonzero_params": nonzero,
         "macs": macs,
         "peak_rss_bytes": mem["bytes"],
+        "peak_cuda_bytes": cuda_peak,  # torch on CUDA: max allocated (ORT does not report it)
         "latency": latency,
     }
     return row, notes
