@@ -52,7 +52,9 @@ def _load(path: Path, field: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if len(first) < 12:  # e.g. "101" from the unpickler on a text file: say what it means instead
+            first = f"not a PyTorch checkpoint file ({type(exc).__name__})"
         raise CompressError(f"{field}: cannot load {path} as a weights-only checkpoint: {first}") from None
 
 

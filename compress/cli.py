@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--warmup", type=int, default=10)
     ben.add_argument("--iters", type=int, default=100)
     ben.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
+    ben.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     ben.add_argument("--quiet", action="store_true", help="no progress bar or table")
     rep = sub.add_parser("report", help="re-render one run's report, or compare several runs (Markdown, HTML, plots)")
     rep.add_argument("runs", nargs="+", type=Path, help="run directories (or their report.json)")
@@ -127,6 +128,7 @@ def _bench(args: argparse.Namespace) -> None:
         runtimes=args.runtime,
         out=args.out,
         quiet=args.quiet,
+        overwrite=args.overwrite,
     )
 
 

@@ -196,13 +196,12 @@ def _order(ctx: Context) -> list:
 def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetime) -> dict[str, Any]:
     bench_cfg = ctx.recipe.benchmark
     rows, notes = [], []
-    macs_cache: dict[str, tuple[int, int]] = {}
     arts = _order(ctx)
     with ctx.progress() as prog:
         task = prog.add_task("benchmark", total=len(arts), info="")
         for art in arts:
             prog.update(task, info=art.name)
-            row, art_notes = bench.measure(art, ctx.data, bench_cfg, ctx.device, macs_cache)
+            row, art_notes = bench.measure(art, ctx.data, bench_cfg, ctx.device)
             if art.format == "onnx":
                 # The file states its own measured accuracy, so it carries it wherever it is shipped.
                 metadata.update(

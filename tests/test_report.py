@@ -164,6 +164,7 @@ def test_report_compares_runs(digits_run, tmp_path, capsys):
         ("no report", "no report.json (not a finished compress run)"),
         ("corrupt", "not a readable report"),
         ("not a report", "not a compress report (missing"),
+        ("nested field missing", "missing recipe.benchmark.batch_sizes"),
     ],
 )
 def test_report_errors_are_one_line(case, needle, tmp_path, capsys):
@@ -174,8 +175,15 @@ def test_report_errors_are_one_line(case, needle, tmp_path, capsys):
         (target / "report.json").write_text("{not json")
     if case == "not a report":
         (target / "report.json").write_text('{"artifacts": []}')
+    if case == "nested field missing":
+        env = {"cpu": "x", "threads": 1, "torch": "2", "onnxruntime": "1"}
+        doc = {"recipe": {"name": "x"}, "environment": env, "data": {"test_images": 1}, "artifacts": [], "finished": ""}
+        (target / "report.json").write_text(json.dumps(doc))
     code = main(["report", str(target)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert needle in err
     assert not (target / "report.md").exists()
+    out = tmp_path / "elsewhere"
+    assert main(["report", str(target), str(target), "--out", str(out)]) == 2
+    assert not out.exists()  # nothing half-written

@@ -157,6 +157,7 @@ def bench(
     runtimes: list[str],
     out: Path | None,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     plan = Plan()
     for spec in models:
@@ -181,13 +182,15 @@ def bench(
     # As in a run's report: teacher first, torch before ONNX, FP32 before INT8 (the speed-up reference).
     arts.sort(key=lambda a: (a.role != "teacher", a.format == "onnx", a.precision == "int8"))
     out = out or Path("runs") / f"bench-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    if (out / "report.json").exists() and not overwrite:
+        raise CompressError(f"--out: {out} already holds a report; pass --overwrite or choose another directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CompressError(f"--out: cannot create {out}: {exc.strerror or exc}") from None
     device = torch.device("cuda" if "cuda" in cfg.devices and torch.cuda.is_available() else "cpu")
     started = dt.datetime.now(dt.UTC)
-    rows, notes, macs = [], [], {}
+    rows, notes = [], []
     from rich.console import Console
     from rich.progress import Progress
 
@@ -196,7 +199,7 @@ def bench(
         task = prog.add_task("bench", total=len(arts))
         for art in arts:
             prog.update(task, description=f"bench {art.name}")
-            row, art_notes = measure(art, data, cfg.model_copy(update={"torch_snapshots": True}), device, macs)
+            row, art_notes = measure(art, data, cfg.model_copy(update={"torch_snapshots": True}), device)
             rows.append(row)
             notes += art_notes
             prog.advance(task)

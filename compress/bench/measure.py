@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from compress.bench.size import gzip_bytes, onnx_macs, onnx_weight_counts, peak_rss
+from compress.bench.size import gzip_bytes, isolated_peak_rss, onnx_macs, onnx_weight_counts
 from compress.context import Artifact
 from compress.data import DataBundle
 from compress.metadata import feeder
@@ -144,8 +144,20 @@ def bound_runner(sess: ort.InferenceSession, feed: np.ndarray, device: str) -> C
     return lambda: (sess.run_with_iobinding(binding), binding)[1]
 
 
-def _time_ort(path, feed: np.ndarray, device: str, threads: int, warmup: int, iters: int) -> tuple[list[float], int]:
+PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def _time_ort(
+    path, feed: np.ndarray, device: str, threads: int, warmup: int, iters: int
+) -> tuple[list[float], int] | str:
+    """Samples and the thread count ORT reports, or why the requested provider is not the one running."""
     sess = session(path, threads=threads, device=device)
+    active = sess.get_providers()[0]
+    if active != PROVIDER[device]:
+        # onnxruntime-gpu lists providers whose libraries are missing and silently falls back.
+        return f"{PROVIDER[device]} requested but onnxruntime fell back to {active}; not measured as {device}"
+    if device == "tensorrt":
+        warmup = max(warmup, 3)  # the first runs build the TensorRT engine; never time that
     if device == "cpu":
         name = sess.get_inputs()[0].name
         fn = lambda: sess.run(None, {name: feed})  # noqa: E731
@@ -170,7 +182,7 @@ def _time_torch(model: nn.Module, x: torch.Tensor, device: str, warmup: int, ite
 def _compiled(model: nn.Module, device: str, x: torch.Tensor) -> tuple[Any, str | None]:
     """torch.compile'd ``model`` on ``device`` (compiled now, outside the timing), or (None, why not)."""
     try:
-        compiled = torch.compile(model.eval().to(device))
+        compiled = torch.compile(model.eval().to(device), dynamic=False)  # kernels specialized per batch size
         with torch.inference_mode():
             compiled(x.to(device))
         return compiled, None
@@ -209,7 +221,11 @@ def latency_rows(art: Artifact, data: DataBundle, bench: Any) -> tuple[list[dict
                         samples, used = _time_torch(model, x, device, bench.warmup, bench.iters, threads)
                     else:
                         feed = feed_of(raw_batch(data, bs))
-                        samples, used = _time_ort(art.path, feed, target, threads, bench.warmup, bench.iters)
+                        timed = _time_ort(art.path, feed, target, threads, bench.warmup, bench.iters)
+                        if isinstance(timed, str):
+                            notes.append(f"{art.name}: {timed}")
+                            break
+                        samples, used = timed
                     row = {
                         "device": device,
                         "runtime": runtime,
@@ -235,36 +251,40 @@ def measure(
     data: DataBundle,
     bench,
     device: torch.device,
-    macs_cache: dict[str, tuple[int, int]],
 ) -> tuple[dict[str, Any], list[str]]:
     """One row of report.json's ``artifacts``."""
     cuda_peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with peak_rss() as mem:
-        if art.format == "torch":
-            assert art.model is not None
-            top1, top5 = torch_accuracy(art.model, data, device)
-            art.model.to("cpu")
-            macs, params = count(art.model, batch_of(data, 1))
-            macs_cache[art.name] = (macs, params)
-            nonzero = sum(int(torch.count_nonzero(p)) for p in art.model.parameters())
-        else:
-            top1, top5 = onnx_accuracy(art.path, data, top5=True)
-            macs, params = macs_cache.get(art.source or "", (None, None))
-            params_onnx, nonzero = onnx_weight_counts(art.path)
-            params = params if params is not None else params_onnx
-            macs = macs if macs is not None else onnx_macs(art.path)
-        latency, notes = [], []
-        if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
-            latency, notes = latency_rows(art, data, bench)
+    if art.format == "torch":
+        assert art.model is not None
+        top1, top5 = torch_accuracy(art.model, data, device)
+        art.model.to("cpu")
+        macs, params = count(art.model, batch_of(data, 1))
+        nonzero = sum(int(torch.count_nonzero(p)) for p in art.model.parameters())
+    else:
+        top1, top5 = onnx_accuracy(art.path, data, top5=True)
+        # What the file itself holds and computes (BatchNorm folded, biases included), so one file
+        # reads the same in a run's report and in `compress bench`.
+        params, nonzero = onnx_weight_counts(art.path)
+        macs = onnx_macs(art.path)
+    latency, notes = [], []
+    if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
+        latency, notes = latency_rows(art, data, bench)
     if device.type == "cuda" and art.format == "torch":
         cuda_peak = int(torch.cuda.max_memory_allocated(device))
+    biggest = max(bench.batch_sizes)
+    if art.format == "onnx":
+        sess = session(art.path)
+        peak = isolated_peak_rss("onnx", art.path, feeder(sess, data)(raw_batch(data, biggest)))
+    else:
+        peak = isolated_peak_rss("torch", art.path, batch_of(data, biggest).numpy())
     row = {
         "name": art.name,
         "role": art.role,
         "stage": art.stage,
         "path": str(art.path),
+        "source": art.source,
         "format": art.format,
         "precision": art.precision,
         "accuracy": top1,
@@ -274,7 +294,7 @@ def measure(
         "params": params,
         "nonzero_params": nonzero,
         "macs": macs,
-        "peak_rss_bytes": mem["bytes"],
+        "peak_rss_bytes": peak,  # load + one run at the largest batch size, in a fresh process
         "peak_cuda_bytes": cuda_peak,  # torch on CUDA: max allocated (ORT does not report it)
         "latency": latency,
     }

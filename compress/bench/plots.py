@@ -29,8 +29,11 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def cpu_p50(art: dict[str, Any], batch_size: int) -> float | None:
-    rows = [r for r in art.get("latency", []) if r["device"] == "cpu" and r["batch_size"] == batch_size]
-    return min(r["p50_ms"] for r in rows) if rows else None
+    """The same latency the tables show: the first CPU row at this batch size (first thread count/runtime)."""
+    return next(
+        (r["p50_ms"] for r in art.get("latency", []) if r["device"] == "cpu" and r["batch_size"] == batch_size),
+        None,
+    )
 
 
 def common_batch_size(reports: Sequence[dict[str, Any]]) -> int | None:
@@ -110,7 +113,8 @@ def scatter_png(reports: Sequence[dict[str, Any]], axis: str) -> bytes | None:
         # Points that sit on top of each other (a torch model and its ONNX file) share one label.
         here = (math.log10(p["x"]), 100 * p["accuracy"])
         key = next((k for k in labels if abs(k[0] - here[0]) < 0.04 and abs(k[1] - here[1]) < 0.05), here)
-        labels.setdefault(key, []).append(p["name"])  # the colour says which run
+        if p["name"] not in labels.setdefault(key, []):  # the colour says which run
+            labels[key].append(p["name"])
     for i, ((logx, acc), names) in enumerate(sorted(labels.items())):
         # Alternate above/below so neighbouring labels do not print over each other.
         offset = (4, 4) if i % 2 == 0 else (4, -11)

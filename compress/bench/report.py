@@ -30,10 +30,11 @@ def human_count(n: float | None) -> str:
 
 
 def _p50(art: dict[str, Any], device: str, bs: int) -> float | None:
-    for row in art["latency"]:
-        if row["device"] == device and row["batch_size"] == bs:
-            return row["p50_ms"]
-    return None
+    if device == "cpu":
+        from compress.bench.plots import cpu_p50
+
+        return cpu_p50(art, bs)
+    return next((r["p50_ms"] for r in art["latency"] if r["device"] == device and r["batch_size"] == bs), None)
 
 
 def _reference(arts: list[dict[str, Any]], fmt: str) -> dict[str, Any] | None:
@@ -95,11 +96,16 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
     for art in report["artifacts"]:
         if art["precision"] != "int8":
             continue
+        # Its own FP32 file: same folder and role (several runs may be benched together).
+        folder = str(Path(art["path"]).parent)
         fp32 = next(
             (
                 a
                 for a in arts.values()
-                if a["format"] == "onnx" and a["precision"] == "fp32" and a["role"] == art["role"]
+                if a["format"] == "onnx"
+                and a["precision"] == "fp32"
+                and a["role"] == art["role"]
+                and str(Path(a["path"]).parent) == folder
             ),
             None,
         )
@@ -112,10 +118,10 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
             if ref is None:
                 continue
             ratio = ref / row["p50_ms"]
-            verdict = "faster" if ratio >= 1 else "SLOWER"
+            verdict = f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× SLOWER"
             threads = f", {row['threads']} threads" if several else ""
             notes.append(
-                f"{art['name']} is {ratio:.2f}× {verdict} than {fp32['name']} "
+                f"{art['name']} is {verdict} than {fp32['name']} "
                 f"({row['device']}, batch {row['batch_size']}{threads}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)"
             )
     return notes
@@ -160,9 +166,10 @@ def markdown(report: dict[str, Any]) -> str:
             "Top-k for image files or folders, needing only onnxruntime, numpy and Pillow: "
             "`compress predict model.onnx IMAGE_OR_FOLDER ... --top-k 5` (or `python compress/deploy.py ...`).",
         ]
-    lines += ["", "## Stages", "", "| # | stage | seconds | result |", "|---|---|---|---|"]
-    for st in report["stages"]:
-        lines.append(f"| {st['index']} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
+    if report.get("stages"):
+        lines += ["", "## Stages", "", "| # | stage | seconds | result |", "|---|---|---|---|"]
+        for st in report["stages"]:
+            lines.append(f"| {st['index']} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
     notes = int8_notes(report) + report.get("notes", [])
     if notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
@@ -245,6 +252,8 @@ def load_reports(run_dirs: list[Path]) -> list[dict[str, Any]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CompressError(f"{path}: not a readable report ({exc})") from None
         missing = [k for k in REQUIRED_KEYS if not isinstance(rep, dict) or k not in rep]
+        if not missing:
+            missing = _missing_fields(rep)
         if missing:
             raise CompressError(f"{path}: not a compress report (missing {', '.join(missing)})")
         label = path.parent.name
@@ -252,6 +261,31 @@ def load_reports(run_dirs: list[Path]) -> list[dict[str, Any]]:
         rep["label"] = label if seen[label] == 1 else f"{label}#{seen[label]}"
         reports.append(rep)
     return reports
+
+
+ARTIFACT_KEYS = ("name", "role", "format", "precision", "accuracy", "size_bytes", "params", "latency")
+
+
+def _missing_fields(rep: dict[str, Any]) -> list[str]:
+    """The nested fields the renderers read, so a hand-edited or foreign report fails here, in one line."""
+    missing = []
+    bench = rep["recipe"].get("benchmark") if isinstance(rep["recipe"], dict) else None
+    if not isinstance(bench, dict) or not bench.get("batch_sizes"):
+        missing.append("recipe.benchmark.batch_sizes")
+    for key in ("cpu", "threads", "torch", "onnxruntime"):
+        if not isinstance(rep["environment"], dict) or key not in rep["environment"]:
+            missing.append(f"environment.{key}")
+    if not isinstance(rep["data"], dict) or "test_images" not in rep["data"]:
+        missing.append("data.test_images")
+    arts = rep["artifacts"] if isinstance(rep["artifacts"], list) else []
+    for i, art in enumerate(arts):
+        gone = [k for k in ARTIFACT_KEYS if not isinstance(art, dict) or k not in art]
+        if gone:
+            missing.append(f"artifacts.{i}.{gone[0]}")
+            break
+    if not isinstance(rep["artifacts"], list):
+        missing.append("artifacts (a list)")
+    return missing
 
 
 def comparison_markdown(reports: list[dict[str, Any]]) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import gzip
+import json
 import math
-from collections.abc import Iterator
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +34,16 @@ def onnx_weight_counts(path: Path) -> tuple[int, int]:
         if init.name in qparams:
             continue
         arr = numpy_helper.to_array(init)
-        if arr.ndim == 0 or not (np.issubdtype(arr.dtype, np.floating) or arr.dtype in (np.int8, np.uint8)):
-            continue  # shape constants and scalars are not weights
+        if arr.ndim == 0 or not (np.issubdtype(arr.dtype, np.floating) or arr.dtype in (np.int8, np.uint8, np.int32)):
+            continue  # shape constants (int64) and scalars are not weights; int32 are quantized biases
         total += arr.size
         nonzero += int(np.count_nonzero(arr))
     return total, nonzero
 
 
 # Where the weight sits among a node's inputs, for the ops that carry (nearly) all the MACs.
-_WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1,
-                 "QLinearMatMul": 3}  # fmt: skip
+_WEIGHT_INPUT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1,
+                 "MatMulInteger": 1, "QLinearMatMul": 3}  # fmt: skip
 
 
 def onnx_macs(path: Path) -> int | None:
@@ -72,56 +72,76 @@ def onnx_macs(path: Path) -> int | None:
             continue
         w = shapes.get(node.input[_WEIGHT_INPUT[node.op_type]])
         out = shapes.get(node.output[0])
+        if out and out[0] < 0:  # a batch axis that shape inference lost behind Shape/Reshape: one image
+            out = [1, *out[1:]]
         if not w or not out or min(w) < 0 or min(out) < 0:
             return None
         if node.op_type in ("Conv", "ConvInteger", "QLinearConv"):
             total += math.prod(out) * math.prod(w[1:])  # each output element: C_in/groups * kh * kw MACs
+        elif node.op_type == "ConvTranspose":  # weight (C_in, C_out/groups, k...): each input element scatters
+            x = shapes.get(node.input[0])
+            x = [1, *x[1:]] if x and x[0] < 0 else x
+            if not x or min(x) < 0:
+                return None
+            total += math.prod(x) * math.prod(w[1:])
         elif node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             total += math.prod(out) * (w[1] if trans_b else w[0])
-        else:  # MatMul: out (..., M, N), weight (..., K, N)
-            total += math.prod(out) * w[-2]
+        else:  # MatMul: out (..., M, N), weight (..., K, N), or a vector weight (K,)
+            total += math.prod(out) * (w[-2] if len(w) >= 2 else w[0])
     return int(total)
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+# Run in a fresh interpreter: the memory a model needs, not what earlier models left in this process.
+_CHILD = r"""
+import json, sys
+import numpy as np
+
+def kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+
+kind, path, batch = sys.argv[1], sys.argv[2], np.load(sys.argv[3])
+if kind == "onnx":
+    import onnxruntime as ort
+else:
+    import torch
+    from compress.checkpoint import checkpoint_info, load_weights, read_checkpoint
+    from compress.models import build_model
+base = kb("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+if kind == "onnx":
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    sess.run(None, {sess.get_inputs()[0].name: batch})
+else:
+    info = checkpoint_info(path)
+    model = build_model(info["model"], info["num_classes"], info["in_channels"], **info.get("kwargs", {}))
+    state, pruned = read_checkpoint(path, "model", path)
+    load_weights(model, state, pruned=pruned, field=path)
+    with torch.inference_mode():
+        model.eval()(torch.from_numpy(batch))
+print(json.dumps({"bytes": (kb("VmHWM") - base) * 1024}))
+"""
 
 
-def _return_free_memory() -> None:
-    """Hand freed heap back to the OS, so a model's allocations show up as RSS growth instead of
-    silently reusing what the previous model freed (glibc keeps freed memory otherwise)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def isolated_peak_rss(kind: str, path: Path, batch: np.ndarray) -> int | None:
+    """Peak resident memory to load ``path`` and run it once on ``batch``, measured in a child process.
 
-
-@contextlib.contextmanager
-def peak_rss() -> Iterator[dict[str, int | None]]:
-    """Measure the process's peak resident memory increase over the block, in bytes (Linux).
-
-    Resets the kernel's high-water mark first (/proc/self/clear_refs), so each model's peak is its
-    own; where that is not possible the result is None rather than a number from an earlier model.
+    The baseline is the child's memory after importing the runtime, so the number is the model's own
+    (weights, runtime arenas, activations), independent of what else was measured before. None where
+    /proc is not available (non-Linux) or the child fails.
     """
-    result: dict[str, int | None] = {"bytes": None}
-    _return_free_memory()
-    before = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        reset = True
-    except OSError:
-        reset = False
-    try:
-        yield result
-    finally:
-        peak = _status_kb("VmHWM")
-        if reset and before is not None and peak is not None:
-            result["bytes"] = max(0, peak - before) * 1024
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "batch.npy", batch)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, kind, str(path), str(Path(tmp) / "batch.npy")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    if proc.returncode != 0:
+        return None
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["bytes"])
