@@ -223,3 +223,14 @@ def test_a_checkpoint_in_a_run_benches_with_that_runs_data_and_torch_compile(dig
     assert all(r["p50_ms"] > 0 for r in art["latency"])
     distill = next(a for a in run_report["artifacts"] if a["name"] == "student@distill")
     assert art["accuracy"] == distill["accuracy"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_requested_without_a_gpu_is_a_note_not_a_failure(digits_run, tmp_path):
+    out, _, _ = digits_run
+    argv = ["bench", str(out / "model.onnx"), "--devices", "cuda", "--iters", "2", "--batch-sizes", "1"]
+    assert main([*argv, "--out", str(tmp_path / "g"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    assert report["artifacts"][0]["latency"] == [] and report["artifacts"][0]["accuracy"] > 0
+    assert any("no CUDA device" in n for n in report["notes"])
+    assert "no CUDA device" in (tmp_path / "g" / "report.md").read_text()
