@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     recipe_args(run)
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<name>-<time>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument(
+        "--resume", type=Path, default=None, metavar="RUN_DIR", help="continue an interrupted run (same recipe)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     val = sub.add_parser("validate", help="load and validate a recipe; print it resolved")
     recipe_args(val)
@@ -184,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from compress.pipeline import run
 
-                run(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet)
+                if args.resume is not None and (args.overwrite or (args.out and args.out != args.resume)):
+                    raise CompressError("--resume: continues RUN_DIR in place; drop --out/--overwrite")
+                run(recipe, args.out, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     except CompressError as exc:
         print(f"compress: error: {exc}", file=sys.stderr)
         return 2

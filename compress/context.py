@@ -50,6 +50,7 @@ class Context:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("compress"))
     stage_index: int = 0
     stage_label: str = ""
+    fit_calls: int = 0  # training loops started in the current stage (names their resume files)
 
     @property
     def student(self) -> nn.Module:
@@ -99,6 +100,11 @@ class Context:
                 model=frozen,
             )
         )
+
+    def next_resume_file(self) -> Path:
+        """Where the current stage's next training loop keeps its per-epoch state."""
+        self.fit_calls += 1
+        return self.run_dir / "resume" / f"{self.stage_index:02d}-{self.fit_calls}.pt"
 
     # ------------------------------------------------------------------ progress
     @contextmanager

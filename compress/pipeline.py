@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 from compress import metadata
+from compress import resume as resume_mod
 from compress.bench import measure as bench
 from compress.bench import report as report_mod
 from compress.bench.env import environment
@@ -121,8 +122,12 @@ def run(
     overwrite: bool = False,
     quiet: bool = False,
     console: Console | None = None,
+    resume: Path | None = None,
 ) -> Path:
-    """Run every stage, measure every artifact, write the run directory; return its path."""
+    """Run every stage, measure every artifact, write the run directory; return its path.
+
+    With ``resume``, continue that interrupted run directory instead (same recipe required).
+    """
     console = console or Console(stderr=True, quiet=quiet)
     device = resolve_device(recipe.device)
     seed_everything(recipe.seed)
@@ -131,11 +136,16 @@ def run(
     models = {role: build_role(recipe, role, data) for role in roles}
     for i, stage in enumerate(recipe.stages):  # type: ignore[attr-defined]
         stage.preflight(models, f"stages.{i}")
-    run_dir = make_run_dir(recipe, out, overwrite)
+    if resume is not None:
+        resume_mod.check_resumable(resume, dump_recipe(recipe))
+        run_dir = resume
+    else:
+        run_dir = make_run_dir(recipe, out, overwrite)
     data.to(device)
     started = dt.datetime.now(dt.UTC)
-    (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
-    _status(run_dir, "running", started=started.isoformat())
+    if resume is None:
+        (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+    _status(run_dir, "running", started=started.isoformat(), resumed=resume is not None)
     ctx = Context(
         recipe=recipe,
         device=device,
@@ -155,14 +165,16 @@ def run(
         len(data.test_y),
         data.num_classes,
     )
+    completed, stages_out = resume_mod.restore(ctx) if resume is not None else (0, [])
     changed_later = {role for stage in recipe.stages for role in stage.changes()}  # type: ignore[attr-defined]
     for role in roles:
-        if getattr(recipe, role).checkpoint is not None or role not in changed_later:
+        if completed == 0 and (getattr(recipe, role).checkpoint is not None or role not in changed_later):
             ctx.stage_label = "input"
             ctx.snapshot(role, "input")
-    stages_out = []
     for i, stage in enumerate(recipe.stages, start=1):  # type: ignore[attr-defined]
-        ctx.stage_index, ctx.stage_label = i, stage.kind
+        if i <= completed:
+            continue  # finished before the interruption; its models and artifacts were restored
+        ctx.stage_index, ctx.stage_label, ctx.fit_calls = i, stage.kind, 0
         console.print(f"[bold cyan]stage {i}/{len(recipe.stages)}: {stage.kind}[/]")  # type: ignore[attr-defined]
         t0 = time.perf_counter()
         _status(run_dir, "running", started=started.isoformat(), stage=i, kind=stage.kind)
@@ -176,10 +188,12 @@ def run(
             ctx.snapshot(role, stage.kind)
         ctx.log.info("stage %d %s done in %.1fs", i, stage.kind, seconds)
         stages_out.append({"index": i, "kind": stage.kind, "seconds": seconds, "metrics": metrics})
+        resume_mod.save_progress(ctx, i, stages_out)
     console.print("[bold cyan]measuring artifacts[/]")
     report = _measure(ctx, stages_out, started)
     report_mod.write(run_dir, report)
     _status(run_dir, "complete", started=started.isoformat(), finished=report["finished"])
+    resume_mod.finish(run_dir)
     if not quiet:
         report_mod.print_table(report, console)
         console.print(f"run directory: {run_dir}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from compress.checkpoint import atomic_save
 from compress.context import Context
 from compress.data import TensorLoader
 from compress.errors import StageFailed
@@ -139,9 +140,23 @@ def fit(
     history: list[dict[str, float]] = []
     best_acc, best_state = -1.0, None
     start = time.perf_counter()
+    # After every epoch the whole training state is saved atomically; a resumed run (the file only
+    # survives an interrupted process) continues from the last finished epoch, bit for bit.
+    resume_file = ctx.next_resume_file()
+    first_epoch = 0
+    if resume_file.is_file():
+        saved = torch.load(resume_file, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        history, best_acc, best_state = saved["history"], saved["best_acc"], saved["best_state"]
+        first_epoch = saved["epoch"]
+        torch.set_rng_state(saved["rng"])
+        ctx.log.info("%s: resumed after epoch %d/%d", label, first_epoch, epochs)
     with ctx.progress() as prog:
         task = prog.add_task(label, total=epochs * len(loader), info="")
-        for epoch in range(epochs):
+        prog.advance(task, first_epoch * len(loader))
+        for epoch in range(first_epoch, epochs):
             loader.set_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
@@ -189,6 +204,19 @@ def fit(
             if cfg.keep == "best" and test_acc > best_acc:
                 best_acc = test_acc
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            atomic_save(
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "history": history,
+                    "best_acc": best_acc,
+                    "best_state": best_state,
+                    "rng": torch.get_rng_state(),
+                },
+                resume_file,
+            )
     if best_state is not None:
         model.load_state_dict(best_state)
     model.to(memory_format=torch.contiguous_format).eval()

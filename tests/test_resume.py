@@ -1,0 +1,120 @@
+"""Resume after `kill -9`: a resumed run reaches the same report as one that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.cli import main
+from compress.pipeline import run
+from compress.recipe import validate_recipe
+
+RECIPE = {
+    "name": "resume",
+    "device": "cpu",
+    "data": {"name": "digits"},
+    "teacher": {"model": "digits_teacher"},
+    "student": {"model": "digits_student"},
+    "stages": [
+        {"kind": "train", "target": "teacher", "epochs": 2, "lr": 0.05, "precision": "fp32"},
+        {"kind": "distill", "epochs": 24, "lr": 0.05, "precision": "fp32"},
+        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 2, "distill": True, "lr": 0.01, "precision": "fp32"},
+        {"kind": "export"},
+        {"kind": "quantize", "calibration_batches": 2},
+    ],
+    "benchmark": {"batch_sizes": [1], "iters": 2, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stable(report: dict) -> dict:
+    """Everything in a report that does not depend on the clock."""
+    arts = {
+        a["name"]: {k: a[k] for k in ("accuracy", "top5", "params", "nonzero_params", "macs", "size_bytes")}
+        for a in report["artifacts"]
+    }
+    stages = [
+        {k: v for k, v in s["metrics"].items() if k not in ("seconds",)} | {"kind": s["kind"]} for s in report["stages"]
+    ]
+    for st in stages:
+        for hist in st.get("history", []):
+            hist.pop("seconds", None)
+    return {"artifacts": arts, "stages": stages}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run(validate_recipe(RECIPE), out, quiet=True)
+    return out, json.loads((out / "report.json").read_text())
+
+
+def _kill_during(recipe_file: Path, out: Path, needle: str) -> None:
+    """Start a real run in a child process and SIGKILL it as soon as train.log shows ``needle``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compress", "run", str(recipe_file), "--out", str(out), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = out / "train.log"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if log.is_file() and needle in log.read_text():
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before {needle!r} appeared; cannot test the kill"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("needle", ["epoch 5/24", "prune fine-tune"])
+def test_killed_run_resumes_to_the_same_report(needle, reference, tmp_path):
+    ref_dir, ref_report = reference
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(RECIPE, sort_keys=False))
+    out = tmp_path / "run"
+    _kill_during(recipe_file, out, needle)
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "running" and not (out / "report.json").exists()  # visibly incomplete
+    assert (out / "resume").is_dir()
+    assert main(["run", str(recipe_file), "--resume", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert _stable(report) == _stable(ref_report)
+    assert (out / "model.onnx").read_bytes() == (ref_dir / "model.onnx").read_bytes()
+    assert json.loads((out / "status.json").read_text())["state"] == "complete"
+    assert not (out / "resume").exists()
+    assert "resumed after" in (out / "train.log").read_text()
+
+
+def test_resume_refuses_a_different_recipe_a_finished_run_and_a_stranger(reference, tmp_path, capsys):
+    ref_dir, _ = reference
+    changed = json.loads(json.dumps(RECIPE))
+    changed["stages"][1]["epochs"] = 5
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(changed, sort_keys=False))
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "recipe.resolved.yaml").write_text((ref_dir / "recipe.resolved.yaml").read_text())
+    (half / "status.json").write_text('{"state": "running"}')
+    cases = [
+        (half, "stages.1.epochs: 24 -> 5"),
+        (ref_dir, "already finished"),
+        (tmp_path / "nowhere", "not a compress run directory"),
+    ]
+    for target, needle in cases:
+        assert main(["run", str(recipe_file), "--resume", str(target), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert sorted(p.name for p in half.iterdir()) == ["recipe.resolved.yaml", "status.json"]  # untouched
