@@ -234,3 +234,33 @@ def test_gpu_requested_without_a_gpu_is_a_note_not_a_failure(digits_run, tmp_pat
     assert report["artifacts"][0]["latency"] == [] and report["artifacts"][0]["accuracy"] > 0
     assert any("no CUDA device" in n for n in report["notes"])
     assert "no CUDA device" in (tmp_path / "g" / "report.md").read_text()
+
+
+def test_external_data_outside_the_model_folder_is_refused(digits_run, tmp_path, capsys):
+    """A model whose weights point at ../secret.bin is never read: one line from bench and predict."""
+    import shutil
+
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    out, _, _ = digits_run
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    model = onnx.load(str(out / "model.onnx"))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="w.bin", size_threshold=1024)
+    onnx.save(model, str(inner / "model.onnx"))
+    model = onnx.load(str(inner / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.bin"  # onnx itself refuses to write this; a hostile file has it
+    shutil.move(inner / "w.bin", tmp_path / "secret.bin")
+    (inner / "model.onnx").write_bytes(model.SerializeToString())
+    for argv in (
+        ["bench", str(inner / "model.onnx"), "--out", str(tmp_path / "b"), "--quiet"],
+        ["predict", str(inner / "model.onnx"), str(tmp_path / "secret.bin")],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "escapes model directory" in err, err
+    assert not (tmp_path / "b").exists()

@@ -208,3 +208,20 @@ def test_console_script_and_module_entry_points(tiny, write_recipe, tmp_path):
         )
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "stages.2.ratio" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_more_hostile_inputs_through_the_cli(tiny, write_recipe, tmp_path, capsys):
+    """Non-file paths, huge numbers, an unwritable --out, a dataset with no images: one line each."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    bad = _bad(json.loads(json.dumps(tiny)), "teacher.checkpoint", str(folder))
+    check_fails_cleanly(capsys, ["run", str(write_recipe(bad))], tmp_path / "out", "teacher.checkpoint", "not a file")
+    bad = _bad(json.loads(json.dumps(tiny)), "stages.0.epochs", 10**30)
+    check_fails_cleanly(capsys, ["run", str(write_recipe(bad))], tmp_path / "out", "stages.0.epochs", "less than")
+    code = main(["run", str(write_recipe(tiny)), "--out", "/dev/null/run"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--out: cannot write" in err
+    for split in ("train/cat", "val/cat"):
+        (tmp_path / "imgs" / split).mkdir(parents=True)
+    bad = _bad(json.loads(json.dumps(tiny)), "data", {"name": "imagefolder", "root": str(tmp_path / "imgs")})
+    check_fails_cleanly(capsys, ["run", str(write_recipe(bad))], tmp_path / "out", "data.root", "no images")

@@ -27,6 +27,7 @@ from compress.context import Artifact
 from compress.data import DataBundle
 from compress.errors import CompressError
 from compress.models import build_model
+from compress.onnx_utils import session
 from compress.recipe import BenchmarkConfig, format_validation_error, load_recipe, recipe_model
 
 STAGE_DIR = re.compile(r"^\d+-(?P<stage>.+)$")
@@ -77,6 +78,11 @@ class Plan:
             props = metadata.read(path)
         except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends
             raise CompressError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+        try:  # before any measuring: onnxruntime also refuses external data outside the model's folder
+            session(path)
+        except Exception as exc:  # noqa: BLE001 - ORT raises several types; the first line says enough
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CompressError(f"{path}: onnxruntime cannot load it: {first}") from None
         self.onnx.append((_unique(name, self.names), path, props))
         if props.get("dataset"):
             self.data_hints.append((f"{path} metadata", {"name": props["dataset"]}))
