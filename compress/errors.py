@@ -13,3 +13,19 @@ class CompressError(Exception):
 
 class StageFailed(Exception):
     """A stage ran but its result failed a correctness check; exit code 1."""
+
+
+OOM_TEXT = ("can't allocate memory", "out of memory", "Failed to allocate memory")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """If ``exc`` is an allocation failure (torch CPU/CUDA, numpy, onnxruntime), a short description; else None."""
+    import re
+
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or (isinstance(exc, Exception) and any(t in text for t in OOM_TEXT))):
+        return None
+    m = re.search(r"allocate (\d+) bytes|buffer of size (\d+)", text)
+    if m is None:
+        return "out of memory"
+    return f"out of memory (tried to allocate {int(m.group(1) or m.group(2)) / 2**30:.2f} GiB)"

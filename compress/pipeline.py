@@ -29,7 +29,7 @@ from compress.bench.size import gzip_bytes
 from compress.checkpoint import load_weights, read_checkpoint
 from compress.context import Context
 from compress.data import DataBundle
-from compress.errors import CompressError
+from compress.errors import CompressError, StageFailed, out_of_memory
 from compress.models import build_model
 from compress.recipe import RecipeBase, dump_recipe
 
@@ -182,6 +182,10 @@ def run(
             metrics = stage.apply(ctx)
         except BaseException as exc:
             _status(run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
+            what = out_of_memory(exc)
+            if what is not None:  # a setting to lower, not a bug: one line (the last epoch stays resumable)
+                field = f"stages.{i - 1}"
+                raise StageFailed(f"{field} ({stage.kind}): {what}; {stage.memory_hint(field)}") from exc
             raise
         seconds = time.perf_counter() - t0
         for role in stage.changes():

@@ -43,6 +43,10 @@ class Stage(BaseModel):
         alone cannot see, such as a module-name pattern that matches nothing.
         """
 
+    def memory_hint(self, field: str) -> str:
+        """What to lower when this stage runs out of memory (``field`` is its recipe path)."""
+        return "lower data.batch_size (training) or data.eval_batch_size (evaluation)"
+
     def apply(self, ctx: Context) -> dict[str, Any]:
         """Run the stage; return metrics for the report."""
         raise NotImplementedError

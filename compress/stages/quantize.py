@@ -98,6 +98,10 @@ class Quantize(Stage):
             self.calibration_batch_size,
             metadata.feeder(sess, ctx.data),
         )
+        import onnxruntime as ort
+
+        # The calibrator's own sessions log failures straight to fd 2; we report them ourselves.
+        ort.set_default_logger_severity(4)
         with tempfile.TemporaryDirectory() as tmp, quiet_stdout():
             pre, raw = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
             quant_pre_process(str(fp32.path), str(pre))
@@ -133,6 +137,9 @@ class Quantize(Stage):
             "fp32_bytes": fp32.path.stat().st_size,
             "int8_bytes": out.stat().st_size,
         }
+
+    def memory_hint(self, field: str) -> str:
+        return f"lower {field}.calibration_batch_size (now {self.calibration_batch_size})"
 
     def _describe(self) -> str:
         return (
