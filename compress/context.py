@@ -51,6 +51,12 @@ class Context:
     stage_index: int = 0
     stage_label: str = ""
     fit_calls: int = 0  # training loops started in the current stage (names their resume files)
+    world: int = 1  # processes training together under torchrun (DDP); rank 0 writes everything
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @property
     def student(self) -> nn.Module:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from compress import metadata
+from compress import distributed, metadata
 from compress import resume as resume_mod
 from compress.bench import measure as bench
 from compress.bench import report as report_mod
@@ -128,24 +128,37 @@ def run(
 
     With ``resume``, continue that interrupted run directory instead (same recipe required).
     """
+    rank, world = distributed.init()
+    quiet = quiet or rank != 0
     console = console or Console(stderr=True, quiet=quiet)
     device = resolve_device(recipe.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(recipe.seed)
     data = load_data(recipe)
     roles = ["teacher", "student"] if recipe.teacher is not None else ["student"]
     models = {role: build_role(recipe, role, data) for role in roles}
     for i, stage in enumerate(recipe.stages):  # type: ignore[attr-defined]
         stage.preflight(models, f"stages.{i}")
-    if resume is not None:
-        resume_mod.check_resumable(resume, dump_recipe(recipe))
-        run_dir = resume
-    else:
-        run_dir = make_run_dir(recipe, out, overwrite)
+    run_dir, error = None, None
+    if rank == 0:  # one writer; the other ranks learn the directory (or the error) from it
+        try:
+            if resume is not None:
+                resume_mod.check_resumable(resume, dump_recipe(recipe))
+                run_dir = resume
+            else:
+                run_dir = make_run_dir(recipe, out, overwrite)
+        except CompressError as exc:
+            error = str(exc)
+    run_dir, error = distributed.broadcast((run_dir, error))
+    if error is not None:
+        raise CompressError(error)
     data.to(device)
     started = dt.datetime.now(dt.UTC)
-    if resume is None:
-        (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
-    _status(run_dir, "running", started=started.isoformat(), resumed=resume is not None)
+    if rank == 0:
+        if resume is None:
+            (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+        _status(run_dir, "running", started=started.isoformat(), resumed=resume is not None, processes=world)
     ctx = Context(
         recipe=recipe,
         device=device,
@@ -155,8 +168,12 @@ def run(
         specs={r: getattr(recipe, r) for r in roles},
         quiet=quiet,
         console=console,
-        log=_logger(run_dir),
+        log=_logger(run_dir) if rank == 0 else logging.getLogger("compress.rank"),
+        world=world,
+        rank=rank,
     )
+    if world > 1:
+        ctx.log.info("distributed: %d processes (%s)", world, "nccl" if device.type == "cuda" else "gloo")
     ctx.log.info(
         "run %s on %s: %d train / %d test images, %d classes",
         recipe.name,
@@ -168,36 +185,46 @@ def run(
     completed, stages_out = resume_mod.restore(ctx) if resume is not None else (0, [])
     changed_later = {role for stage in recipe.stages for role in stage.changes()}  # type: ignore[attr-defined]
     for role in roles:
-        if completed == 0 and (getattr(recipe, role).checkpoint is not None or role not in changed_later):
+        if rank == 0 and completed == 0 and (getattr(recipe, role).checkpoint is not None or role not in changed_later):
             ctx.stage_label = "input"
             ctx.snapshot(role, "input")
     for i, stage in enumerate(recipe.stages, start=1):  # type: ignore[attr-defined]
         if i <= completed:
             continue  # finished before the interruption; its models and artifacts were restored
         ctx.stage_index, ctx.stage_label, ctx.fit_calls = i, stage.kind, 0
+        if rank != 0 and not stage.changes():
+            continue  # export/quantize read the models: rank 0's job
         console.print(f"[bold cyan]stage {i}/{len(recipe.stages)}: {stage.kind}[/]")  # type: ignore[attr-defined]
         t0 = time.perf_counter()
-        _status(run_dir, "running", started=started.isoformat(), stage=i, kind=stage.kind)
+        if rank == 0:
+            _status(run_dir, "running", started=started.isoformat(), stage=i, kind=stage.kind)
         try:
             metrics = stage.apply(ctx)
         except BaseException as exc:
-            _status(run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
+            if rank == 0:
+                _status(run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
             what = out_of_memory(exc)
             if what is not None:  # a setting to lower, not a bug: one line (the last epoch stays resumable)
                 field = f"stages.{i - 1}"
                 raise StageFailed(f"{field} ({stage.kind}): {what}; {stage.memory_hint(field)}") from exc
             raise
         seconds = time.perf_counter() - t0
+        if rank != 0:
+            continue
         for role in stage.changes():
             ctx.snapshot(role, stage.kind)
         ctx.log.info("stage %d %s done in %.1fs", i, stage.kind, seconds)
         stages_out.append({"index": i, "kind": stage.kind, "seconds": seconds, "metrics": metrics})
         resume_mod.save_progress(ctx, i, stages_out)
+    if rank != 0:
+        distributed.shutdown()  # rank 0 alone measures and writes the report
+        return run_dir
     console.print("[bold cyan]measuring artifacts[/]")
     report = _measure(ctx, stages_out, started)
     report_mod.write(run_dir, report)
     _status(run_dir, "complete", started=started.isoformat(), finished=report["finished"])
     resume_mod.finish(run_dir)
+    distributed.shutdown()
     if not quiet:
         report_mod.print_table(report, console)
         console.print(f"run directory: {run_dir}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
+from compress import distributed
 from compress.checkpoint import atomic_save
 from compress.context import Context
 from compress.data import TensorLoader
@@ -134,7 +135,8 @@ def fit(
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
-    loader = ctx.data.train_loader(seed=ctx.recipe.seed)
+    loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=distributed.rank(), world=ctx.world)
+    trained = distributed.wrap(model, device)  # DDP averages gradients across ranks; else the model
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
     test_loader = ctx.data.eval_loader("test")
     history: list[dict[str, float]] = []
@@ -165,7 +167,7 @@ def fit(
                 x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 y = y.to(device, non_blocking=True)
                 with _autocast(device, dtype):
-                    loss, logits = loss_fn(model, x, y)
+                    loss, logits = loss_fn(trained, x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -176,6 +178,9 @@ def fit(
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 prog.advance(task)
+            seen_t = torch.tensor(seen, device=device)
+            distributed.all_reduce_sum(loss_sum, correct, seen_t)  # metrics over every rank's shard
+            seen = int(seen_t.item())
             train_loss = loss_sum.item() / max(seen, 1)
             if not math.isfinite(train_loss):
                 raise StageFailed(
@@ -204,19 +209,20 @@ def fit(
             if cfg.keep == "best" and test_acc > best_acc:
                 best_acc = test_acc
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            atomic_save(
-                {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "history": history,
-                    "best_acc": best_acc,
-                    "best_state": best_state,
-                    "rng": torch.get_rng_state(),
-                },
-                resume_file,
-            )
+            if ctx.is_main:
+                atomic_save(
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "history": history,
+                        "best_acc": best_acc,
+                        "best_state": best_state,
+                        "rng": torch.get_rng_state(),
+                    },
+                    resume_file,
+                )
     if best_state is not None:
         model.load_state_dict(best_state)
     model.to(memory_format=torch.contiguous_format).eval()

@@ -53,6 +53,35 @@ def write_recipe(tmp_path: Path):
     return write
 
 
+def digits_recipe(name: str, teacher: int, distill: int, finetune: int | None = None) -> dict[str, Any]:
+    """A real digits pipeline (teacher -> KD student -> [prune + KD fine-tune] -> ONNX -> INT8), fp32, fast."""
+    stages: list[dict[str, Any]] = [
+        {"kind": "train", "target": "teacher", "epochs": teacher, "lr": 0.05, "precision": "fp32"},
+        {"kind": "distill", "epochs": distill, "lr": 0.05, "precision": "fp32"},
+    ]
+    if finetune is not None:
+        stages.append(
+            {
+                "kind": "prune",
+                "ratio": 0.5,
+                "finetune_epochs": finetune,
+                "distill": True,
+                "lr": 0.01,
+                "precision": "fp32",
+            }
+        )
+    stages += [{"kind": "export"}, {"kind": "quantize", "calibration_batches": 2}]
+    return {
+        "name": name,
+        "device": "cpu",
+        "data": {"name": "digits", "batch_size": 64},
+        "teacher": {"model": "digits_teacher"},
+        "student": {"model": "digits_student"},
+        "stages": stages,
+        "benchmark": {"batch_sizes": [1], "iters": 2, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
+    }
+
+
 DIGITS_RUN = {
     "name": "deploy",
     "device": "cpu",

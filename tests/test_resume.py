@@ -16,22 +16,9 @@ import yaml
 from compress.cli import main
 from compress.pipeline import run
 from compress.recipe import validate_recipe
+from tests.conftest import digits_recipe
 
-RECIPE = {
-    "name": "resume",
-    "device": "cpu",
-    "data": {"name": "digits"},
-    "teacher": {"model": "digits_teacher"},
-    "student": {"model": "digits_student"},
-    "stages": [
-        {"kind": "train", "target": "teacher", "epochs": 2, "lr": 0.05, "precision": "fp32"},
-        {"kind": "distill", "epochs": 24, "lr": 0.05, "precision": "fp32"},
-        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 2, "distill": True, "lr": 0.01, "precision": "fp32"},
-        {"kind": "export"},
-        {"kind": "quantize", "calibration_batches": 2},
-    ],
-    "benchmark": {"batch_sizes": [1], "iters": 2, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
-}
+RECIPE = digits_recipe("resume", 2, 24, 2)
 ROOT = Path(__file__).resolve().parent.parent
 
 

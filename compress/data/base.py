@@ -71,9 +71,14 @@ class DataBundle:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def train_loader(self, seed: int, augment: bool | None = None) -> TensorLoader:
+    def train_loader(self, seed: int, augment: bool | None = None, rank: int = 0, world: int = 1) -> TensorLoader:
+        """Shuffled training batches; under DDP each of ``world`` ranks takes every world-th image of the
+        same permutation, in batches of batch_size // world, so the global batch stays batch_size."""
         aug = self.augment if augment is None else augment
-        return TensorLoader(self, self.train_x, self.train_y, self.batch_size, seed=seed, augment=aug, drop_last=True)
+        bs = max(1, self.batch_size // world)
+        loader = TensorLoader(self, self.train_x, self.train_y, bs, seed=seed, augment=aug, drop_last=True)
+        loader.rank, loader.world = rank, world
+        return loader
 
     def eval_loader(self, split: str = "test") -> TensorLoader:
         x, y = (self.test_x, self.test_y) if split == "test" else (self.train_x, self.train_y)
@@ -107,9 +112,10 @@ class TensorLoader:
         self.batch_size = min(batch_size, len(x)) if drop_last else batch_size
         self.seed, self.augment, self.drop_last = seed, augment, drop_last
         self.epoch = 0
+        self.rank, self.world = 0, 1
 
     def __len__(self) -> int:
-        n = len(self.x)
+        n = len(self.x) // self.world
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -121,6 +127,8 @@ class TensorLoader:
         if self.seed is not None:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.x), generator=gen).to(self.x.device)
+            if self.world > 1:  # every rank draws the same permutation and keeps its own stride
+                order = order[self.rank :: self.world]
         for i in range(len(self)):
             sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = order[sl] if order is not None else None
