@@ -87,6 +87,15 @@ def make_run_dir(recipe: RecipeBase, out: Path | None, overwrite: bool) -> Path:
         out = Path("runs") / f"{recipe.name}-{stamp}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
+            try:
+                state = json.loads((out / "status.json").read_text()).get("state")
+            except (OSError, ValueError, AttributeError):
+                state = None
+            if state in ("running", "failed"):
+                raise CompressError(
+                    f"--out: {out} holds an unfinished run ({state}); continue it with --resume {out}, "
+                    "or pass --overwrite to start over"
+                )
             raise CompressError(f"--out: {out} already exists; pass --overwrite or choose another directory")
         if not out.is_dir() or not any((out / m).exists() for m in RUN_MARKERS):
             raise CompressError(f"--out: {out} exists and is not a compress run directory; refusing to overwrite it")

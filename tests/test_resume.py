@@ -66,7 +66,7 @@ def _kill_during(recipe_file: Path, out: Path, needle: str) -> None:
         proc.wait()
 
 
-@pytest.mark.parametrize("needle", ["epoch 5/24", "prune fine-tune"])
+@pytest.mark.parametrize("needle", ["epoch 5/24", "prune fine-tune", "measured teacher"])
 def test_killed_run_resumes_to_the_same_report(needle, reference, tmp_path):
     ref_dir, ref_report = reference
     recipe_file = tmp_path / "recipe.yaml"
@@ -76,6 +76,7 @@ def test_killed_run_resumes_to_the_same_report(needle, reference, tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "running" and not (out / "report.json").exists()  # visibly incomplete
     assert (out / "resume").is_dir()
+    assert main(["run", str(recipe_file), "--out", str(out), "--quiet"]) == 2  # not silently restarted
     assert main(["run", str(recipe_file), "--resume", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert _stable(report) == _stable(ref_report)
@@ -105,3 +106,14 @@ def test_resume_refuses_a_different_recipe_a_finished_run_and_a_stranger(referen
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
     assert sorted(p.name for p in half.iterdir()) == ["recipe.resolved.yaml", "status.json"]  # untouched
+
+
+def test_same_recipe_and_seed_give_identical_metrics_and_onnx_bytes(reference, tmp_path):
+    """Determinism on CPU: a second fresh run reproduces every metric and every ONNX byte."""
+    ref_dir, ref_report = reference
+    again = tmp_path / "again"
+    run(validate_recipe(RECIPE), again, quiet=True)
+    assert _stable(json.loads((again / "report.json").read_text())) == _stable(ref_report)
+    for name in ("model.onnx", "model.int8.onnx", "teacher.onnx"):
+        assert (again / name).read_bytes() == (ref_dir / name).read_bytes(), name
+    assert ref_report["recipe"]["seed"] == 0 and ref_report["environment"]["torch"]
