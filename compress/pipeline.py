@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import random
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -111,7 +113,8 @@ def make_run_dir(recipe: RecipeBase, out: Path | None, overwrite: bool) -> Path:
 
 
 def _status(run_dir: Path, state: str, **extra: Any) -> None:
-    (run_dir / "status.json").write_text(json.dumps({"state": state, **extra}, indent=2) + "\n")
+    owner = {"pid": os.getpid(), "host": socket.gethostname()} if state == "running" else {}
+    (run_dir / "status.json").write_text(json.dumps({"state": state, **extra, **owner}, indent=2) + "\n")
 
 
 def _logger(run_dir: Path) -> logging.Logger:

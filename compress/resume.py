@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +55,17 @@ def check_resumable(run_dir: Path, recipe_dump: str) -> None:
     if not run_dir.is_dir() or not resolved.is_file():
         raise CompressError(f"--resume: {run_dir} is not a compress run directory (no recipe.resolved.yaml)")
     try:
-        state = json.loads((run_dir / "status.json").read_text()).get("state")
+        status = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
-        state = None
+        status = {}
+    state = status.get("state") if isinstance(status, dict) else None
     if state == "complete":
         raise CompressError(f"--resume: {run_dir} already finished; nothing to resume")
+    if state == "running" and _alive(status.get("pid"), status.get("host")):
+        raise CompressError(
+            f"--resume: {run_dir} is still being written by process {status['pid']}; stop it first "
+            "(after kill -9 of torchrun, also kill its workers)"
+        )
     old, new = _flatten(yaml.safe_load(resolved.read_text())), _flatten(yaml.safe_load(recipe_dump))
     diffs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
@@ -67,6 +75,17 @@ def check_resumable(run_dir: Path, recipe_dump: str) -> None:
         raise CompressError(
             f"--resume: the recipe differs from the one {run_dir} was started with: {'; '.join(diffs[:3])}{more}"
         )
+
+
+def _alive(pid: Any, host: Any) -> bool:
+    """Is the process that marked the run 'running' still a live compress process on this machine?"""
+    if not isinstance(pid, int) or host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"compress" in cmdline
 
 
 def _rng_state() -> dict[str, Any]:

@@ -44,23 +44,30 @@ def reference(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
-def _kill_during(recipe_file: Path, out: Path, needle: str) -> None:
-    """Start a real run in a child process and SIGKILL it as soon as train.log shows ``needle``."""
+def _start(recipe_file: Path, out: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "compress", "run", str(recipe_file), "--out", str(out), "--quiet"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    log = out / "train.log"
+
+
+def _wait_for(proc: subprocess.Popen, log: Path, needle: str) -> None:
     deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and needle in log.read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended before {needle!r} appeared; cannot test the kill")
+
+
+def _kill_during(recipe_file: Path, out: Path, needle: str) -> None:
+    """Start a real run in a child process and SIGKILL it as soon as train.log shows ``needle``."""
+    proc = _start(recipe_file, out)
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if log.is_file() and needle in log.read_text():
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before {needle!r} appeared; cannot test the kill"
+        _wait_for(proc, out / "train.log", needle)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -117,3 +124,18 @@ def test_same_recipe_and_seed_give_identical_metrics_and_onnx_bytes(reference, t
     for name in ("model.onnx", "model.int8.onnx", "teacher.onnx"):
         assert (again / name).read_bytes() == (ref_dir / name).read_bytes(), name
     assert ref_report["recipe"]["seed"] == 0 and ref_report["environment"]["torch"]
+
+
+def test_resume_refuses_a_run_that_is_still_going(tmp_path, capsys):
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(RECIPE, sort_keys=False))
+    out = tmp_path / "run"
+    proc = _start(recipe_file, out)
+    try:
+        _wait_for(proc, out / "train.log", "epoch 3/24")
+        assert main(["run", str(recipe_file), "--resume", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"still being written by process {proc.pid}" in err and len(err.strip().splitlines()) == 1
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
