@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 
 FORMAT = "compress/1"
 
@@ -52,7 +52,7 @@ def _load(path: Path, field: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc, "")
         if len(first) < 12:  # e.g. "101" from the unpickler on a text file: say what it means instead
             first = f"not a PyTorch checkpoint file ({type(exc).__name__})"
         raise CompressError(f"{field}: cannot load {path} as a weights-only checkpoint: {first}") from None

@@ -7,6 +7,14 @@ and keeps its traceback.
 """
 
 
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message (library errors are long), or ``default`` / its type."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default
+
+
 class CompressError(Exception):
     """A problem with the user's input, reported as one line and exit code 2."""
 

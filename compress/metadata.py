@@ -74,14 +74,15 @@ def read(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def describe_input(path: Path) -> str | None:
-    props = read(path)
+def describe_input(props: dict[str, str]) -> str | None:
     return ModelInfo.from_metadata(props).describe() if "compress.metadata_version" in props else None
 
 
-def update(path: Path, props: dict[str, str], strip_node_debug: bool = False, dest: Path | None = None) -> None:
+def update(
+    path: Path, props: dict[str, str], strip_node_debug: bool = False, dest: Path | None = None
+) -> dict[str, str]:
     """Merge ``props`` into the file's metadata and refresh its doc string; write it atomically to
-    ``dest`` (default: in place), so a reader never sees a file without its metadata.
+    ``dest`` (default: in place), so a reader never sees a file without its metadata. Returns it.
 
     ``strip_node_debug`` drops the exporter's per-node annotations (FX node, Python stack trace with
     local file paths, module hierarchy): a third of a small model's bytes, and nothing a runtime reads.
@@ -101,6 +102,7 @@ def update(path: Path, props: dict[str, str], strip_node_debug: bool = False, de
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    return merged
 
 
 def doc_string(props: dict[str, str]) -> str:

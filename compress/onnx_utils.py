@@ -30,10 +30,6 @@ def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 
-def cuda_available() -> bool:
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 @contextlib.contextmanager
 def quiet_stdout():
     """The exporters print progress to stdout; keep the user's terminal for our own progress bar."""

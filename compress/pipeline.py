@@ -31,7 +31,7 @@ from compress.bench.size import gzip_bytes
 from compress.checkpoint import load_weights, read_checkpoint
 from compress.context import Context
 from compress.data import DataBundle
-from compress.errors import CompressError, StageFailed, out_of_memory
+from compress.errors import CompressError, StageFailed, first_line, out_of_memory
 from compress.models import build_model
 from compress.recipe import RecipeBase, dump_recipe
 
@@ -73,9 +73,8 @@ def build_role(recipe: RecipeBase, role: str, data: DataBundle) -> torch.nn.Modu
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as exc:  # noqa: BLE001 - a model that cannot take the data is a recipe error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CompressError(
-            f"{role}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first}"
+            f"{role}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first_line(exc)}"
         ) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -89,10 +88,7 @@ def make_run_dir(recipe: RecipeBase, out: Path | None, overwrite: bool) -> Path:
         out = Path("runs") / f"{recipe.name}-{stamp}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
-            try:
-                state = json.loads((out / "status.json").read_text()).get("state")
-            except (OSError, ValueError, AttributeError):
-                state = None
+            state = resume_mod.read_status(out).get("state")
             if state in ("running", "failed"):
                 raise CompressError(
                     f"--out: {out} holds an unfinished run ({state}); continue it with --resume {out}, "
@@ -261,7 +257,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
             row, art_notes = bench.measure(art, ctx.data, bench_cfg, ctx.device)
             if art.format == "onnx":
                 # The file states its own measured accuracy, so it carries it wherever it is shipped.
-                metadata.update(
+                props = metadata.update(
                     art.path,
                     {
                         "top1": json.dumps(row["accuracy"]),
@@ -270,7 +266,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
                     },
                 )
                 row["size_bytes"], row["gzip_bytes"] = art.path.stat().st_size, gzip_bytes(art.path)
-                row["input"] = metadata.describe_input(art.path)
+                row["input"] = metadata.describe_input(props)
             rows.append(row)
             notes.extend(art_notes)
             ctx.log.info("measured %s: top-1 %.4f, %d bytes", art.name, row["accuracy"], row["size_bytes"])

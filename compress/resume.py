@@ -54,11 +54,8 @@ def check_resumable(run_dir: Path, recipe_dump: str) -> None:
     resolved = run_dir / "recipe.resolved.yaml"
     if not run_dir.is_dir() or not resolved.is_file():
         raise CompressError(f"--resume: {run_dir} is not a compress run directory (no recipe.resolved.yaml)")
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        status = {}
-    state = status.get("state") if isinstance(status, dict) else None
+    status = read_status(run_dir)
+    state = status.get("state")
     if state == "complete":
         raise CompressError(f"--resume: {run_dir} already finished; nothing to resume")
     if state == "running" and _alive(status.get("pid"), status.get("host")):
@@ -75,6 +72,15 @@ def check_resumable(run_dir: Path, recipe_dump: str) -> None:
         raise CompressError(
             f"--resume: the recipe differs from the one {run_dir} was started with: {'; '.join(diffs[:3])}{more}"
         )
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """status.json as a dict; empty when missing or unreadable."""
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 def _alive(pid: Any, host: Any) -> bool:

@@ -135,7 +135,7 @@ def fit(
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
-    loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=distributed.rank(), world=ctx.world)
+    loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world)
     trained = distributed.wrap(model, device)  # DDP averages gradients across ranks; else the model
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
     test_loader = ctx.data.eval_loader("test")

@@ -53,7 +53,9 @@ def write_recipe(tmp_path: Path):
     return write
 
 
-def digits_recipe(name: str, teacher: int, distill: int, finetune: int | None = None) -> dict[str, Any]:
+def digits_recipe(
+    name: str, teacher: int, distill: int, finetune: int | None = None, calibration_batches: int = 2
+) -> dict[str, Any]:
     """A real digits pipeline (teacher -> KD student -> [prune + KD fine-tune] -> ONNX -> INT8), fp32, fast."""
     stages: list[dict[str, Any]] = [
         {"kind": "train", "target": "teacher", "epochs": teacher, "lr": 0.05, "precision": "fp32"},
@@ -70,7 +72,7 @@ def digits_recipe(name: str, teacher: int, distill: int, finetune: int | None = 
                 "precision": "fp32",
             }
         )
-    stages += [{"kind": "export"}, {"kind": "quantize", "calibration_batches": 2}]
+    stages += [{"kind": "export"}, {"kind": "quantize", "calibration_batches": calibration_batches}]
     return {
         "name": name,
         "device": "cpu",
@@ -82,20 +84,7 @@ def digits_recipe(name: str, teacher: int, distill: int, finetune: int | None = 
     }
 
 
-DIGITS_RUN = {
-    "name": "deploy",
-    "device": "cpu",
-    "data": {"name": "digits"},
-    "teacher": {"model": "digits_teacher"},
-    "student": {"model": "digits_student"},
-    "stages": [
-        {"kind": "train", "target": "teacher", "epochs": 3, "lr": 0.05, "precision": "fp32"},
-        {"kind": "distill", "epochs": 4, "lr": 0.05, "precision": "fp32"},
-        {"kind": "export"},
-        {"kind": "quantize", "calibration_batches": 4},
-    ],
-    "benchmark": {"batch_sizes": [1], "iters": 2, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
-}
+DIGITS_RUN = digits_recipe("deploy", 3, 4, calibration_batches=4)
 
 
 @pytest.fixture(scope="session")

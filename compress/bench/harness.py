@@ -25,7 +25,7 @@ from compress.bench.measure import measure
 from compress.checkpoint import checkpoint_info, load_weights, read_checkpoint
 from compress.context import Artifact
 from compress.data import DataBundle
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.models import build_model
 from compress.onnx_utils import session
 from compress.recipe import BenchmarkConfig, format_validation_error, load_recipe, recipe_model
@@ -81,8 +81,7 @@ class Plan:
         try:  # before any measuring: onnxruntime also refuses external data outside the model's folder
             session(path)
         except Exception as exc:  # noqa: BLE001 - ORT raises several types; the first line says enough
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CompressError(f"{path}: onnxruntime cannot load it: {first}") from None
+            raise CompressError(f"{path}: onnxruntime cannot load it: {first_line(exc)}") from None
         self.onnx.append((_unique(name, self.names), path, props))
         if props.get("dataset"):
             self.data_hints.append((f"{path} metadata", {"name": props["dataset"]}))

@@ -23,11 +23,10 @@ from torch import nn
 from compress.bench.size import gzip_bytes, isolated_peak_rss, onnx_macs, onnx_weight_counts
 from compress.context import Artifact
 from compress.data import DataBundle
+from compress.errors import first_line
 from compress.metadata import feeder
 from compress.onnx_utils import run, session
 from compress.stages.prune import count
-
-__all__ = ["measure", "onnx_accuracy", "onnx_weight_counts", "percentiles", "raw_batch", "time_calls"]
 
 UNSTABLE_P90_OVER_P50 = 1.5  # a model's own spread is far tighter; beyond this other work interfered
 
@@ -107,14 +106,17 @@ def torch_accuracy(model: nn.Module, data: DataBundle, device: torch.device) -> 
 def onnx_accuracy(path, data: DataBundle, top5: bool = False) -> float | tuple[float, float]:
     """Top-1 (and top-5) of an ONNX file fed the raw test images the way its metadata says."""
     sess = session(path)
-    feed = feeder(sess, data)
+    top1, top5_acc = _onnx_topk(sess, feeder(sess, data), data)
+    return (top1, top5_acc) if top5 else top1
+
+
+def _onnx_topk(sess: ort.InferenceSession, feed: Callable, data: DataBundle) -> tuple[float, float]:
     hits = np.zeros(2, dtype=np.int64)
     for start in range(0, len(data.test_x), data.eval_batch_size):
         x = data.test_x[start : start + data.eval_batch_size]
         y = data.test_y[start : start + data.eval_batch_size].cpu().numpy()
         hits += _correct(run(sess, feed(x)), y)
-    top1, top5_acc = hits[0] / len(data.test_y), hits[1] / len(data.test_y)
-    return (top1, top5_acc) if top5 else top1
+    return hits[0] / len(data.test_y), hits[1] / len(data.test_y)
 
 
 # --------------------------------------------------------------------------- latency
@@ -187,12 +189,16 @@ def _compiled(model: nn.Module, device: str, x: torch.Tensor) -> tuple[Any, str 
             compiled(x.to(device))
         return compiled, None
     except Exception as exc:  # noqa: BLE001 - inductor failures are many and long; keep the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return None, f"torch.compile unavailable for {device}: {first}"
+        return None, f"torch.compile unavailable for {device}: {first_line(exc)}"
 
 
-def latency_rows(art: Artifact, data: DataBundle, bench: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per (device, runtime, threads, batch size); notes for what could not be measured."""
+def latency_rows(
+    art: Artifact, data: DataBundle, bench: Any, feed_of: Callable | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per (device, runtime, threads, batch size); notes for what could not be measured.
+
+    ``feed_of`` turns uint8 test images into an ONNX file's input (built from its metadata if not given).
+    """
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     for device in bench.devices:
@@ -206,11 +212,12 @@ def latency_rows(art: Artifact, data: DataBundle, bench: Any) -> tuple[list[dict
             notes += missing
         # Thread counts matter on CPU; a GPU run uses one host thread setting (the first).
         counts = thread_counts(bench.threads)
-        feed_of = feeder(session(art.path), data) if art.format == "onnx" else None
+        if art.format == "onnx" and feed_of is None:
+            feed_of = feeder(session(art.path), data)
         for runtime, target in targets:
             for threads in counts if device == "cpu" else counts[:1]:
                 for bs in bench.batch_sizes:
-                    if feed_of is None:
+                    if art.format == "torch":
                         x = batch_of(data, bs)
                         model: Any = art.model
                         if runtime == "torch-compile":
@@ -253,7 +260,7 @@ def measure(
     device: torch.device,
 ) -> tuple[dict[str, Any], list[str]]:
     """One row of report.json's ``artifacts``."""
-    cuda_peak = None
+    cuda_peak, feed = None, None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if art.format == "torch":
@@ -263,20 +270,21 @@ def measure(
         macs, params = count(art.model, batch_of(data, 1))
         nonzero = sum(int(torch.count_nonzero(p)) for p in art.model.parameters())
     else:
-        top1, top5 = onnx_accuracy(art.path, data, top5=True)
+        sess = session(art.path)
+        feed = feeder(sess, data)
+        top1, top5 = _onnx_topk(sess, feed, data)
         # What the file itself holds and computes (BatchNorm folded, biases included), so one file
         # reads the same in a run's report and in `compress bench`.
         params, nonzero = onnx_weight_counts(art.path)
         macs = onnx_macs(art.path)
     latency, notes = [], []
     if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
-        latency, notes = latency_rows(art, data, bench)
+        latency, notes = latency_rows(art, data, bench, feed)
     if device.type == "cuda" and art.format == "torch":
         cuda_peak = int(torch.cuda.max_memory_allocated(device))
     biggest = max(bench.batch_sizes)
-    if art.format == "onnx":
-        sess = session(art.path)
-        peak = isolated_peak_rss("onnx", art.path, feeder(sess, data)(raw_batch(data, biggest)))
+    if feed is not None:
+        peak = isolated_peak_rss("onnx", art.path, feed(raw_batch(data, biggest)))
     else:
         peak = isolated_peak_rss("torch", art.path, batch_of(data, biggest).numpy())
     row = {

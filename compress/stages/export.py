@@ -22,7 +22,7 @@ from torch import nn
 from compress import metadata
 from compress.context import Artifact, Context
 from compress.deploy import ModelInfo
-from compress.errors import StageFailed
+from compress.errors import StageFailed, first_line
 from compress.onnx_utils import quiet_stdout, run, session
 from compress.stages.base import STAGES, Stage
 
@@ -154,8 +154,9 @@ class Export(Stage):
             try:
                 export_onnx(wrapped, feed[:2] if len(feed) > 1 else feed, path, self.opset, info.input_name)
             except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise StageFailed(f"export: {role} ({type(model).__name__}) could not be exported: {first}") from exc
+                raise StageFailed(
+                    f"export: {role} ({type(model).__name__}) could not be exported: {first_line(exc)}"
+                ) from exc
             check = parity(model, path, x, feed)
         finally:
             model.to(ctx.device)
