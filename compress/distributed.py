@@ -67,6 +67,18 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients of parameters DDP does not manage (a loss's own trainable parts)."""
+    if active() and params:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(world)
+
+
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DDP around ``model`` when distributed; the model itself otherwise."""
     if not active():

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,19 @@ from compress.context import Context
 from compress.data import TensorLoader
 from compress.errors import StageFailed
 
-LossFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]  # (model, x, y) -> (loss, logits)
+
+@dataclass
+class Batch:
+    """One training step's inputs, with what a loss may need beyond images and labels."""
+
+    x: Tensor
+    y: Tensor
+    index: Tensor  # positions of these images in the training split
+    view: int | None  # the replayed augmentation (see DataBundle.train_loader), None if fresh
+    epoch: float  # progress in epochs: 0.5 = half-way through the first
+
+
+LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]  # (model, batch) -> (loss, logits)
 
 
 class OptimConfig(BaseModel):
@@ -64,9 +77,9 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
-    def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        logits = model(x)
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        logits = model(batch.x)
+        return F.cross_entropy(logits, batch.y, label_smoothing=label_smoothing), logits
 
     return loss_fn
 
@@ -121,13 +134,22 @@ def fit(
     cfg: OptimConfig,
     label: str,
     after_step: Callable[[], None] | None = None,
+    aux: nn.Module | None = None,
+    views: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place for ``epochs``; return metrics. Raises StageFailed on NaN/Inf loss."""
+    """Train ``model`` in place for ``epochs``; return metrics. Raises StageFailed on NaN/Inf loss.
+
+    ``aux`` holds trainable parts of the loss (FitNets regressors), optimized with the model and
+    discarded afterwards; ``views`` is passed to the train loader (replayed augmentations).
+    """
     device = ctx.device
     dtype = autocast_dtype(cfg.precision, device)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=fmt).train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    aux = aux if aux is not None else nn.Module()
+    aux.to(device).train()
+    aux_params = [p for p in aux.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + aux_params
     opt = torch.optim.SGD(
         params,
         lr=cfg.lr,
@@ -135,7 +157,7 @@ def fit(
         nesterov=cfg.nesterov and cfg.momentum > 0,
         weight_decay=cfg.weight_decay,
     )
-    loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world)
+    loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world, views=views)
     trained = distributed.wrap(model, device)  # DDP averages gradients across ranks; else the model
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
     test_loader = ctx.data.eval_loader("test")
@@ -149,6 +171,7 @@ def fit(
     if resume_file.is_file():
         saved = torch.load(resume_file, map_location=device, weights_only=True)
         model.load_state_dict(saved["model"])
+        aux.load_state_dict(saved["aux"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         history, best_acc, best_state = saved["history"], saved["best_acc"], saved["best_state"]
@@ -160,16 +183,20 @@ def fit(
         prog.advance(task, first_epoch * len(loader))
         for epoch in range(first_epoch, epochs):
             loader.set_epoch(epoch)
+            epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
-            for x, y in loader:
+            view = loader.view()
+            for step, (x, y, idx) in enumerate(loader.batches()):
                 x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
                 y = y.to(device, non_blocking=True)
+                batch = Batch(x, y, idx, view, epoch + step / len(loader))
                 with _autocast(device, dtype):
-                    loss, logits = loss_fn(trained, x, y)
+                    loss, logits = loss_fn(trained, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(aux_params)  # DDP averages the model's, not these
                 opt.step()
                 sched.step()
                 if after_step is not None:
@@ -194,6 +221,7 @@ def fit(
                 "train_acc": correct.item() / max(seen, 1),
                 "test_acc": test_acc,
                 "lr": opt.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - epoch_start,  # training steps + test evaluation
             }
             history.append(row)
             ctx.log.info(
@@ -214,6 +242,7 @@ def fit(
                     {
                         "epoch": epoch + 1,
                         "model": model.state_dict(),
+                        "aux": aux.state_dict(),
                         "opt": opt.state_dict(),
                         "sched": sched.state_dict(),
                         "history": history,

@@ -71,13 +71,21 @@ class DataBundle:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def train_loader(self, seed: int, augment: bool | None = None, rank: int = 0, world: int = 1) -> TensorLoader:
+    def train_loader(
+        self, seed: int, augment: bool | None = None, rank: int = 0, world: int = 1, views: int | None = None
+    ) -> TensorLoader:
         """Shuffled training batches; under DDP each of ``world`` ranks takes every world-th image of the
-        same permutation, in batches of batch_size // world, so the global batch stays batch_size."""
+        same permutation, in batches of batch_size // world, so the global batch stays batch_size.
+
+        ``views=K`` replays K fixed augmentations: image i in epoch e is crop/flipped exactly as in
+        epoch e - K (its parameters depend only on seed, e mod K and i), so anything computed from an
+        augmented image (cached teacher logits) can be reused. Without it every epoch draws new ones.
+        """
         aug = self.augment if augment is None else augment
         bs = max(1, self.batch_size // world)
         loader = TensorLoader(self, self.train_x, self.train_y, bs, seed=seed, augment=aug, drop_last=True)
         loader.rank, loader.world = rank, world
+        loader.views = views
         return loader
 
     def eval_loader(self, split: str = "test") -> TensorLoader:
@@ -113,6 +121,7 @@ class TensorLoader:
         self.seed, self.augment, self.drop_last = seed, augment, drop_last
         self.epoch = 0
         self.rank, self.world = 0, 1
+        self.views: int | None = None
 
     def __len__(self) -> int:
         n = len(self.x) // self.world
@@ -121,40 +130,71 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def view(self) -> int | None:
+        """Which fixed augmentation the current epoch replays: 0 without augmentation, None when
+        every epoch draws fresh random augmentations (then nothing per-image can be cached)."""
+        if not self.augment:
+            return 0
+        return None if self.views is None else self.epoch % self.views
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y, _ in self.batches():
+            yield x, y
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """(images, labels, indices into this split) batches."""
         gen = None
-        order = None
+        order = torch.arange(len(self.x), device=self.x.device)
         if self.seed is not None:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(len(self.x), generator=gen).to(self.x.device)
             if self.world > 1:  # every rank draws the same permutation and keeps its own stride
                 order = order[self.rank :: self.world]
+        view = self.view() if self.augment else None
+        table = self._view_table(view) if view is not None else None
         for i in range(len(self)):
-            sl = slice(i * self.batch_size, (i + 1) * self.batch_size)
-            idx = order[sl] if order is not None else None
-            xb = self.x[idx] if idx is not None else self.x[sl]
-            yb = self.y[idx] if idx is not None else self.y[sl]
-            xb = self.bundle.normalize(xb)
-            if self.augment:
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            xb = self.bundle.normalize(self.x[idx])
+            if table is not None:
+                dy, dx, flip = (t[idx] for t in table)
+                xb = crop_flip(xb, self.bundle.pad, dy, dx, flip if self.bundle.flip else None)
+            elif self.augment:
                 xb = augment_batch(xb, self.bundle.pad, self.bundle.flip, gen)
-            yield xb, yb
+            yield xb, self.y[idx], idx
+
+    def _view_table(self, view: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-image crop offsets and flips of fixed augmentation ``view`` (a function of seed, view)."""
+        gen = torch.Generator().manual_seed((self.seed or 0) * 100_003 + 7_919 * (view + 1) + 1)
+        n, pad = len(self.x), self.bundle.pad
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+        flip = torch.rand(n, generator=gen) < 0.5
+        return dy.to(self.x.device), dx.to(self.x.device), flip.to(self.x.device)
 
 
 def augment_batch(x: Tensor, pad: int, flip: bool, gen: torch.Generator | None) -> Tensor:
     """Random crop with zero padding and random horizontal flip, vectorized over the batch."""
-    n, _, h, w = x.shape
+    n = x.shape[0]
+    dy = dx = None
     if pad > 0:
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
         dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    mask = (torch.rand(n, generator=gen) < 0.5).to(x.device) if flip else None
+    return crop_flip(x, pad, dy, dx, mask)
+
+
+def crop_flip(x: Tensor, pad: int, dy: Tensor | None, dx: Tensor | None, flip: Tensor | None) -> Tensor:
+    """Crop each image at offsets (dy, dx) of its zero-padded copy, then mirror where ``flip``."""
+    n, _, h, w = x.shape
+    if pad > 0 and dy is not None and dx is not None:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chan, rows, cols]
-    if flip:
-        mask = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
-        x = torch.where(mask, x.flip(3), x)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous()
 
 

@@ -23,6 +23,7 @@ class Synthetic(DatasetConfig):
     test_size: int = Field(128, ge=1)
     noise: float = Field(40.0, ge=0, description="noise std in uint8 pixel units")
     seed: int = 0
+    augment: bool = Field(False, description="random crop (pad 4) + horizontal flip while training")
     batch_size: int = Field(64, gt=0, le=65536)
 
     def load(self) -> DataBundle:
@@ -45,7 +46,7 @@ class Synthetic(DatasetConfig):
             class_names=[f"class{i}" for i in range(self.num_classes)],
             mean=(0.5,) * self.channels,
             std=(0.3,) * self.channels,
-            augment=False,
+            augment=self.augment,
             batch_size=self.batch_size,
             eval_batch_size=self.eval_batch_size,
         )
