@@ -28,11 +28,10 @@ from compress.bench import measure as bench
 from compress.bench import report as report_mod
 from compress.bench.env import environment
 from compress.bench.size import gzip_bytes
-from compress.checkpoint import load_weights, read_checkpoint
 from compress.context import Context
 from compress.data import DataBundle
-from compress.errors import CompressError, StageFailed, first_line, out_of_memory
-from compress.models import build_model
+from compress.errors import CompressError, StageFailed, out_of_memory
+from compress.models import build_from_spec
 from compress.recipe import RecipeBase, dump_recipe
 
 RUN_MARKERS = ("status.json", "recipe.resolved.yaml")
@@ -63,23 +62,7 @@ def load_data(recipe: RecipeBase) -> DataBundle:
 
 
 def build_role(recipe: RecipeBase, role: str, data: DataBundle) -> torch.nn.Module:
-    spec = getattr(recipe, role)
-    model = build_model(spec.model, data.num_classes, data.channels, **spec.kwargs)
-    if spec.checkpoint is not None:
-        state, pruned = read_checkpoint(spec.checkpoint, role, f"{role}.checkpoint")
-        load_weights(model, state, pruned=pruned, field=f"{role}.checkpoint")
-    x = data.example_input(2)
-    try:
-        with torch.no_grad():
-            out = model.eval()(x)
-    except Exception as exc:  # noqa: BLE001 - a model that cannot take the data is a recipe error
-        raise CompressError(
-            f"{role}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first_line(exc)}"
-        ) from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise CompressError(f"{role}.model: {spec.model!r} returns {shape}, expected logits (2, {data.num_classes})")
-    return model
+    return build_from_spec(getattr(recipe, role), data, role, role)
 
 
 def make_run_dir(recipe: RecipeBase, out: Path | None, overwrite: bool) -> Path:
@@ -147,7 +130,7 @@ def run(
     roles = ["teacher", "student"] if recipe.teacher is not None else ["student"]
     models = {role: build_role(recipe, role, data) for role in roles}
     for i, stage in enumerate(recipe.stages):  # type: ignore[attr-defined]
-        stage.preflight(models, f"stages.{i}")
+        stage.preflight(models, data, f"stages.{i}")
     run_dir, error = None, None
     if rank == 0:  # one writer; the other ranks learn the directory (or the error) from it
         try:

@@ -12,32 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from compress.data import DATASETS
+from compress.distill import LOSSES
 from compress.errors import CompressError
-from compress.models import check_model_name
+from compress.models import ModelSpec
 from compress.stages import STAGES
-
-
-class ModelSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="registered name, 'torchvision:<name>' or 'package.module:function'")
-    checkpoint: Path | None = Field(None, description="state_dict file (or a compress checkpoint), loaded weights_only")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments for the model factory")
-
-    @field_validator("model")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return check_model_name(v)
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _exists(cls, v: Path | None) -> Path | None:
-        if v is not None and not v.is_file():
-            raise ValueError(f"{str(v)!r} is not a file" if v.exists() else f"{str(v)!r} does not exist")
-        return v
 
 
 class BenchmarkConfig(BaseModel):
@@ -202,7 +183,14 @@ def format_validation_error(exc: ValidationError, raw: Any, source: str) -> str:
     for err in exc.errors(include_url=False):
         msg = err["msg"].removeprefix("Value error, ")
         path = _field_path(err["loc"], raw)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "union_tag_invalid":
+            import difflib
+
+            tags = [t.strip().strip("'") for t in err["ctx"]["expected_tags"].split(",")]
+            close = difflib.get_close_matches(str(err["ctx"]["tag"]), tags, n=1)
+            msg = f"unknown {err['ctx']['discriminator'].strip(chr(39))} {err['ctx']['tag']!r}"
+            msg += f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(tags)})"
+        elif err["type"] == "extra_forbidden":
             msg = "unknown field"
             model = _model_at(tuple(err["loc"][:-1]))
             if model is not None:
@@ -233,6 +221,9 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
             continue
         if part in DATASETS:
             model = DATASETS.get(part)
+            continue
+        if part in LOSSES:
+            model = LOSSES.get(part)
             continue
         field = model.model_fields.get(part) if model is not None else None
         if field is None:

@@ -59,6 +59,43 @@ CASES = {
     "missing checkpoint": ("teacher.checkpoint", "/nonexistent/t.pt", ["teacher.checkpoint", "does not exist"]),
     "unknown top-level key": ("benchmarks", {}, ["benchmarks", "unknown field", "did you mean 'benchmark'"]),
     "unknown loss": ("stages.1.loss", "hintn", ["stages.1.loss", "did you mean hinton"]),
+    "unknown loss term": (
+        "stages.1",
+        {"kind": "distill", "epochs": 1, "losses": [{"name": "dkdd"}]},
+        ["stages.1.losses.0", "'dkdd'", "'dkd'"],
+    ),
+    "typo'd loss term field": (
+        "stages.1",
+        {"kind": "distill", "epochs": 1, "losses": [{"name": "dkd", "betta": 8}]},
+        ["stages.1.losses.0.betta", "unknown field", "did you mean 'beta'"],
+    ),
+    "loss and losses": (
+        "stages.1",
+        {"kind": "distill", "epochs": 1, "temperature": 2, "losses": [{"name": "ce"}]},
+        ["stages.1", "either losses: or temperature"],
+    ),
+    "feature loss as shorthand": ("stages.1.loss", "attention", ["stages.1.loss", "names layers", "losses:"]),
+    "layer pairs missing": (
+        "stages.1",
+        {"kind": "distill", "epochs": 1, "losses": [{"name": "fitnets"}]},
+        ["stages.1.losses.0.pairs", "required"],
+    ),
+    "cached teacher features": (
+        "stages.1",
+        {
+            "kind": "distill",
+            "epochs": 1,
+            "cache_teacher": True,
+            "losses": [{"name": "attention", "pairs": [{"student": "layer1", "teacher": "layer1"}]}],
+        },
+        ["stages.1", "cache_teacher", "attention needs teacher features"],
+    ),
+    "extra teacher without weights": (
+        "stages.1",
+        {"kind": "distill", "epochs": 1, "teachers": [{"model": "teacher"}, {"model": "resnet20"}]},
+        ["stages.1.teachers.1", "needs a checkpoint"],
+    ),
+    "zero teacher weight": ("stages.1", {"kind": "distill", "epochs": 1, "teachers": [{"weight": 0}]}, ["weight"]),
     "quantize before export": ("stages", [{"kind": "quantize"}], ["stages.0 (quantize) needs onnx"]),
 }
 
@@ -183,8 +220,8 @@ def test_existing_out_dir_is_not_overwritten(tiny, write_recipe, tmp_path, capsy
 def test_validate_prints_the_resolved_recipe(tiny, write_recipe, capsys):
     assert main(["validate", str(write_recipe(tiny)), "--set", "stages.1.temperature=2.5"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["stages"][1]["temperature"] == 2.5
-    assert resolved["stages"][1]["alpha"] == 0.9  # defaults are filled in
+    (term,) = resolved["stages"][1]["losses"]  # the loss: shorthand, spelled out
+    assert term == {"name": "hinton", "weight": 1.0, "temperature": 2.5, "alpha": 0.9}  # defaults filled in
 
 
 def test_list_shows_every_registry_entry(capsys):

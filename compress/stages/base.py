@@ -16,6 +16,7 @@ from compress.registry import Registry
 
 if TYPE_CHECKING:
     from compress.context import Context
+    from compress.data import DataBundle
 
 
 class Stage(BaseModel):
@@ -36,8 +37,8 @@ class Stage(BaseModel):
         """Per-instance needs (e.g. prune needs a teacher only when ``distill: true``)."""
         return self.needs
 
-    def preflight(self, models: dict[str, nn.Module], field: str) -> None:
-        """Check the recipe against the built models before anything is written.
+    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+        """Check the recipe against the built models and data before anything is written.
 
         Raise CompressError naming ``field`` (e.g. ``stages.2``) for a user error that the schema
         alone cannot see, such as a module-name pattern that matches nothing.

@@ -18,10 +18,11 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from compress.context import Context
+from compress.data import DataBundle
 from compress.errors import CompressError, StageFailed
 from compress.importance import IMPORTANCES
 from compress.stages.base import STAGES, Stage
-from compress.stages.distill import KDConfig, kd_loss
+from compress.stages.distill import KDConfig
 from compress.training import OptimConfig, cross_entropy, fit
 
 
@@ -53,7 +54,7 @@ class Prune(Stage, OptimConfig, KDConfig):
         return v
 
     def requirements(self) -> frozenset[str]:
-        return frozenset({"teacher"}) if self.distill else frozenset()
+        return self.kd_requirements() if self.distill else frozenset()
 
     def changes(self) -> tuple[str, ...]:
         return ("student",)
@@ -104,20 +105,16 @@ class Prune(Stage, OptimConfig, KDConfig):
         }
         if self.finetune_epochs:
             if self.distill:
-                teacher = ctx.teacher
-                assert teacher is not None
-                teacher.to(ctx.device)
-                loss_fn = kd_loss(teacher, self, self.label_smoothing)
+                field = f"stages.{ctx.stage_index - 1}"
+                metrics.update(self.distill_fit(ctx, model, self.finetune_epochs, self, field))
             else:
                 loss_fn = cross_entropy(self.label_smoothing)
-            label = f"prune fine-tune{' + KD' if self.distill else ''}"
-            metrics.update(fit(ctx, model, loss_fn, self.finetune_epochs, self, label))
-            if ctx.teacher is not None:
-                for p in ctx.teacher.parameters():
-                    p.requires_grad_(True)
+                metrics.update(fit(ctx, model, loss_fn, self.finetune_epochs, self, "prune fine-tune"))
         return metrics
 
-    def preflight(self, models: dict[str, nn.Module], field: str) -> None:
+    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+        if self.distill:
+            self.kd_preflight(models, data, field)
         names = [n for n, _ in models["student"].named_modules() if n]
         for pattern in self.ignore:
             if not any(fnmatch.fnmatch(n, pattern) for n in names):
