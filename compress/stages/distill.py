@@ -211,7 +211,7 @@ class KDConfig(BaseModel):
             raise CompressError(f"{field}.losses: {exc}") from None
 
     def distill_fit(
-        self, ctx: Context, student: nn.Module, epochs: int, cfg: OptimConfig, field: str
+        self, ctx: Context, student: nn.Module, epochs: int, cfg: OptimConfig, field: str, what: str = "distill"
     ) -> dict[str, Any]:
         """Fit ``student`` against the teachers with this config's loss terms; hooks removed after."""
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -228,7 +228,7 @@ class KDConfig(BaseModel):
         )
         try:
             with objective:
-                label = f"distill ({self.kd_label()})"
+                label = f"{what} ({self.kd_label()})"
                 metrics = fit(ctx, student, objective, epochs, cfg, label, aux=objective.aux, views=self.augment_views)
         finally:
             for t in teachers:

@@ -106,7 +106,7 @@ class Prune(Stage, OptimConfig, KDConfig):
         if self.finetune_epochs:
             if self.distill:
                 field = f"stages.{ctx.stage_index - 1}"
-                metrics.update(self.distill_fit(ctx, model, self.finetune_epochs, self, field))
+                metrics.update(self.distill_fit(ctx, model, self.finetune_epochs, self, field, "prune fine-tune + KD"))
             else:
                 loss_fn = cross_entropy(self.label_smoothing)
                 metrics.update(fit(ctx, model, loss_fn, self.finetune_epochs, self, "prune fine-tune"))
