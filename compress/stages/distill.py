@@ -10,7 +10,7 @@ computes each teacher logit once and reuses it where that is provably the same v
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import torch
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
@@ -19,7 +19,6 @@ from torch import nn
 from compress.context import Context
 from compress.data import DataBundle
 from compress.distill import LOSSES, LossTerm
-from compress.distill.hinton import Hinton
 from compress.distill.objective import DistillObjective, TeacherCache
 from compress.distill.taps import find_module
 from compress.errors import CompressError
@@ -27,14 +26,8 @@ from compress.models import ModelSpec, build_from_spec, check_model_name
 from compress.stages.base import STAGES, Stage
 from compress.training import OptimConfig, autocast_dtype, fit
 
-LossUnion = Any
-_terms = [LOSSES.get(n) for n in LOSSES.names()]
-if len(_terms) > 1:
-    from typing import Annotated, Union
-
-    LossUnion = Annotated[Union[tuple(_terms)], Field(discriminator="name")]  # noqa: UP007
-else:  # pragma: no cover
-    LossUnion = _terms[0]
+# The recipe's `losses:` entries: a union of the registered terms, told apart by `name`.
+LossUnion = Annotated[Union[tuple(LOSSES.get(n) for n in LOSSES.names())], Field(discriminator="name")]  # noqa: UP007
 
 
 class TeacherRef(ModelSpec):
@@ -259,6 +252,3 @@ class Distill(Stage, OptimConfig, KDConfig):
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         return self.distill_fit(ctx, ctx.student, self.epochs, self, f"stages.{ctx.stage_index - 1}")
-
-
-__all__ = ["Distill", "Hinton", "KDConfig", "TeacherRef"]
