@@ -171,7 +171,7 @@ def fit(
     if resume_file.is_file():
         saved = torch.load(resume_file, map_location=device, weights_only=True)
         model.load_state_dict(saved["model"])
-        aux.load_state_dict(saved["aux"])
+        aux.load_state_dict(saved.get("aux", {}))  # absent in files from before aux existed
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         history, best_acc, best_state = saved["history"], saved["best_acc"], saved["best_state"]
