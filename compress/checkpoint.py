@@ -123,12 +123,22 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 setattr(module, attr, nn.Parameter(fresh, requires_grad=current.requires_grad))
             else:
                 module.register_buffer(attr, fresh)
+    sync_attributes(model)
+
+
+def sync_attributes(model: nn.Module) -> None:
+    """Keep the hyper-parameters that forward() and repr() read consistent with (pruned) tensors."""
+    for module in model.modules():
         _fix_attributes(module)
 
 
 def _fix_attributes(module: nn.Module) -> None:
-    """Keep the hyper-parameters that forward() and repr() read consistent with the tensors."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+        module.head_dim = module.embed_dim // module.num_heads
+    elif hasattr(module, "hidden_dim") and isinstance(getattr(module, "conv_proj", None), nn.Conv2d):
+        module.hidden_dim = module.conv_proj.weight.shape[0]  # torchvision VisionTransformer reshapes by it
+    elif isinstance(module, nn.modules.conv._ConvNd):
         was_depthwise = module.groups > 1 and module.groups == module.in_channels
         module.out_channels = module.weight.shape[0]
         if was_depthwise:

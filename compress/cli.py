@@ -1,4 +1,6 @@
-"""``compress run | validate | predict | report | list | schema``. User errors: one line on stderr, exit 2."""
+"""``compress run | validate | predict | bench | report | analyze | list | schema``.
+
+User errors: one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -21,6 +23,13 @@ def _ints(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _words(text: str) -> list[str]:
@@ -76,6 +85,17 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--out", type=Path, default=None, help="output folder (default: the run itself, or runs/compare-<time>)"
     )
+    ana = sub.add_parser("analyze", help="analyses that guide a recipe")
+    ana_sub = ana.add_subparsers(dest="analysis", required=True, parser_class=_Parser)
+    sens = ana_sub.add_parser(
+        "sensitivity", help="per-layer pruning sensitivity of the recipe's student: JSON + PNG, derived ratios"
+    )
+    recipe_args(sens)
+    sens.add_argument("--ratios", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="comma-separated sweep")
+    sens.add_argument("--images", type=int, default=2000, help="test images evaluated per point (default 2000)")
+    sens.add_argument("--target-macs", type=float, default=None, help="derive per-layer ratios keeping this MACs share")
+    sens.add_argument("--out", type=Path, default=None, help="output folder (default runs/sensitivity-<time>)")
+    sens.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("list", help="list registered stages, models, datasets, losses and importances")
     sub.add_parser("schema", help="print the recipe's JSON Schema")
     return p
@@ -174,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             _bench(args)
         elif args.command == "report":
             _report(args.runs, args.out)
+        elif args.command == "analyze":
+            from compress.pruning.sensitivity import analyze
+
+            analyze(args)
         elif args.command == "schema":
             from compress.recipe import json_schema
 

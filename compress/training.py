@@ -133,12 +133,13 @@ def fit(
     epochs: int,
     cfg: OptimConfig,
     label: str,
-    after_step: Callable[[], None] | None = None,
+    after_step: Callable[[float], None] | None = None,
     aux: nn.Module | None = None,
     views: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``epochs``; return metrics. Raises StageFailed on NaN/Inf loss.
 
+    ``after_step(progress_in_epochs)`` runs after every optimizer step (AGP grows masks there).
     ``aux`` holds trainable parts of the loss (FitNets regressors), optimized with the model and
     discarded afterwards; ``views`` is passed to the train loader (replayed augmentations).
     """
@@ -200,7 +201,7 @@ def fit(
                 opt.step()
                 sched.step()
                 if after_step is not None:
-                    after_step()
+                    after_step(epoch + (step + 1) / len(loader))  # progress in epochs
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)

@@ -21,7 +21,15 @@ from compress.recipe import validate_recipe
 from compress.stages import STAGES
 
 # The stages each registered kind needs before it (a new stage kind must add its prerequisites here).
-PREREQS = {"train": [], "distill": [], "prune": [], "export": [], "quantize": [{"kind": "export"}]}
+PREREQS = {
+    "train": [],
+    "distill": [],
+    "prune": [],
+    "sparsify": [],
+    "export": [],
+    "quantize": [{"kind": "export"}],
+}
+EXAMPLES = {"sparsify": {"kind": "sparsify", "sparsity": 0.5, "finetune_epochs": 1}}  # kinds not in TINY
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +125,7 @@ def test_parametrized_over_stage_registry():
 @pytest.mark.parametrize("kind", STAGES.names())
 def test_each_stage_alone(kind, tiny, tmp_path):
     """Each stage kind runs as the only model-changing stage of a recipe, with its defaults."""
-    example = next(s for s in tiny["stages"] if s["kind"] == kind)
+    example = next((s for s in tiny["stages"] if s["kind"] == kind), None) or EXAMPLES[kind]
     tiny["stages"] = PREREQS[kind] + [example]
     tiny["benchmark"]["torch_snapshots"] = False
     out = run(validate_recipe(tiny), tmp_path / "run", quiet=True)

@@ -10,6 +10,7 @@ computes each teacher logit once and reuses it where that is provably the same v
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
 import torch
@@ -204,7 +205,14 @@ class KDConfig(BaseModel):
             raise CompressError(f"{field}.losses: {exc}") from None
 
     def distill_fit(
-        self, ctx: Context, student: nn.Module, epochs: int, cfg: OptimConfig, field: str, what: str = "distill"
+        self,
+        ctx: Context,
+        student: nn.Module,
+        epochs: int,
+        cfg: OptimConfig,
+        field: str,
+        what: str = "distill",
+        after_step: Callable[[float], None] | None = None,
     ) -> dict[str, Any]:
         """Fit ``student`` against the teachers with this config's loss terms; hooks removed after."""
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -222,7 +230,9 @@ class KDConfig(BaseModel):
         try:
             with objective:
                 label = f"{what} ({self.kd_label()})"
-                metrics = fit(ctx, student, objective, epochs, cfg, label, aux=objective.aux, views=self.augment_views)
+                metrics = fit(
+                    ctx, student, objective, epochs, cfg, label, after_step, aux=objective.aux, views=self.augment_views
+                )
         finally:
             for t in teachers:
                 t.to(memory_format=torch.contiguous_format)

@@ -1,57 +1,57 @@
-"""Structured channel pruning that really shrinks tensors (torch-pruning's DependencyGraph).
-
-Coupled layers (a residual add, a BN after a conv, the next conv's input) are found by tracing, so
-removing a channel removes it everywhere it flows; parameter count, MACs and the saved file shrink,
-the output shape does not. The classifier is never pruned. Optional fine-tuning, with KD from the
-teacher when ``distill: true``.
+"""Structured channel pruning that really shrinks tensors, to a channel ratio or a MACs/params
+budget, in one shot or in N steps of prune → fine-tune (with KD from the teacher when
+``distill: true``). See compress/pruning/structured.py for how channels are chosen.
 """
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 from typing import Any, Literal
 
 import torch
-import torch_pruning as tp
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import Context
 from compress.data import DataBundle
-from compress.errors import CompressError, StageFailed
-from compress.importance import IMPORTANCES
+from compress.errors import StageFailed
+from compress.importance import needs_gradients
+from compress.pruning.structured import StructuredOptions, count, guarded, prune_step, search_ratio
 from compress.stages.base import STAGES, Stage
 from compress.stages.distill import KDConfig
-from compress.training import OptimConfig, cross_entropy, fit
+from compress.training import OptimConfig, cross_entropy, evaluate, fit
+
+__all__ = ["Prune", "count"]
 
 
-def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    """(MACs, params) of one forward pass on ``example``, via torch-pruning's op counter."""
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return int(macs), int(params)
+def step_share(total: float, step: int, steps: int) -> float:
+    """The ratio step ``step`` of ``steps`` removes from what is left, so that after it
+    ``total * step / steps`` of the original channels are gone (a linear schedule)."""
+    before, after = total * (step - 1) / steps, total * step / steps
+    return 1 - (1 - after) / (1 - before)
 
 
 @STAGES.register("prune")
-class Prune(Stage, OptimConfig, KDConfig):
-    """Structured channel pruning (torch-pruning DepGraph) + optional (KD) fine-tune."""
+class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
+    """Structured channel pruning (torch-pruning DepGraph) to a ratio or MACs/params target,
+    one-shot or iterative, with optional (KD) fine-tuning after each step."""
 
     kind: Literal["prune"] = "prune"
-    method: str = Field("l1", description="importance criterion (compress list)")
-    ratio: float = Field(0.5, gt=0, lt=1, description="fraction of channels removed per layer (uniform) or overall")
-    global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
-    round_to: int | None = Field(None, ge=1, le=1024, description="keep channel counts a multiple of this")
-    ignore: list[str] = Field(default_factory=list, description="module-name patterns never pruned (fnmatch)")
-    finetune_epochs: int = Field(0, ge=0, le=10_000)
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed (default 0.5)")
+    target_macs: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the MACs, e.g. 0.5")
+    target_params: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the parameters")
+    steps: int = Field(1, ge=1, le=100, description="prune in this many steps, fine-tuning after each")
+    finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tuning epochs after each step")
     distill: bool = Field(False, description="fine-tune with KD from the teacher")
     lr: float = Field(0.01, gt=0, le=10)
 
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in IMPORTANCES:
-            raise ValueError(IMPORTANCES.unknown_message(v))
-        return v
+    @model_validator(mode="after")
+    def _one_target(self) -> Prune:
+        given = [k for k in ("ratio", "target_macs", "target_params") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of ratio, target_macs, target_params (got {', '.join(given)})")
+        if not given:
+            self.ratio = 0.5
+        return self
 
     def requirements(self) -> frozenset[str]:
         return self.kd_requirements() if self.distill else frozenset()
@@ -59,73 +59,89 @@ class Prune(Stage, OptimConfig, KDConfig):
     def changes(self) -> tuple[str, ...]:
         return ("student",)
 
+    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+        if self.distill:
+            self.kd_preflight(models, data, field)
+        self.check_patterns(models["student"], field)
+
     def apply(self, ctx: Context) -> dict[str, Any]:
         model = ctx.student.to(ctx.device).eval()
         example = ctx.example_input(2)
         with torch.no_grad():
-            out_before = model(example)
+            shape = model(example).shape
+        num_classes = shape[-1]
         macs0, params0 = count(model, example)
-        ignored = self._ignored_layers(model, out_before.shape[-1])
-        try:
-            pruner = tp.pruner.BasePruner(
-                model,
-                example,
-                importance=IMPORTANCES.get(self.method)(),
-                pruning_ratio=self.ratio,
-                global_pruning=self.global_pruning,
-                ignored_layers=ignored,
-                round_to=self.round_to,
-            )
-            pruner.step()
-        except Exception as exc:  # noqa: BLE001 - report which model/op torch-pruning could not handle
-            raise StageFailed(
-                f"prune: torch-pruning failed on {type(model).__name__}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
-        with torch.no_grad():
-            out_after = model(example)
-        if out_after.shape != out_before.shape:
-            raise StageFailed(f"prune: output shape changed {tuple(out_before.shape)} -> {tuple(out_after.shape)}")
+        field = f"stages.{ctx.stage_index - 1}"
+        history: list[dict[str, Any]] = []
+        fits: list[dict[str, Any]] = []
+        pruner = None  # ratio mode: one torch-pruning pruner stepping through the linear schedule
+        for step in range(1, self.steps + 1):
+            if needs_gradients(self.method):
+                self._accumulate_gradients(ctx, model)
+            if self.ratio is not None:
+                ratio = self.ratio * step / self.steps  # of the original channels, removed so far
+                if pruner is None:
+                    pruner = self._ratio_pruner(model, example, num_classes)
+                guarded(model, pruner.step, example)
+            else:
+                metric = "macs" if self.target_macs is not None else "params"
+                keep = self.target_macs if self.target_macs is not None else self.target_params
+                base = macs0 if metric == "macs" else params0
+                budget = int(base * (1 - (1 - keep) * step / self.steps))
+                scale = (lambda r, s=step: step_share(r, s, self.steps)) if self.steps > 1 else (lambda r: r)
+                ratio, _ = search_ratio(model, example, self, budget, metric, num_classes, scale)
+                prune_step(model, example, self, ratio, num_classes, scale)
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                if model(example).shape != shape:
+                    raise StageFailed(f"prune: output shape changed {tuple(shape)} -> {tuple(model(example).shape)}")
+            macs, params = count(model, example)
+            row: dict[str, Any] = {"step": step, "ratio": ratio, "macs": macs, "params": params}
+            row["test_acc_pruned"] = evaluate(model, ctx.data.eval_loader("test"), ctx.device)
+            ctx.log.info(
+                "prune step %d/%d (%s, ratio %.3f): params %d -> %d, MACs %d -> %d, test_acc %.4f",
+                step, self.steps, self.method, ratio, params0, params, macs0, macs, row["test_acc_pruned"],
+            )  # fmt: skip
+            ctx.pruned["student"] = True
+            if self.finetune_epochs:
+                fits.append(self._finetune(ctx, model, field, step))
+                row["test_acc_finetuned"] = fits[-1]["test_acc"]
+            history.append(row)
         macs1, params1 = count(model, example)
-        ctx.pruned["student"] = True
-        ctx.log.info(
-            "prune %s ratio %.2f: params %d -> %d, MACs %d -> %d",
-            self.method,
-            self.ratio,
-            params0,
-            params1,
-            macs0,
-            macs1,
-        )
         metrics: dict[str, Any] = {
             "params_before": params0,
             "params_after": params1,
             "macs_before": macs0,
             "macs_after": macs1,
+            "macs_kept": macs1 / macs0,
+            "params_kept": params1 / params0,
+            "steps": history,
         }
-        if self.finetune_epochs:
-            if self.distill:
-                field = f"stages.{ctx.stage_index - 1}"
-                metrics.update(self.distill_fit(ctx, model, self.finetune_epochs, self, field, "prune fine-tune + KD"))
-            else:
-                loss_fn = cross_entropy(self.label_smoothing)
-                metrics.update(fit(ctx, model, loss_fn, self.finetune_epochs, self, "prune fine-tune"))
+        if fits:  # the last fine-tune's metrics (test_acc, history, ...) describe the result
+            metrics.update(fits[-1])
+            metrics["seconds_finetune"] = sum(f["seconds"] for f in fits)
         return metrics
 
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        if self.distill:
-            self.kd_preflight(models, data, field)
-        names = [n for n, _ in models["student"].named_modules() if n]
-        for pattern in self.ignore:
-            if not any(fnmatch.fnmatch(n, pattern) for n in names):
-                close = difflib.get_close_matches(pattern, names, n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise CompressError(f"{field}.ignore: pattern {pattern!r} matches no module of the student{hint}")
+    def _ratio_pruner(self, model: nn.Module, example: torch.Tensor, num_classes: int):
+        """Built once (tracing the graph); each ``step()`` then prunes to the schedule's next share
+        of the *original* channel counts, so N steps end where one shot would."""
+        holder: list = []
+        guarded(model, lambda: holder.append(self.pruner(model, example, self.ratio, num_classes, steps=self.steps)))
+        return holder[0]
 
-    def _ignored_layers(self, model: nn.Module, num_classes: int) -> list[nn.Module]:
-        """The classifier (any Linear producing num_classes outputs) plus the ``ignore`` patterns."""
-        names = dict(model.named_modules())
-        ignored = [m for m in names.values() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-        for pattern in self.ignore:
-            ignored.extend(m for n, m in names.items() if n and fnmatch.fnmatch(n, pattern))
-        return ignored
+    def _finetune(self, ctx: Context, model: nn.Module, field: str, step: int) -> dict[str, Any]:
+        label = "prune fine-tune + KD" if self.distill else "prune fine-tune"
+        if self.steps > 1:
+            label += f" {step}/{self.steps}"
+        if self.distill:
+            return self.distill_fit(ctx, model, self.finetune_epochs, self, field, label)
+        return fit(ctx, model, cross_entropy(self.label_smoothing), self.finetune_epochs, self, label)
+
+    def _accumulate_gradients(self, ctx: Context, model: nn.Module) -> None:
+        """∂L/∂w summed over ``taylor_batches`` training batches (eval mode: BN statistics untouched)."""
+        model.eval().zero_grad(set_to_none=True)
+        loader = ctx.data.train_loader(seed=ctx.recipe.seed, augment=False)
+        for i, (x, y, _) in enumerate(loader.batches()):
+            if i == self.taylor_batches:
+                break
+            torch.nn.functional.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()

@@ -1,0 +1,241 @@
+"""Structured (channel) pruning over torch-pruning's DependencyGraph: options, one pruning step,
+and a search for the ratio that meets a MACs or parameter budget.
+
+Coupled layers (a residual add, a concat, a channel split, a BN after a conv, attention's q/k/v)
+are found by tracing, so removing a channel removes it everywhere it flows and the tensors really
+shrink. The classifier (any Linear producing the class logits) is never pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import math
+import traceback
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch_pruning as tp
+from pydantic import BaseModel, Field, field_validator
+from torch import nn
+
+from compress.checkpoint import sync_attributes
+from compress.errors import CompressError, StageFailed
+from compress.importance import IMPORTANCES
+
+
+def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, params) of one forward pass on ``example``, via torch-pruning's op counter."""
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)
+
+
+class StructuredOptions(BaseModel):
+    """How channels are chosen: shared by the prune stage and ``compress analyze sensitivity``."""
+
+    method: str = Field("l1", description="importance criterion (compress list)")
+    global_pruning: bool = Field(False, description="rank channels across layers instead of per layer")
+    ratios: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-layer channel ratios by module-name pattern (fnmatch), overriding the stage's",
+    )
+    max_ratio: float = Field(0.9, gt=0, lt=1, description="no layer loses more than this fraction of its channels")
+    round_to: int | None = Field(None, ge=1, le=1024, description="keep channel counts a multiple of this")
+    ignore: list[str] = Field(default_factory=list, description="module-name patterns never pruned (fnmatch)")
+    taylor_batches: int = Field(4, ge=1, le=10_000, description="training batches of gradients for 'taylor'")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in IMPORTANCES:
+            raise ValueError(IMPORTANCES.unknown_message(v))
+        return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _in_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for pattern, r in v.items():
+            if not 0 <= r < 1:
+                raise ValueError(f"ratio of {pattern!r} must be in [0, 1), got {r}")
+        return v
+
+    def check_patterns(self, model: nn.Module, field: str) -> None:
+        """A pattern that matches no module is a typo: say so, with close names."""
+        names = [n for n, _ in model.named_modules() if n]
+        for key, patterns in (("ignore", self.ignore), ("ratios", list(self.ratios))):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatch(n, pattern) for n in names):
+                    close = difflib.get_close_matches(pattern, names, n=3)
+                    hint = f"; did you mean {', '.join(close)}?" if close else ""
+                    raise CompressError(f"{field}.{key}: pattern {pattern!r} matches no module of the student{hint}")
+
+    def ignored(self, model: nn.Module, num_classes: int) -> list[nn.Module]:
+        """The classifier (every Linear producing ``num_classes`` outputs) plus the ``ignore`` patterns."""
+        named = dict(model.named_modules())
+        out = [m for m in named.values() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        for pattern in self.ignore:
+            out.extend(m for n, m in named.items() if n and fnmatch.fnmatch(n, pattern))
+        return out
+
+    def overrides(self, model: nn.Module, scale: Callable[[float], float] = lambda r: r) -> dict[nn.Module, float]:
+        """``ratios`` as torch-pruning's per-module dict; a later pattern wins over an earlier one."""
+        named = dict(model.named_modules())
+        out: dict[nn.Module, float] = {}
+        for pattern, r in self.ratios.items():
+            for n, m in named.items():
+                if n and fnmatch.fnmatch(n, pattern):
+                    out[m] = scale(r)
+        return out
+
+    def pruner(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        ratio: float,
+        num_classes: int,
+        scale: Callable[[float], float] = lambda r: r,
+        steps: int = 1,
+    ) -> tp.pruner.BasePruner:
+        """A torch-pruning pruner removing ``ratio`` of the channels (per layer, or overall when
+        global) in ``steps`` calls of ``step()``, each a linear share of the original channel
+        counts. ``scale`` maps a per-layer override to this pruner's share of it."""
+        # nn.MultiheadAttention keeps its heads; its width (every head's dims together) must stay
+        # divisible by the head count. (Telling torch-pruning num_heads stops it pruning that width.)
+        heads = attention_heads(model)
+        round_to = self.round_to
+        if heads and round_to is None:
+            round_to = math.lcm(*heads.values())
+        return tp.pruner.BasePruner(
+            model,
+            example,
+            importance=IMPORTANCES.get(self.method)(),
+            pruning_ratio=ratio,
+            pruning_ratio_dict=self.overrides(model, scale) or None,
+            max_pruning_ratio=self.max_ratio,
+            global_pruning=self.global_pruning,
+            ignored_layers=self.ignored(model, num_classes),
+            round_to=round_to,
+            iterative_steps=steps,
+        )
+
+
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    return {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def prune_step(
+    model: nn.Module, example: torch.Tensor, opts: StructuredOptions, ratio: float, num_classes: int, scale=lambda r: r
+) -> None:
+    """Prune ``model`` in place, in one step."""
+    guarded(model, lambda: opts.pruner(model, example, ratio, num_classes, scale).step(), example)
+
+
+def guarded(model: nn.Module, action: Callable[[], object], example: torch.Tensor | None = None) -> None:
+    """Run a torch-pruning action on ``model``, make the modules' hyper-parameters agree with their
+    shrunken tensors, and (given ``example``) check the pruned model still runs. Any failure is
+    one line naming the layer."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - torch-pruning raises anything; we name the layer
+        raise StageFailed(f"prune: torch-pruning cannot prune {type(model).__name__}: {explain(exc, model)}") from exc
+    sync_attributes(model)
+    if example is not None:
+        try:
+            with torch.no_grad():
+                model(example)
+        except Exception as exc:  # noqa: BLE001
+            raise StageFailed(
+                f"prune: the pruned {type(model).__name__} no longer runs {explain(exc, model)} "
+                "(a width the layer needs divisible by something? set round_to, or ignore the layer)"
+            ) from exc
+
+
+def explain(exc: BaseException, model: nn.Module) -> str:
+    """``at layer 'features.3.conv' (Conv2d): <error>``: the innermost torch-pruning frame that was
+    handling a layer of ``model`` — or a graph node (an op such as a reshape), reported with the
+    nearest layer feeding it — names where it failed; torch-pruning's own messages rarely do."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    where = ""
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        inside = "torch_pruning" in frame.f_code.co_filename
+        if not inside and id(frame.f_locals.get("self")) not in names:  # forward(): the running layer
+            continue
+        for value in frame.f_locals.values() if inside else [frame.f_locals["self"]]:
+            if isinstance(value, nn.Module) and id(value) in names:
+                where = f"at layer {names[id(value)]!r} ({type(value).__name__}): "
+            elif hasattr(value, "module") and hasattr(value, "inputs"):  # a torch-pruning graph node
+                layer = _nearest_layer(value, names)
+                op = type(value.module).__name__.strip("_").removesuffix("Op").lower()
+                where = f"at the {op} after layer {layer!r}: " if layer else f"at a {op}: "
+            if where:
+                break
+        if where:
+            break
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{where}{type(exc).__name__}{': ' + msg if msg else ''}"
+
+
+def _nearest_layer(node, names: dict[int, str]) -> str | None:
+    """Breadth-first up the graph from ``node`` to the first node that is a layer of the model."""
+    seen, queue = set(), [node]
+    while queue:
+        n = queue.pop(0)
+        if id(n.module) in names:
+            return names[id(n.module)]
+        if id(n) not in seen:
+            seen.add(id(n))
+            queue.extend(n.inputs)
+    return None
+
+
+def pruned_copy(
+    model: nn.Module, example: torch.Tensor, opts: StructuredOptions, ratio: float, num_classes: int, scale=lambda r: r
+) -> nn.Module:
+    """A pruned deep copy (gradients copied too, for criteria that read them); ``model`` untouched."""
+    twin = copy.deepcopy(model)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for n, p in twin.named_parameters():
+        if n in grads:
+            p.grad = grads[n].clone()
+    prune_step(twin, example, opts, ratio, num_classes, scale)
+    return twin
+
+
+def search_ratio(
+    model: nn.Module,
+    example: torch.Tensor,
+    opts: StructuredOptions,
+    budget: int,
+    metric: Literal["macs", "params"],
+    num_classes: int,
+    scale: Callable[[float], float] = lambda r: r,
+    iters: int = 12,
+) -> tuple[float, int]:
+    """The smallest channel ratio whose pruned model has at most ``budget`` MACs (or params), by
+    bisection on pruned copies: (ratio, achieved). Overrides keep their ratios; the search scales
+    the rest. Fails in one line when even ``max_ratio`` cannot meet the budget."""
+    pick = 0 if metric == "macs" else 1
+
+    def size(r: float) -> int:
+        return count(pruned_copy(model, example, opts, r, num_classes, scale), example)[pick]
+
+    hi = opts.max_ratio
+    at_hi = size(hi)
+    if at_hi > budget:
+        raise StageFailed(
+            f"prune: even ratio {hi} (max_ratio) leaves {at_hi:,} {metric}, over the target {budget:,}; "
+            "raise max_ratio, prune globally, or lower the ignore list"
+        )
+    lo, best = 0.0, (hi, at_hi)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        got = size(mid)
+        if got <= budget:
+            hi, best = mid, (mid, got)
+        else:
+            lo = mid
+        if got <= budget and budget - got < 0.002 * budget:
+            break
+    return best

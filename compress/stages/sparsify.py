@@ -1,0 +1,117 @@
+"""Unstructured magnitude pruning: zero the smallest weights, one-shot or gradually (AGP) while
+fine-tuning (with KD when ``distill: true``); masks are enforced through training and made
+permanent at the end. Tensors keep their shapes: dense runtimes are NOT faster, the compressed
+file is smaller (the report's gzip column). For speed, use the structured ``prune`` stage.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from compress.context import Context
+from compress.data import DataBundle
+from compress.errors import CompressError
+from compress.pruning import unstructured as U
+from compress.stages.base import STAGES, Stage
+from compress.stages.distill import KDConfig
+from compress.training import OptimConfig, cross_entropy, evaluate, fit
+
+
+@STAGES.register("sparsify")
+class Sparsify(Stage, OptimConfig, KDConfig):
+    """Unstructured magnitude pruning (torch.nn.utils.prune): global or per layer, one-shot or AGP."""
+
+    kind: Literal["sparsify"] = "sparsify"
+    sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of Conv/Linear weights set to zero")
+    scope: Literal["global", "layer"] = Field("global", description="rank weights across layers, or in each")
+    schedule: Literal["oneshot", "agp"] = Field("oneshot", description="agp: cubic ramp during fine-tuning")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description="agp: sparsity at begin_epoch")
+    begin_epoch: float = Field(0.0, ge=0, description="agp: fine-tuning epoch where the ramp starts")
+    end_epoch: float | None = Field(None, gt=0, description="agp: where it ends (default: 3/4 of finetune_epochs)")
+    update_every: float = Field(0.25, gt=0, le=100, description="agp: epochs between mask updates")
+    ignore: list[str] = Field(default_factory=list, description="module-name patterns left dense (fnmatch)")
+    finetune_epochs: int = Field(0, ge=0, le=10_000)
+    distill: bool = Field(False, description="fine-tune with KD from the teacher")
+    lr: float = Field(0.01, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _schedule(self) -> Sparsify:
+        if self.schedule == "agp":
+            if self.finetune_epochs == 0:
+                raise ValueError("schedule 'agp' prunes during fine-tuning: set finetune_epochs >= 1")
+            end = self.end_epoch if self.end_epoch is not None else 0.75 * self.finetune_epochs
+            if not self.begin_epoch < end <= self.finetune_epochs:
+                raise ValueError(
+                    f"agp needs begin_epoch < end_epoch <= finetune_epochs (got {self.begin_epoch}, {end}, "
+                    f"{self.finetune_epochs})"
+                )
+            if self.initial_sparsity >= self.sparsity:
+                raise ValueError(f"initial_sparsity {self.initial_sparsity} must be below sparsity {self.sparsity}")
+            self.end_epoch = end
+        return self
+
+    def requirements(self) -> frozenset[str]:
+        return self.kd_requirements() if self.distill else frozenset()
+
+    def changes(self) -> tuple[str, ...]:
+        return ("student",)
+
+    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+        if self.distill:
+            self.kd_preflight(models, data, field)
+        if not U.prunable(models["student"], self.ignore):
+            raise CompressError(f"{field}.ignore: no Conv/Linear layer of the student is left to sparsify")
+
+    def apply(self, ctx: Context) -> dict[str, Any]:
+        model = ctx.student.to(ctx.device).eval()
+        layers = U.prunable(model, self.ignore)
+        raw0, gz0 = U.state_dict_bytes(model)
+        agp = self.schedule == "agp"
+        U.sparsify_to(layers, self.initial_sparsity if agp else self.sparsity, self.scope)
+        metrics: dict[str, Any] = {"test_acc_pruned": evaluate(model, ctx.data.eval_loader("test"), ctx.device)}
+        if self.finetune_epochs:
+            field = f"stages.{ctx.stage_index - 1}"
+            label = "sparsify fine-tune + KD" if self.distill else "sparsify fine-tune"
+            grow = self._agp_callback(layers) if agp else None
+            if self.distill:
+                metrics.update(self.distill_fit(ctx, model, self.finetune_epochs, self, field, label, grow))
+            else:
+                loss = cross_entropy(self.label_smoothing)
+                metrics.update(fit(ctx, model, loss, self.finetune_epochs, self, label, grow))
+        U.finish(layers)
+        raw1, gz1 = U.state_dict_bytes(model)
+        per_layer = U.layer_sparsity(layers)
+        overall = U.overall_sparsity(layers)
+        ctx.log.info(
+            "sparsify %s %s: %.1f%% of %d layers' weights are zero; gzip state dict %d -> %d bytes "
+            "(dense runtimes are not faster)",
+            self.scope, self.schedule, 100 * overall, len(layers), gz0, gz1,
+        )  # fmt: skip
+        metrics.update(
+            sparsity=overall,
+            layer_sparsity=per_layer,
+            state_dict_bytes={"before": raw0, "after": raw1},
+            state_dict_gzip_bytes={"before": gz0, "after": gz1},
+            note="zeros are stored densely: ONNX Runtime / PyTorch run no faster; only compressed size shrinks",
+        )
+        return metrics
+
+    def _agp_callback(self, layers: list[tuple[str, nn.Module]]):
+        """Grows the masks along the AGP curve every ``update_every`` epochs (and at the end)."""
+        end = float(self.end_epoch or 0)
+        due = [self.begin_epoch]  # the next update, in epochs; +inf once the final sparsity is set
+
+        def grow(progress: float) -> None:
+            if progress + 1e-9 < due[0] and progress < end:
+                return
+            target = U.agp(progress, self.sparsity, self.initial_sparsity, self.begin_epoch, end)
+            U.sparsify_to(layers, target, self.scope)
+            while due[0] <= progress + 1e-9:
+                due[0] += self.update_every
+            if target >= self.sparsity:
+                due[0] = float("inf")
+
+        return grow

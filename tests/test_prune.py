@@ -1,0 +1,152 @@
+"""The prune and sparsify stages: budgets, per-layer overrides, rounding, iterative schedules,
+Taylor gradients, unstructured masks through training and AGP — on real models and data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress.checkpoint import load_weights, read_checkpoint
+from compress.errors import CompressError
+from compress.models import build_model
+from compress.pipeline import run
+from compress.pruning import unstructured as U
+from compress.pruning.structured import StructuredOptions, count, prune_step, search_ratio
+from compress.recipe import validate_recipe
+from compress.stages.prune import step_share
+
+
+def _run(tiny, tmp_path, *stages):
+    tiny["teacher"] = None
+    tiny["stages"] = list(stages)
+    tiny["benchmark"].update(torch_snapshots=False, iters=1, warmup=0, batch_sizes=[1])
+    out = run(validate_recipe(tiny), tmp_path / "run", quiet=True)
+    return out, json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("target", ["target_macs", "target_params"])
+def test_prune_meets_a_macs_or_params_budget(target, tiny, tmp_path):
+    _, report = _run(tiny, tmp_path, {"kind": "prune", target: 0.4})
+    m = report["stages"][0]["metrics"]
+    kept = m["macs_kept"] if target == "target_macs" else m["params_kept"]
+    assert 0.36 <= kept <= 0.4, kept  # at most the budget, and not far below it
+
+
+def test_search_ratio_is_the_smallest_that_fits():
+    model = build_model("resnet20", 10, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    macs0, _ = count(model, x)
+    opts = StructuredOptions()
+    ratio, got = search_ratio(model, x, opts, int(0.5 * macs0), "macs", 10)
+    assert got <= 0.5 * macs0 and count(model, x)[0] == macs0  # the model itself untouched
+    slightly_less = StructuredOptions()
+    twin = build_model("resnet20", 10, 3).eval()
+    twin.load_state_dict(model.state_dict())
+    prune_step(twin, x, slightly_less, ratio - 0.02, 10)
+    assert count(twin, x)[0] > 0.5 * macs0  # a visibly smaller ratio misses the budget
+
+
+def test_overrides_round_to_and_ignore(tiny, tmp_path):
+    stage = {
+        "kind": "prune",
+        "ratio": 0.5,
+        "round_to": 4,
+        "ratios": {"layer3.*": 0.25},
+        "ignore": ["layer1.0.conv1"],
+    }
+    out, _ = _run(tiny, tmp_path, stage)
+    model = build_model("resnet20", 10, 3)
+    state, pruned = read_checkpoint(out / "checkpoints" / "01-prune" / "student.pt", "student", "t")
+    load_weights(model, state, pruned=pruned, field="t")
+    assert model.layer1[0].conv1.out_channels == 16  # ignored
+    assert model.layer1[1].conv1.out_channels == 8  # 16 * (1 - 0.5)
+    assert model.layer3[1].conv1.out_channels == 48  # 64 * (1 - 0.25)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.out_channels % 4 == 0 for c in convs)
+
+
+def test_iterative_steps_with_finetune_reach_the_one_shot_size(tiny, tmp_path):
+    _, one = _run(tiny, tmp_path / "a", {"kind": "prune", "ratio": 0.5})
+    _, it = _run(tiny, tmp_path / "b", {"kind": "prune", "ratio": 0.5, "steps": 3, "finetune_epochs": 1})
+    m1, m3 = one["stages"][0]["metrics"], it["stages"][0]["metrics"]
+    assert [r["step"] for r in m3["steps"]] == [1, 2, 3]
+    params = [r["params"] for r in m3["steps"]]
+    assert params[0] > params[1] > params[2]
+    assert abs(m3["params_after"] - m1["params_after"]) <= 0.03 * m1["params_after"]
+    assert all("test_acc_finetuned" in r for r in m3["steps"]) and len(m3["history"]) == 1
+
+
+def test_step_share_is_linear_in_removed_channels():
+    kept = 1.0
+    for step in (1, 2, 3, 4):
+        kept *= 1 - step_share(0.6, step, 4)
+        assert kept == pytest.approx(1 - 0.6 * step / 4)
+
+
+def test_taylor_uses_gradients_and_leaves_none_behind(tiny, tmp_path):
+    out, report = _run(tiny, tmp_path, {"kind": "prune", "method": "taylor", "ratio": 0.5, "taylor_batches": 2})
+    assert report["stages"][0]["metrics"]["params_after"] < 0.6 * report["stages"][0]["metrics"]["params_before"]
+
+
+def test_pattern_typos_are_recipe_errors(tiny, tmp_path):
+    tiny["teacher"] = None
+    tiny["stages"] = [{"kind": "prune", "ratios": {"layer9.*": 0.3}}]
+    with pytest.raises(CompressError, match=r"stages\.0\.ratios: pattern 'layer9\.\*' matches no module"):
+        run(validate_recipe(tiny), tmp_path / "run", quiet=True)
+
+
+def test_two_targets_are_rejected():
+    with pytest.raises(Exception, match="give one of ratio, target_macs, target_params"):
+        validate_recipe({"name": "x", "data": {"name": "synthetic"}, "student": {"model": "resnet20"},
+                         "stages": [{"kind": "prune", "ratio": 0.3, "target_macs": 0.5}]})  # fmt: skip
+
+
+# --- unstructured ---------------------------------------------------------------------------
+
+
+def test_agp_formula():
+    # Zhu & Gupta: s_t = s_f + (s_i - s_f)(1 - (t - t0)/(n Δt))^3
+    assert U.agp(0.0, 0.8, 0.0, 1.0, 5.0) == 0.0
+    assert U.agp(3.0, 0.8, 0.0, 1.0, 5.0) == pytest.approx(0.8 + (0.0 - 0.8) * (1 - 2 / 4) ** 3)
+    assert U.agp(9.0, 0.8, 0.0, 1.0, 5.0) == 0.8
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_oneshot_sparsity_is_exact_and_masks_become_permanent(scope):
+    model = build_model("resnet20", 10, 3)
+    layers = U.prunable(model, ignore=[])
+    U.sparsify_to(layers, 0.7, scope)
+    U.sparsify_to(layers, 0.7, scope)  # idempotent: masks only grow to the target
+    U.finish(layers)
+    assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
+    assert U.overall_sparsity(layers) == pytest.approx(0.7, abs=1e-3)
+    per_layer = U.layer_sparsity(layers).values()
+    if scope == "layer":
+        assert all(s == pytest.approx(0.7, abs=0.01) for s in per_layer)
+    else:  # global ranking: layers differ
+        assert max(per_layer) - min(per_layer) > 0.05
+
+
+def test_agp_finetune_keeps_masks_and_shrinks_the_compressed_file(tiny, tmp_path):
+    stage = {"kind": "sparsify", "sparsity": 0.8, "schedule": "agp", "finetune_epochs": 2, "update_every": 0.5}
+    out, report = _run(tiny, tmp_path, stage, {"kind": "export"})
+    m = report["stages"][0]["metrics"]
+    assert m["sparsity"] == pytest.approx(0.8, abs=2e-3)  # reached, and training did not refill the zeros
+    assert m["state_dict_gzip_bytes"]["after"] < 0.6 * m["state_dict_gzip_bytes"]["before"]
+    assert len(m["history"]) == 2
+    arts = {a["name"]: a for a in report["artifacts"]}
+    dense = sum(p.numel() for p in build_model("resnet20", 10, 3).parameters())
+    assert arts["student@sparsify"]["params"] == dense  # same shapes: same MACs, no faster
+    assert arts["student@sparsify"]["nonzero_params"] < 0.25 * dense
+    model = build_model("resnet20", 10, 3)
+    state, _ = read_checkpoint(out / "checkpoints" / "01-sparsify" / "student.pt", "student", "t")
+    load_weights(model, state, pruned=False, field="t")
+    assert U.overall_sparsity(U.prunable(model, [])) == pytest.approx(0.8, abs=2e-3)
+
+
+def test_agp_needs_finetuning():
+    with pytest.raises(Exception, match="set finetune_epochs >= 1"):
+        validate_recipe({"name": "x", "data": {"name": "synthetic"}, "student": {"model": "resnet20"},
+                         "stages": [{"kind": "sparsify", "schedule": "agp"}]})  # fmt: skip
