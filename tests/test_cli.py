@@ -97,6 +97,16 @@ CASES = {
     ),
     "zero teacher weight": ("stages.1", {"kind": "distill", "epochs": 1, "teachers": [{"weight": 0}]}, ["weight"]),
     "quantize before export": ("stages", [{"kind": "quantize"}], ["stages.0 (quantize) needs onnx"]),
+    "two pruning targets": ("stages.2.target_macs", 0.5, ["stages.2", "give one of ratio, target_macs"]),
+    "typo'd pruning target": ("stages.2.target_mac", 0.5, ["stages.2.target_mac", "did you mean 'target_macs'"]),
+    "unknown importance": ("stages.2.method", "taylr", ["stages.2.method", "did you mean taylor"]),
+    "per-layer ratio out of range": ("stages.2.ratios", {"layer1.*": 1.0}, ["stages.2.ratios", "must be in [0, 1)"]),
+    "agp without fine-tuning": (
+        "stages.2",
+        {"kind": "sparsify", "schedule": "agp"},
+        ["stages.2", "set finetune_epochs >= 1"],
+    ),
+    "sparsity out of range": ("stages.2", {"kind": "sparsify", "sparsity": 1}, ["stages.2.sparsity", "less than 1"]),
 }
 
 

@@ -86,8 +86,45 @@ def test_step_share_is_linear_in_removed_channels():
 
 
 def test_taylor_uses_gradients_and_leaves_none_behind(tiny, tmp_path):
-    out, report = _run(tiny, tmp_path, {"kind": "prune", "method": "taylor", "ratio": 0.5, "taylor_batches": 2})
-    assert report["stages"][0]["metrics"]["params_after"] < 0.6 * report["stages"][0]["metrics"]["params_before"]
+    kept = {}
+    for method in ("taylor", "l1"):
+        out, _ = _run(tiny, tmp_path / method, {"kind": "prune", "method": method, "ratio": 0.5, "taylor_batches": 2})
+        state, _ = read_checkpoint(out / "checkpoints" / "01-prune" / "student.pt", "student", "t")
+        kept[method] = state["conv1.weight"]  # the stem conv's surviving filters
+    # same count, different choice: Taylor ranked by gradients, not by weight magnitude
+    assert kept["taylor"].shape == kept["l1"].shape and not torch.equal(kept["taylor"], kept["l1"])
+    model = build_model("resnet20", 10, 3).eval()
+    from compress.pruning.structured import accumulate_gradients
+    from compress.data.synthetic import Synthetic
+
+    data = Synthetic(image_size=16, train_size=64, test_size=32).load()
+    accumulate_gradients(model, data.train_loader(seed=0, augment=False), torch.device("cpu"), 2)
+    assert all(p.grad is not None for p in model.parameters())
+    prune_step(model, data.example_input(2), StructuredOptions(method="taylor"), 0.5, 10)
+    model.zero_grad(set_to_none=True)  # what the stage does after each step
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_target_in_steps_meets_each_steps_budget(tiny, tmp_path):
+    _, report = _run(tiny, tmp_path, {"kind": "prune", "target_macs": 0.4, "steps": 2, "finetune_epochs": 1})
+    m = report["stages"][0]["metrics"]
+    first, second = (r["macs"] / m["macs_before"] for r in m["steps"])
+    assert 0.66 <= first <= 0.7 and 0.36 <= second <= 0.4  # linear in MACs: 70% then 40%
+
+
+def test_conflicting_overrides_in_one_coupled_group(tiny, tmp_path):
+    # layer1.0.conv2 and layer1.2.conv2 both write the residual stream of layer1: one group.
+    tiny["teacher"] = None
+    tiny["stages"] = [{"kind": "prune", "ratios": {"layer1.0.conv2": 0.2, "layer1.2.conv2": 0.6}}]
+    with pytest.raises(CompressError, match=r"stages\.0\.ratios: layers of one coupled group .* get different ratios"):
+        run(validate_recipe(tiny), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ratio_above_max_ratio_is_refused():
+    with pytest.raises(Exception, match=r"ratio 0.95 \(ratio\) exceeds max_ratio 0.9"):
+        validate_recipe({"name": "x", "data": {"name": "synthetic"}, "student": {"model": "resnet20"},
+                         "stages": [{"kind": "prune", "ratio": 0.95}]})  # fmt: skip
 
 
 def test_pattern_typos_are_recipe_errors(tiny, tmp_path):
@@ -117,8 +154,11 @@ def test_agp_formula():
 def test_oneshot_sparsity_is_exact_and_masks_become_permanent(scope):
     model = build_model("resnet20", 10, 3)
     layers = U.prunable(model, ignore=[])
-    U.sparsify_to(layers, 0.7, scope)
-    U.sparsify_to(layers, 0.7, scope)  # idempotent: masks only grow to the target
+    U.sparsify_to(layers, 0.4, scope)
+    first = {n: m.weight_mask.clone() for n, m in layers}
+    U.sparsify_to(layers, 0.7, scope)  # grows: every weight removed at 40% stays removed
+    assert all(bool((m.weight_mask[first[n] == 0] == 0).all()) for n, m in layers)
+    U.sparsify_to(layers, 0.7, scope)  # idempotent at the target
     U.finish(layers)
     assert not any(k.endswith(("_orig", "_mask")) for k in model.state_dict())
     assert U.overall_sparsity(layers) == pytest.approx(0.7, abs=1e-3)

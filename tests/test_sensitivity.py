@@ -43,7 +43,8 @@ def test_sensitivity_sweep_plot_and_derived_ratios(digits_run, tmp_path, capsys)
     load_weights(model, state, pruned=False, field="t")
     x = torch.zeros(2, 1, 8, 8)
     macs0, _ = count(model, x)
-    prune_step(model, x, StructuredOptions(ratios=derived["ratios"]), 0.0, 10)
+    # every prunable group is in the derived dict, so the stage's default ratio (0.5) changes nothing
+    prune_step(model, x, StructuredOptions(ratios=derived["ratios"]), 0.5, 10)
     assert count(model, x)[0] / macs0 == derived["macs_kept"]
 
 
@@ -53,4 +54,13 @@ def test_sensitivity_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "--ratios: every ratio must be in (0, 1)" in capsys.readouterr().err
     assert main(["analyze", "sensitivity", recipe, "--set", "student.checkpoint=nope.pt"]) == 2
     assert "student.checkpoint" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    # --out is a file: refused before the sweep, the file untouched
+    (tmp_path / "f").write_text("keep")
+    assert main(["analyze", "sensitivity", recipe, "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("compress: error: --out: cannot write to")
+    assert (tmp_path / "f").read_text() == "keep"
+    # a failure during the sweep (every layer ignored) leaves no folder behind
+    argv = ["analyze", "sensitivity", recipe, "--set", "stages.2.ignore=['*']", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(argv) == 2
+    assert "no prunable layer group" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -15,25 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from compress.data import TensorLoader
-from compress.pruning.structured import StructuredOptions, count, pruned_copy
+from compress.errors import CompressError
+from compress.importance import needs_gradients
+from compress.pruning.structured import StructuredOptions, accumulate_gradients, count, group_roots, pruned_copy
 from compress.training import evaluate
-
-
-def group_roots(model: nn.Module, example: torch.Tensor, opts: StructuredOptions, num_classes: int) -> list[str]:
-    """Names of the modules that root torch-pruning's prunable groups (one entry per coupled set)."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    names = {m: n for n, m in model.named_modules()}
-    roots = []
-    ignored = opts.ignored(model, num_classes)
-    for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
-        module = group[0].dep.target.module
-        if module in names and names[module] not in roots:
-            roots.append(names[module])
-    return roots
 
 
 def _only(opts: StructuredOptions, name: str, ratio: float) -> StructuredOptions:
@@ -57,6 +45,8 @@ def sweep(
     macs0, _ = count(model, example)
     layers: dict[str, dict[str, list[float]]] = {}
     roots = group_roots(model, example, opts, num_classes)
+    if not roots:
+        raise CompressError("sensitivity: no prunable layer group is left (is everything in ignore?)")
     task = progress.add_task("sensitivity", total=len(roots) * len(ratios), info="") if progress else None
     for name in roots:
         acc, macs = [], []
@@ -136,10 +126,42 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def write(result: dict[str, Any], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sensitivity.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / "sensitivity.png")
-    return [out / "sensitivity.json", out / "sensitivity.png"]
+    """Both files or neither: each is written to a temporary name, then both renamed."""
+    final = [out / "sensitivity.json", out / "sensitivity.png"]
+    tmp = [p.with_name(f".tmp-{p.name}") for p in final]
+    try:
+        tmp[0].write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, tmp[1])
+        for t, f in zip(tmp, final, strict=True):
+            t.replace(f)
+    finally:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+    return final
+
+
+def _measure(args: Any, recipe: Any, data: Any, model: nn.Module, device: torch.device, opts, example) -> dict:
+    import datetime as dt
+
+    num_classes = data.num_classes
+    if needs_gradients(opts.method):
+        train = data.train_loader(seed=recipe.seed, augment=False)
+        accumulate_gradients(model, train, device, opts.taylor_batches)
+    ratios = sorted(set(args.ratios))
+    if args.quiet:
+        result = sweep(model, example, data.eval_loader("test"), device, opts, ratios, num_classes)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))  # fmt: skip
+        with Progress(*columns) as prog:
+            result = sweep(model, example, data.eval_loader("test"), device, opts, ratios, num_classes, prog)
+    result.update(recipe=str(args.recipe), student=recipe.student.model, images=len(data.test_x),
+                  method=opts.method, date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
+    if args.target_macs is not None:
+        result["derived"] = derive(model, example, opts, result, args.target_macs, num_classes)
+    return result
 
 
 def analyze(args: Any) -> None:
@@ -150,7 +172,6 @@ def analyze(args: Any) -> None:
 
     import yaml
 
-    from compress.errors import CompressError
     from compress.pipeline import build_role, load_data, resolve_device, seed_everything
     from compress.recipe import load_recipe
 
@@ -172,26 +193,24 @@ def analyze(args: Any) -> None:
     opts = opts or StructuredOptions()
     opts.check_patterns(model, "prune stage")
     example = data.example_input(2).to(device)
-    num_classes = data.num_classes
     out = args.out or Path("runs") / f"sensitivity-{recipe.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     if (out / "sensitivity.json").exists():
         raise CompressError(f"--out: {out} already holds a sensitivity.json; choose another folder")
-    ratios = sorted(set(args.ratios))
-    if args.quiet:
-        result = sweep(model, example, data.eval_loader("test"), device, opts, ratios, num_classes)
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"))  # fmt: skip
-        with Progress(*columns) as prog:
-            result = sweep(model, example, data.eval_loader("test"), device, opts, ratios, num_classes, prog)
-    result.update(recipe=str(args.recipe), student=recipe.student.model, images=len(data.test_x),
-                  method=opts.method, date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
-    if args.target_macs is not None:
-        result["derived"] = derive(model, example, opts, result, args.target_macs, num_classes)
-    for path in write(result, out):
-        print(path)
+    created = not out.exists()
+    try:  # fail now, not after the sweep
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".probe").write_text("")
+        (out / ".probe").unlink()
+    except OSError as exc:
+        raise CompressError(f"--out: cannot write to {out}: {exc.strerror or exc}") from None
+    try:
+        result = _measure(args, recipe, data, model, device, opts, example)
+        for path in write(result, out):
+            print(path)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # nothing half-written: not even an empty folder
+        raise
     if "derived" in result:
         d = result["derived"]
         state = "reaches" if d["reached"] else "CANNOT reach (the sweep's largest ratios stop at)"

@@ -41,7 +41,9 @@ class StructuredOptions(BaseModel):
         default_factory=dict,
         description="per-layer channel ratios by module-name pattern (fnmatch), overriding the stage's",
     )
-    max_ratio: float = Field(0.9, gt=0, lt=1, description="no layer loses more than this fraction of its channels")
+    max_ratio: float = Field(
+        0.9, gt=0, lt=1, description="cap on any layer's ratio (uniform and per-layer; not global ranking)"
+    )
     round_to: int | None = Field(None, ge=1, le=1024, description="keep channel counts a multiple of this")
     ignore: list[str] = Field(default_factory=list, description="module-name patterns never pruned (fnmatch)")
     taylor_batches: int = Field(4, ge=1, le=10_000, description="training batches of gradients for 'taylor'")
@@ -72,12 +74,13 @@ class StructuredOptions(BaseModel):
                     raise CompressError(f"{field}.{key}: pattern {pattern!r} matches no module of the student{hint}")
 
     def ignored(self, model: nn.Module, num_classes: int) -> list[nn.Module]:
-        """The classifier (every Linear producing ``num_classes`` outputs) plus the ``ignore`` patterns."""
+        """The classifier (every Linear producing ``num_classes`` outputs) plus the ``ignore``
+        patterns, each with its submodules (as torch-pruning expands them)."""
         named = dict(model.named_modules())
-        out = [m for m in named.values() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        roots = [m for m in named.values() if isinstance(m, nn.Linear) and m.out_features == num_classes]
         for pattern in self.ignore:
-            out.extend(m for n, m in named.items() if n and fnmatch.fnmatch(n, pattern))
-        return out
+            roots.extend(m for n, m in named.items() if n and fnmatch.fnmatch(n, pattern))
+        return list({id(sub): sub for m in roots for sub in m.modules()}.values())
 
     def overrides(self, model: nn.Module, scale: Callable[[float], float] = lambda r: r) -> dict[nn.Module, float]:
         """``ratios`` as torch-pruning's per-module dict; a later pattern wins over an earlier one."""
@@ -86,8 +89,25 @@ class StructuredOptions(BaseModel):
         for pattern, r in self.ratios.items():
             for n, m in named.items():
                 if n and fnmatch.fnmatch(n, pattern):
+                    out.pop(m, None)  # re-insert: torch-pruning reads the dict in order
                     out[m] = scale(r)
         return out
+
+    def check_overrides(self, model: nn.Module, example: torch.Tensor, num_classes: int, field: str) -> None:
+        """torch-pruning applies one ratio per coupled group (a residual stage is one group): two
+        different ``ratios`` for layers of one group would silently keep only one of them."""
+        if not self.ratios:
+            return
+        wanted = self.overrides(model)
+        names = {m: n for n, m in model.named_modules()}
+        for group in groups(model, example, self, num_classes):
+            asked = {names[m]: wanted[m] for m in {dep.target.module for dep, _ in group} if m in wanted}
+            if len(set(asked.values())) > 1:
+                pairs = ", ".join(f"{n}: {r}" for n, r in sorted(asked.items()))
+                raise CompressError(
+                    f"{field}.ratios: layers of one coupled group (pruned together) get different ratios ({pairs}); "
+                    "give them one ratio"
+                )
 
     def pruner(
         self,
@@ -121,6 +141,36 @@ class StructuredOptions(BaseModel):
         )
 
 
+ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]  # BasePruner's default
+
+
+def groups(model: nn.Module, example: torch.Tensor, opts: StructuredOptions, num_classes: int) -> list:
+    """The prunable dependency groups, as BasePruner sees them (same ignored layers, root types)."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    return list(graph.get_all_groups(ignored_layers=opts.ignored(model, num_classes), root_module_types=ROOT_TYPES))
+
+
+def group_roots(model: nn.Module, example: torch.Tensor, opts: StructuredOptions, num_classes: int) -> list[str]:
+    """Names of the layers that root the prunable groups: one per set of coupled channels."""
+    names = {m: n for n, m in model.named_modules() if n}
+    roots: list[str] = []
+    for group in groups(model, example, opts, num_classes):
+        name = names.get(group[0].dep.target.module)
+        if name and name not in roots:
+            roots.append(name)
+    return roots
+
+
+def accumulate_gradients(model: nn.Module, loader, device: torch.device, batches: int) -> None:
+    """∂L/∂w (cross-entropy) summed over ``batches`` batches into ``.grad``, for criteria that read
+    gradients; eval mode, so BatchNorm statistics are not touched."""
+    model.eval().zero_grad(set_to_none=True)
+    for i, (x, y, _) in enumerate(loader.batches()):
+        if i == batches:
+            break
+        torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+
+
 def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     return {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
@@ -137,7 +187,9 @@ def guarded(model: nn.Module, action: Callable[[], object], example: torch.Tenso
     shrunken tensors, and (given ``example``) check the pruned model still runs. Any failure is
     one line naming the layer."""
     try:
-        action()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # 'random' importance: the same draw for a trial copy and the real prune
+            action()
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises anything; we name the layer
         raise StageFailed(f"prune: torch-pruning cannot prune {type(model).__name__}: {explain(exc, model)}") from exc
     sync_attributes(model)

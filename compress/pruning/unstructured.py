@@ -53,9 +53,10 @@ def sparsify_to(layers: list[tuple[str, nn.Module]], sparsity: float, scope: str
 
 
 def _remove_smallest(layers: list[tuple[str, nn.Module]], count: int) -> None:
-    """Mask the ``count`` smallest |w| still unmasked across ``layers`` (torch's CustomFromMask
-    multiplies the new mask into the old). Ranking is done on flat copies: torch's own
-    l1_unstructured/global_unstructured ``view(-1)`` the weight, which fails on channels_last."""
+    """Mask the ``count`` smallest |w| still unmasked across ``layers``, multiplying into the mask
+    buffer in place (one mask per layer however often AGP grows it, in the weight's own memory
+    format). Ranking is done on flat copies: torch's l1_unstructured/global_unstructured
+    ``view(-1)`` the weight, which fails on channels_last."""
     if count <= 0:
         return
     scores = torch.cat(
@@ -68,7 +69,7 @@ def _remove_smallest(layers: list[tuple[str, nn.Module]], count: int) -> None:
     for _, m in layers:
         n = m.weight.numel()
         keep = (~drop[offset : offset + n]).reshape(m.weight.shape).to(m.weight_mask.dtype)
-        prune.custom_from_mask(m, "weight", keep)
+        m.weight_mask.mul_(keep)
         offset += n
 
 

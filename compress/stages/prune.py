@@ -15,7 +15,14 @@ from compress.context import Context
 from compress.data import DataBundle
 from compress.errors import StageFailed
 from compress.importance import needs_gradients
-from compress.pruning.structured import StructuredOptions, count, guarded, prune_step, search_ratio
+from compress.pruning.structured import (
+    StructuredOptions,
+    accumulate_gradients,
+    count,
+    guarded,
+    prune_step,
+    search_ratio,
+)
 from compress.stages.base import STAGES, Stage
 from compress.stages.distill import KDConfig
 from compress.training import OptimConfig, cross_entropy, evaluate, fit
@@ -51,6 +58,10 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
             raise ValueError(f"give one of ratio, target_macs, target_params (got {', '.join(given)})")
         if not given:
             self.ratio = 0.5
+        over = {k: v for k, v in {"ratio": self.ratio, **self.ratios}.items() if v is not None and v > self.max_ratio}
+        if over:
+            name, value = next(iter(over.items()))
+            raise ValueError(f"ratio {value} ({name}) exceeds max_ratio {self.max_ratio}; raise max_ratio")
         return self
 
     def requirements(self) -> frozenset[str]:
@@ -63,6 +74,11 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
         if self.distill:
             self.kd_preflight(models, data, field)
         self.check_patterns(models["student"], field)
+        student = models["student"].eval()
+        example = data.example_input(2)
+        with torch.no_grad():
+            num_classes = student(example).shape[-1]
+        self.check_overrides(student, example, num_classes, field)
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         model = ctx.student.to(ctx.device).eval()
@@ -77,7 +93,8 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
         pruner = None  # ratio mode: one torch-pruning pruner stepping through the linear schedule
         for step in range(1, self.steps + 1):
             if needs_gradients(self.method):
-                self._accumulate_gradients(ctx, model)
+                loader = ctx.data.train_loader(seed=ctx.recipe.seed, augment=False)
+                accumulate_gradients(model, loader, ctx.device, self.taylor_batches)
             if self.ratio is not None:
                 ratio = self.ratio * step / self.steps  # of the original channels, removed so far
                 if pruner is None:
@@ -136,12 +153,3 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
         if self.distill:
             return self.distill_fit(ctx, model, self.finetune_epochs, self, field, label)
         return fit(ctx, model, cross_entropy(self.label_smoothing), self.finetune_epochs, self, label)
-
-    def _accumulate_gradients(self, ctx: Context, model: nn.Module) -> None:
-        """∂L/∂w summed over ``taylor_batches`` training batches (eval mode: BN statistics untouched)."""
-        model.eval().zero_grad(set_to_none=True)
-        loader = ctx.data.train_loader(seed=ctx.recipe.seed, augment=False)
-        for i, (x, y, _) in enumerate(loader.batches()):
-            if i == self.taylor_batches:
-                break
-            torch.nn.functional.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()

@@ -48,6 +48,8 @@ class Sparsify(Stage, OptimConfig, KDConfig):
                     f"agp needs begin_epoch < end_epoch <= finetune_epochs (got {self.begin_epoch}, {end}, "
                     f"{self.finetune_epochs})"
                 )
+            if self.keep == "best":
+                raise ValueError("keep: best could restore an epoch before the masks reached sparsity; use keep: last")
             if self.initial_sparsity >= self.sparsity:
                 raise ValueError(f"initial_sparsity {self.initial_sparsity} must be below sparsity {self.sparsity}")
             self.end_epoch = end
@@ -105,7 +107,7 @@ class Sparsify(Stage, OptimConfig, KDConfig):
         due = [self.begin_epoch]  # the next update, in epochs; +inf once the final sparsity is set
 
         def grow(progress: float) -> None:
-            if progress + 1e-9 < due[0] and progress < end:
+            if due[0] == float("inf") or (progress + 1e-9 < due[0] and progress < end):
                 return
             target = U.agp(progress, self.sparsity, self.initial_sparsity, self.begin_epoch, end)
             U.sparsify_to(layers, target, self.scope)
