@@ -136,7 +136,7 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
         }
         if fits:  # the last fine-tune's metrics (test_acc, history, ...) describe the result
             metrics.update(fits[-1])
-            metrics["seconds_finetune"] = sum(f["seconds"] for f in fits)
+            metrics["seconds"] = sum(f["seconds"] for f in fits)  # fine-tuning time over all steps
         return metrics
 
     def _ratio_pruner(self, model: nn.Module, example: torch.Tensor, num_classes: int):
