@@ -50,14 +50,14 @@ class StructuredOptions(BaseModel):
 
     @field_validator("method")
     @classmethod
-    def _known(cls, v: str) -> str:
+    def _known_method(cls, v: str) -> str:  # (pydantic keys validators by name: keep them unique)
         if v not in IMPORTANCES:
             raise ValueError(IMPORTANCES.unknown_message(v))
         return v
 
     @field_validator("ratios")
     @classmethod
-    def _in_range(cls, v: dict[str, float]) -> dict[str, float]:
+    def _ratios_in_range(cls, v: dict[str, float]) -> dict[str, float]:
         for pattern, r in v.items():
             if not 0 <= r < 1:
                 raise ValueError(f"ratio of {pattern!r} must be in [0, 1), got {r}")

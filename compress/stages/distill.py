@@ -25,7 +25,7 @@ from compress.distill.taps import find_module
 from compress.errors import CompressError
 from compress.models import ModelSpec, build_from_spec, check_model_name
 from compress.stages.base import STAGES, Stage
-from compress.training import OptimConfig, autocast_dtype, fit
+from compress.training import OptimConfig, autocast_dtype, cross_entropy, fit
 
 # The recipe's `losses:` entries: a union of the registered terms, told apart by `name`.
 LossUnion = Annotated[Union[tuple(LOSSES.get(n) for n in LOSSES.names())], Field(discriminator="name")]  # noqa: UP007
@@ -242,6 +242,34 @@ class KDConfig(BaseModel):
         if cache is not None:
             metrics["teacher_cache"] = {"hits": cache.hits, "misses": cache.misses}
         return metrics
+
+
+class FineTuneStage(Stage, OptimConfig, KDConfig):
+    """Base of stages that change the student and then fine-tune it, with KD from the teacher(s)
+    when ``distill: true`` (prune, sparsify): the fields, requirements and the fine-tuning call.
+    Not registered itself."""
+
+    finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tuning epochs")
+    distill: bool = Field(False, description="fine-tune with KD from the teacher")
+    lr: float = Field(0.01, gt=0, le=10)
+
+    def requirements(self) -> frozenset[str]:
+        return self.kd_requirements() if self.distill else frozenset()
+
+    def changes(self) -> tuple[str, ...]:
+        return ("student",)
+
+    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+        if self.distill:
+            self.kd_preflight(models, data, field)
+
+    def finetune(
+        self, ctx: Context, model: nn.Module, label: str, after_step: Callable[[float], None] | None = None
+    ) -> dict[str, Any]:
+        field = f"stages.{ctx.stage_index - 1}"
+        if self.distill:
+            return self.distill_fit(ctx, model, self.finetune_epochs, self, field, f"{label} + KD", after_step)
+        return fit(ctx, model, cross_entropy(self.label_smoothing), self.finetune_epochs, self, label, after_step)
 
 
 @STAGES.register("distill")

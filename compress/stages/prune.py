@@ -23,9 +23,9 @@ from compress.pruning.structured import (
     prune_step,
     search_ratio,
 )
-from compress.stages.base import STAGES, Stage
-from compress.stages.distill import KDConfig
-from compress.training import OptimConfig, cross_entropy, evaluate, fit
+from compress.stages.base import STAGES
+from compress.stages.distill import FineTuneStage
+from compress.training import evaluate
 
 __all__ = ["Prune", "count"]
 
@@ -38,7 +38,7 @@ def step_share(total: float, step: int, steps: int) -> float:
 
 
 @STAGES.register("prune")
-class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
+class Prune(FineTuneStage, StructuredOptions):
     """Structured channel pruning (torch-pruning DepGraph) to a ratio or MACs/params target,
     one-shot or iterative, with optional (KD) fine-tuning after each step."""
 
@@ -48,8 +48,6 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
     target_params: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the parameters")
     steps: int = Field(1, ge=1, le=100, description="prune in this many steps, fine-tuning after each")
     finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tuning epochs after each step")
-    distill: bool = Field(False, description="fine-tune with KD from the teacher")
-    lr: float = Field(0.01, gt=0, le=10)
 
     @model_validator(mode="after")
     def _one_target(self) -> Prune:
@@ -64,15 +62,8 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
             raise ValueError(f"ratio {value} ({name}) exceeds max_ratio {self.max_ratio}; raise max_ratio")
         return self
 
-    def requirements(self) -> frozenset[str]:
-        return self.kd_requirements() if self.distill else frozenset()
-
-    def changes(self) -> tuple[str, ...]:
-        return ("student",)
-
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        if self.distill:
-            self.kd_preflight(models, data, field)
+        super().preflight(models, data, field)
         self.check_patterns(models["student"], field)
         student = models["student"].eval()
         example = data.example_input(2)
@@ -87,7 +78,6 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
             shape = model(example).shape
         num_classes = shape[-1]
         macs0, params0 = count(model, example)
-        field = f"stages.{ctx.stage_index - 1}"
         history: list[dict[str, Any]] = []
         fits: list[dict[str, Any]] = []
         pruner = None  # ratio mode: one torch-pruning pruner stepping through the linear schedule
@@ -121,7 +111,7 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
             )  # fmt: skip
             ctx.pruned["student"] = True
             if self.finetune_epochs:
-                fits.append(self._finetune(ctx, model, field, step))
+                fits.append(self.finetune(ctx, model, f"prune fine-tune{f' {step}/{self.steps}' * (self.steps > 1)}"))
                 row["test_acc_finetuned"] = fits[-1]["test_acc"]
             history.append(row)
         macs1, params1 = count(model, example)
@@ -145,11 +135,3 @@ class Prune(Stage, OptimConfig, StructuredOptions, KDConfig):
         holder: list = []
         guarded(model, lambda: holder.append(self.pruner(model, example, self.ratio, num_classes, steps=self.steps)))
         return holder[0]
-
-    def _finetune(self, ctx: Context, model: nn.Module, field: str, step: int) -> dict[str, Any]:
-        label = "prune fine-tune + KD" if self.distill else "prune fine-tune"
-        if self.steps > 1:
-            label += f" {step}/{self.steps}"
-        if self.distill:
-            return self.distill_fit(ctx, model, self.finetune_epochs, self, field, label)
-        return fit(ctx, model, cross_entropy(self.label_smoothing), self.finetune_epochs, self, label)

@@ -15,13 +15,13 @@ from compress.context import Context
 from compress.data import DataBundle
 from compress.errors import CompressError
 from compress.pruning import unstructured as U
-from compress.stages.base import STAGES, Stage
-from compress.stages.distill import KDConfig
-from compress.training import OptimConfig, cross_entropy, evaluate, fit
+from compress.stages.base import STAGES
+from compress.stages.distill import FineTuneStage
+from compress.training import evaluate
 
 
 @STAGES.register("sparsify")
-class Sparsify(Stage, OptimConfig, KDConfig):
+class Sparsify(FineTuneStage):
     """Unstructured magnitude pruning (torch.nn.utils.prune): global or per layer, one-shot or AGP."""
 
     kind: Literal["sparsify"] = "sparsify"
@@ -33,9 +33,6 @@ class Sparsify(Stage, OptimConfig, KDConfig):
     end_epoch: float | None = Field(None, gt=0, description="agp: where it ends (default: 3/4 of finetune_epochs)")
     update_every: float = Field(0.25, gt=0, le=100, description="agp: epochs between mask updates")
     ignore: list[str] = Field(default_factory=list, description="module-name patterns left dense (fnmatch)")
-    finetune_epochs: int = Field(0, ge=0, le=10_000)
-    distill: bool = Field(False, description="fine-tune with KD from the teacher")
-    lr: float = Field(0.01, gt=0, le=10)
 
     @model_validator(mode="after")
     def _schedule(self) -> Sparsify:
@@ -55,15 +52,8 @@ class Sparsify(Stage, OptimConfig, KDConfig):
             self.end_epoch = end
         return self
 
-    def requirements(self) -> frozenset[str]:
-        return self.kd_requirements() if self.distill else frozenset()
-
-    def changes(self) -> tuple[str, ...]:
-        return ("student",)
-
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        if self.distill:
-            self.kd_preflight(models, data, field)
+        super().preflight(models, data, field)
         if not U.prunable(models["student"], self.ignore):
             raise CompressError(f"{field}.ignore: no Conv/Linear layer of the student is left to sparsify")
 
@@ -75,14 +65,7 @@ class Sparsify(Stage, OptimConfig, KDConfig):
         U.sparsify_to(layers, self.initial_sparsity if agp else self.sparsity, self.scope)
         metrics: dict[str, Any] = {"test_acc_pruned": evaluate(model, ctx.data.eval_loader("test"), ctx.device)}
         if self.finetune_epochs:
-            field = f"stages.{ctx.stage_index - 1}"
-            label = "sparsify fine-tune + KD" if self.distill else "sparsify fine-tune"
-            grow = self._agp_callback(layers) if agp else None
-            if self.distill:
-                metrics.update(self.distill_fit(ctx, model, self.finetune_epochs, self, field, label, grow))
-            else:
-                loss = cross_entropy(self.label_smoothing)
-                metrics.update(fit(ctx, model, loss, self.finetune_epochs, self, label, grow))
+            metrics.update(self.finetune(ctx, model, "sparsify fine-tune", self._agp_callback(layers) if agp else None))
         U.finish(layers)
         raw1, gz1 = U.state_dict_bytes(model)
         per_layer = U.layer_sparsity(layers)
