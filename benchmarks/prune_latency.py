@@ -7,7 +7,7 @@ and ratio, with ONNX Runtime on this CPU, dense and pruned timed side by side in
 Random weights (latency does not depend on them), uniform L1 channel pruning through the prune
 stage's code path (torch-pruning DepGraph), batch 1. For each point: MACs reduction (dense MACs /
 pruned MACs), latency speedup (dense p50 / pruned p50) and their ratio, the "efficiency" (goal:
-≥ 0.75). Writes results/prune_latency.{json,md}.
+≥ 0.75). Writes results/prune_latency.{json,md} (prune_latency_round<N>.* with --round-to N).
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def main() -> int:
     }
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
-    (res / "prune_latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = f"prune_latency_round{args.round_to}" if args.round_to else "prune_latency"
+    (res / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Structured pruning: latency speedup vs MACs reduction (ONNX Runtime, CPU)",
         "",
@@ -118,7 +119,7 @@ def main() -> int:
             f"{r['latency']['p50_ms']:.2f} | {extra} |"
         )
     md.append("")
-    (res / "prune_latency.md").write_text("\n".join(md))
+    (res / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 
