@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from compress.checkpoint import load_weights, read_checkpoint
+from compress.data.synthetic import Synthetic
 from compress.errors import CompressError
 from compress.models import build_model
 from compress.pipeline import run
 from compress.pruning import unstructured as U
-from compress.pruning.structured import StructuredOptions, count, prune_step, search_ratio
+from compress.pruning.structured import StructuredOptions, accumulate_gradients, count, prune_step, search_ratio
 from compress.recipe import validate_recipe
 from compress.stages.prune import step_share
 
@@ -94,9 +95,6 @@ def test_taylor_uses_gradients_and_leaves_none_behind(tiny, tmp_path):
     # same count, different choice: Taylor ranked by gradients, not by weight magnitude
     assert kept["taylor"].shape == kept["l1"].shape and not torch.equal(kept["taylor"], kept["l1"])
     model = build_model("resnet20", 10, 3).eval()
-    from compress.pruning.structured import accumulate_gradients
-    from compress.data.synthetic import Synthetic
-
     data = Synthetic(image_size=16, train_size=64, test_size=32).load()
     accumulate_gradients(model, data.train_loader(seed=0, augment=False), torch.device("cpu"), 2)
     assert all(p.grad is not None for p in model.parameters())
