@@ -14,7 +14,7 @@ import fnmatch
 import math
 import traceback
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch_pruning as tp
@@ -24,6 +24,8 @@ from torch import nn
 from compress.checkpoint import sync_attributes
 from compress.errors import CompressError, StageFailed
 from compress.importance import IMPORTANCES
+
+T = TypeVar("T")
 
 
 def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
@@ -182,14 +184,14 @@ def prune_step(
     guarded(model, lambda: opts.pruner(model, example, ratio, num_classes, scale).step(), example)
 
 
-def guarded(model: nn.Module, action: Callable[[], object], example: torch.Tensor | None = None) -> None:
+def guarded(model: nn.Module, action: Callable[[], T], example: torch.Tensor | None = None) -> T:
     """Run a torch-pruning action on ``model``, make the modules' hyper-parameters agree with their
     shrunken tensors, and (given ``example``) check the pruned model still runs. Any failure is
-    one line naming the layer."""
+    one line naming the layer. Returns what ``action`` returned."""
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # 'random' importance: the same draw for a trial copy and the real prune
-            action()
+            result = action()
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises anything; we name the layer
         raise StageFailed(f"prune: torch-pruning cannot prune {type(model).__name__}: {explain(exc, model)}") from exc
     sync_attributes(model)
@@ -202,6 +204,7 @@ def guarded(model: nn.Module, action: Callable[[], object], example: torch.Tenso
                 f"prune: the pruned {type(model).__name__} no longer runs {explain(exc, model)} "
                 "(a width the layer needs divisible by something? set round_to, or ignore the layer)"
             ) from exc
+    return result
 
 
 def explain(exc: BaseException, model: nn.Module) -> str:

@@ -87,8 +87,9 @@ class Prune(FineTuneStage, StructuredOptions):
                 accumulate_gradients(model, loader, ctx.device, self.taylor_batches)
             if self.ratio is not None:
                 ratio = self.ratio * step / self.steps  # of the original channels, removed so far
-                if pruner is None:
-                    pruner = self._ratio_pruner(model, example, num_classes)
+                if pruner is None:  # built once (traces the graph); step() follows the original widths
+                    build = lambda: self.pruner(model, example, self.ratio, num_classes, steps=self.steps)  # noqa: E731
+                    pruner = guarded(model, build)
                 guarded(model, pruner.step, example)
             else:
                 metric = "macs" if self.target_macs is not None else "params"
@@ -100,8 +101,9 @@ class Prune(FineTuneStage, StructuredOptions):
                 prune_step(model, example, self, ratio, num_classes, scale)
             model.zero_grad(set_to_none=True)
             with torch.no_grad():
-                if model(example).shape != shape:
-                    raise StageFailed(f"prune: output shape changed {tuple(shape)} -> {tuple(model(example).shape)}")
+                now = model(example).shape
+            if now != shape:
+                raise StageFailed(f"prune: output shape changed {tuple(shape)} -> {tuple(now)}")
             macs, params = count(model, example)
             row: dict[str, Any] = {"step": step, "ratio": ratio, "macs": macs, "params": params}
             row["test_acc_pruned"] = evaluate(model, ctx.data.eval_loader("test"), ctx.device)
@@ -114,7 +116,7 @@ class Prune(FineTuneStage, StructuredOptions):
                 fits.append(self.finetune(ctx, model, f"prune fine-tune{f' {step}/{self.steps}' * (self.steps > 1)}"))
                 row["test_acc_finetuned"] = fits[-1]["test_acc"]
             history.append(row)
-        macs1, params1 = count(model, example)
+        macs1, params1 = history[-1]["macs"], history[-1]["params"]
         metrics: dict[str, Any] = {
             "params_before": params0,
             "params_after": params1,
@@ -128,10 +130,3 @@ class Prune(FineTuneStage, StructuredOptions):
             metrics.update(fits[-1])
             metrics["seconds"] = sum(f["seconds"] for f in fits)  # fine-tuning time over all steps
         return metrics
-
-    def _ratio_pruner(self, model: nn.Module, example: torch.Tensor, num_classes: int):
-        """Built once (tracing the graph); each ``step()`` then prunes to the schedule's next share
-        of the *original* channel counts, so N steps end where one shot would."""
-        holder: list = []
-        guarded(model, lambda: holder.append(self.pruner(model, example, self.ratio, num_classes, steps=self.steps)))
-        return holder[0]
