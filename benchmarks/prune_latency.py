@@ -3,11 +3,13 @@ and ratio, with ONNX Runtime on this CPU, dense and pruned timed side by side in
 
     python benchmarks/prune_latency.py [--models resnet18,resnet50,mobilenet_v2] [--ratios 0.3,0.5,0.7]
                                        [--size 224] [--threads 2] [--iters 30] [--round-to 8]
+                                       [--head-ratio 0.5]   # transformers: whole heads removed too
 
 Random weights (latency does not depend on them), uniform L1 channel pruning through the prune
 stage's code path (torch-pruning DepGraph), batch 1. For each point: MACs reduction (dense MACs /
 pruned MACs), latency speedup (dense p50 / pruned p50) and their ratio, the "efficiency" (goal:
-≥ 0.75). Writes results/prune_latency.{json,md} (prune_latency_round<N>.* with --round-to N).
+≥ 0.75). Writes results/prune_latency.{json,md} (prune_latency_round<N>.* with --round-to N,
+…_heads<R> with --head-ratio R).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--round-to", type=int, default=None)
+    ap.add_argument("--head-ratio", type=float, default=0.0)
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.manual_seed(0)
@@ -62,7 +65,7 @@ def main() -> int:
             for r in ratios:
                 model = build_model(f"torchvision:{name}", 1000, 3).eval()
                 model.load_state_dict(dense.state_dict())
-                prune_step(model, x, StructuredOptions(round_to=args.round_to), r, 1000)
+                prune_step(model, x, StructuredOptions(round_to=args.round_to, head_ratio=args.head_ratio), r, 1000)
                 macs, params = count(model, x)
                 path = Path(tmp) / f"{name}-{r}.onnx"
                 export_onnx(model, x, path, 18)
@@ -95,6 +98,7 @@ def main() -> int:
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
     stem = f"prune_latency_round{args.round_to}" if args.round_to else "prune_latency"
+    stem += f"_heads{args.head_ratio:g}" if args.head_ratio else ""
     (res / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Structured pruning: latency speedup vs MACs reduction (ONNX Runtime, CPU)",
@@ -103,7 +107,8 @@ def main() -> int:
         f"Machine: {env['cpu']}, {args.threads} threads, no GPU  ",
         f"Date: {result['date']}  ",
         f"Setup: torchvision models, random weights, 1000 classes, input 1×3×{args.size}×{args.size}, uniform L1 "
-        f"channel pruning (classifier kept{', channels rounded to ' + str(args.round_to) if args.round_to else ''}), "
+        f"channel pruning (classifier kept{', channels rounded to ' + str(args.round_to) if args.round_to else ''}"
+        f"{f', {args.head_ratio:.0%} of the attention heads removed whole' if args.head_ratio else ''}), "
         f"ONNX opset 18, ORT p50 of {args.iters} runs; each pruned file's speedup is against the mean of the dense "
         "p50 measured at the start and right after it. Goal: efficiency (speedup ÷ MACs reduction) ≥ 0.75.",
         "",

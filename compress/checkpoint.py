@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError, first_line
+from compress.models.attention import SelfAttention, decouple_attention
 
 FORMAT = "compress/1"
 
@@ -83,6 +84,8 @@ def read_checkpoint(path: Path, role: str, field: str) -> tuple[dict[str, torch.
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, pruned: bool, field: str) -> None:
+    if pruned:  # attention that lost whole heads was saved as SelfAttention (….qkv.weight): convert to match
+        decouple_attention(model, {k.removesuffix(".qkv.weight") for k in state if k.endswith(".qkv.weight")})
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -133,7 +136,9 @@ def sync_attributes(model: nn.Module) -> None:
 
 
 def _fix_attributes(module: nn.Module) -> None:
-    if isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+    if isinstance(module, SelfAttention):  # whole heads removed; each head keeps its width
+        module.num_heads = module.qkv.weight.shape[0] // (3 * module.head_dim)
+    elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
         module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
         module.head_dim = module.embed_dim // module.num_heads
     elif hasattr(module, "hidden_dim") and isinstance(getattr(module, "conv_proj", None), nn.Conv2d):

@@ -107,6 +107,7 @@ CASES = {
         ["stages.2", "set finetune_epochs >= 1"],
     ),
     "sparsity out of range": ("stages.2", {"kind": "sparsify", "sparsity": 1}, ["stages.2.sparsity", "less than 1"]),
+    "head ratio out of range": ("stages.2.head_ratio", 1.0, ["stages.2.head_ratio", "less than 1"]),
 }
 
 
@@ -205,6 +206,13 @@ def test_prune_ignore_pattern_matching_nothing(tiny, write_recipe, tmp_path, cap
     tiny["stages"][2]["ignore"] = ["layer4.*"]
     check_fails_cleanly(
         capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.2.ignore", "'layer4.*'", "matches no module"
+    )
+
+
+def test_head_ratio_without_attention(tiny, write_recipe, tmp_path, capsys):
+    tiny["stages"][2]["head_ratio"] = 0.5
+    check_fails_cleanly(
+        capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", "stages.2.head_ratio", "no attention layer"
     )
 
 

@@ -188,3 +188,21 @@ def test_agp_needs_finetuning():
     with pytest.raises(Exception, match="set finetune_epochs >= 1"):
         validate_recipe({"name": "x", "data": {"name": "synthetic"}, "student": {"model": "resnet20"},
                          "stages": [{"kind": "sparsify", "schedule": "agp"}]})  # fmt: skip
+
+
+def test_vit_loses_whole_heads_to_a_macs_target_in_steps(tiny, tmp_path):
+    tiny["data"]["image_size"] = 32
+    tiny["student"] = {"model": "tests.test_prune_zoo:tiny_vit"}
+    stage = {"kind": "prune", "target_macs": 0.6, "head_ratio": 0.5, "steps": 2, "finetune_epochs": 1}
+    out, report = _run(tiny, tmp_path, stage, {"kind": "export"})
+    m = report["stages"][0]["metrics"]
+    assert (m["heads_before"], [r["heads"] for r in m["steps"]], m["heads_after"]) == (8, [6, 4], 4)
+    assert 0.55 <= m["macs_kept"] <= 0.6 and 0.75 <= m["steps"][0]["macs"] / m["macs_before"] <= 0.8
+    # the checkpoint rebuilds the separable-head attention; the exported ONNX agrees with it
+    from tests.test_prune_zoo import tiny_vit
+
+    model = tiny_vit(10)
+    state, pruned = read_checkpoint(out / "checkpoints" / "01-prune" / "student.pt", "student", "t")
+    load_weights(model, state, pruned=pruned, field="t")
+    assert [layer.self_attention.num_heads for layer in model.encoder.layers] == [2, 2]
+    assert report["stages"][1]["metrics"]["student"]["max_abs_diff"] < 1e-3

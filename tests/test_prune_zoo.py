@@ -12,9 +12,10 @@ from torch import nn
 
 from compress.bench.size import onnx_weight_counts
 from compress.checkpoint import load_weights, read_checkpoint, save_model
-from compress.errors import StageFailed
+from compress.errors import CompressError, StageFailed
 from compress.models import build_model
-from compress.pruning.structured import StructuredOptions, count, prune_step
+from compress.models.attention import SelfAttention
+from compress.pruning.structured import StructuredOptions, count, guarded, head_counts, prune_step
 from compress.stages.export import export_onnx, parity
 
 ZOO = {
@@ -35,6 +36,7 @@ UNSUPPORTED = {
     "shufflenet_v2_x1_0": r"^prune: torch-pruning cannot prune ShuffleNetV2: at the reshape after layer "
     r"'stage4\.1\.branch2\.\d+': ZeroDivisionError",
 }
+OPTS = {"vit_b_16": StructuredOptions(head_ratio=0.25)}  # whole heads too (3 of 12 per block)
 SLOW = {"vit_b_16", "convnext_tiny", "densenet121", "resnet50"}  # tiny_vit below covers ViT in the fast run
 
 
@@ -45,7 +47,9 @@ def test_zoo_prunes_exports_and_reloads(name, tmp_path):
         with pytest.raises(StageFailed, match=UNSUPPORTED[name]):
             prune_step(model, torch.randn(1, 3, 32, 32), StructuredOptions(), 0.3, 10)
         return
-    check_prune_export_reload(f"torchvision:{name}", ZOO[name], tmp_path)
+    model = check_prune_export_reload(f"torchvision:{name}", ZOO[name], tmp_path, OPTS.get(name))
+    if name in OPTS:
+        assert set(head_counts(model).values()) == {9}
 
 
 def tiny_vit(num_classes: int) -> nn.Module:
@@ -65,6 +69,73 @@ def test_tiny_vit_prunes_head_dims_and_mlp(tmp_path):
     assert model.encoder.layers[0].mlp[0].out_features < 128
 
 
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_tiny_vit_loses_whole_heads(global_pruning, tmp_path):
+    opts = StructuredOptions(head_ratio=0.5, global_pruning=global_pruning)
+    model = check_prune_export_reload("tests.test_prune_zoo:tiny_vit", {}, tmp_path, opts)
+    attns = [layer.self_attention for layer in model.encoder.layers]
+    assert all(isinstance(a, SelfAttention) and a.head_dim == 16 for a in attns)  # heads keep their width
+    assert sum(a.num_heads for a in attns) == 4  # half of 2 × 4
+    if not global_pruning:
+        assert [a.num_heads for a in attns] == [2, 2]
+    assert all(a.qkv.out_features == 3 * 16 * a.num_heads == 3 * a.out_proj.in_features for a in attns)
+    assert model.encoder.layers[0].mlp[0].out_features < 128  # `ratio` still prunes the MLP
+
+
+def test_the_least_important_heads_are_the_ones_removed():
+    torch.manual_seed(0)
+    model = tiny_vit(10).eval()
+    mha = model.encoder.layers[0].self_attention
+    rows = torch.arange(3 * 64).view(3, 4, 16)  # (q/k/v, head, dim) -> row of in_proj_weight
+    with torch.no_grad():
+        mha.in_proj_weight[rows[:, [1, 3]].flatten()] *= 1e-3  # heads 1 and 3 nearly zero
+    kept = mha.in_proj_weight[rows[:, [0, 2]].flatten()].clone()
+    prune_step(
+        model, torch.randn(2, 3, 32, 32), StructuredOptions(head_ratio=0.5, ignore=["encoder.layers.*.mlp.*"]), 0.0, 10
+    )
+    attn = model.encoder.layers[0].self_attention
+    assert attn.num_heads == 2
+    torch.testing.assert_close(attn.qkv.weight, kept)  # heads 0 and 2, every q/k/v row, in order
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_self_attention_computes_what_multihead_attention_does(batch_first, bias):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, bias=bias, batch_first=batch_first).eval()
+    x = torch.randn(3, 5, 32)
+    new = SelfAttention.from_mha(mha)
+    torch.testing.assert_close(new(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
+    torch.testing.assert_close(
+        new(x, x, x, is_causal=True)[0],
+        mha(
+            x,
+            x,
+            x,
+            attn_mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1 if batch_first else 0]),
+            is_causal=True,
+        )[0],
+    )
+    with pytest.raises(CompressError, match="self-attention only"):
+        new(x, torch.randn_like(x), x)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_heads_leave_on_an_exact_linear_schedule(global_pruning, steps):
+    # torch-pruning's own iterative head schedule compounds per layer; ours must not
+    model = tiny_vit(10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    opts = StructuredOptions(head_ratio=0.5, global_pruning=global_pruning)
+    pruner = guarded(model, lambda: opts.pruner(model, x, 0.2, 10, steps=steps))
+    for k in range(1, steps + 1):
+        guarded(model, pruner.step, x)
+        left = 8 - round(4 * k / steps) if global_pruning else 2 * (4 - round(2 * k / steps))  # per layer
+        assert sum(head_counts(model).values()) == left, k
+    if not global_pruning:
+        assert list(head_counts(model).values()) == [2, 2]
+
+
 def test_a_pruned_model_that_no_longer_runs_names_the_layer():
     # 4 heads, but widths rounded to multiples of 3: the attention width 42 is not divisible by 4
     # heads; the one-line error names the attention layer.
@@ -73,12 +144,12 @@ def test_a_pruned_model_that_no_longer_runs_names_the_layer():
         prune_step(model, torch.randn(1, 3, 32, 32), StructuredOptions(round_to=3), 0.3, 10)
 
 
-def check_prune_export_reload(name: str, kwargs: dict, tmp_path) -> nn.Module:
+def check_prune_export_reload(name: str, kwargs: dict, tmp_path, opts: StructuredOptions | None = None) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(name, 10, 3, **kwargs).eval()
     x = torch.randn(2, 3, 32, 32)
     macs0, params0 = count(model, x)
-    prune_step(model, x, StructuredOptions(), 0.3, 10)
+    prune_step(model, x, opts or StructuredOptions(), 0.3, 10)
     macs1, params1 = count(model, x)
     with torch.no_grad():
         out = model(x)

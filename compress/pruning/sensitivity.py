@@ -190,7 +190,7 @@ def analyze(args: Any) -> None:
     model.to(device)
     stage = next((s for s in recipe.stages if isinstance(s, StructuredOptions)), None)
     opts = StructuredOptions(**{k: getattr(stage, k) for k in StructuredOptions.model_fields}) if stage else None
-    opts = opts or StructuredOptions()
+    opts = (opts or StructuredOptions()).model_copy(update={"head_ratio": 0.0})  # sweeps channel groups only
     opts.check_patterns(model, "prune stage")
     example = data.example_input(2).to(device)
     out = args.out or Path("runs") / f"sensitivity-{recipe.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"

@@ -24,6 +24,7 @@ from torch import nn
 from compress.checkpoint import sync_attributes
 from compress.errors import CompressError, StageFailed
 from compress.importance import IMPORTANCES
+from compress.models.attention import SelfAttention, decouple_attention
 
 T = TypeVar("T")
 
@@ -32,6 +33,23 @@ def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     """(MACs, params) of one forward pass on ``example``, via torch-pruning's op counter."""
     macs, params = tp.utils.count_ops_and_params(model, example)
     return int(macs), int(params)
+
+
+def _self_attention_macs(module: SelfAttention, inputs: tuple, output) -> None:
+    """torch-pruning's count for nn.MultiheadAttention, written for separable heads (so a model
+    counts the same before and after ``decouple_attention``): projections, q scaling, q·kᵀ,
+    softmax, attention·v, output projection."""
+    x = inputs[0] if module.batch_first else inputs[0].transpose(0, 1)
+    b, n, embed = x.shape
+    inner = module.num_heads * module.head_dim
+    bias = module.qkv.bias is not None
+    macs = n * inner + 3 * n * embed * inner + bias * 3 * n * inner
+    macs += module.num_heads * (2 * n * n * module.head_dim + n * n)
+    macs += n * embed * (inner + 1)
+    module.__flops__ += int(macs * b)
+
+
+tp.utils.op_counter.MODULES_MAPPING[SelfAttention] = _self_attention_macs
 
 
 class StructuredOptions(BaseModel):
@@ -49,6 +67,9 @@ class StructuredOptions(BaseModel):
     round_to: int | None = Field(None, ge=1, le=1024, description="keep channel counts a multiple of this")
     ignore: list[str] = Field(default_factory=list, description="module-name patterns never pruned (fnmatch)")
     taylor_batches: int = Field(4, ge=1, le=10_000, description="training batches of gradients for 'taylor'")
+    head_ratio: float = Field(
+        0.0, ge=0, lt=1, description="fraction of attention heads removed whole (per block, or overall when global)"
+    )
 
     @field_validator("method")
     @classmethod
@@ -74,6 +95,21 @@ class StructuredOptions(BaseModel):
                     close = difflib.get_close_matches(pattern, names, n=3)
                     hint = f"; did you mean {', '.join(close)}?" if close else ""
                     raise CompressError(f"{field}.{key}: pattern {pattern!r} matches no module of the student{hint}")
+
+    def check_heads(self, model: nn.Module, field: str) -> None:
+        """``head_ratio`` needs attention layers whose heads can be separated, and must leave one."""
+        if not self.head_ratio:
+            return
+        heads = head_counts(model)
+        if not heads:
+            raise CompressError(f"{field}.head_ratio: the student has no attention layer (nn.MultiheadAttention)")
+        for name, n in heads.items():
+            if round(self.head_ratio * n) >= n:
+                raise CompressError(f"{field}.head_ratio: {self.head_ratio} would remove all {n} heads of {name!r}")
+        try:
+            decouple_attention(copy.deepcopy(model))
+        except CompressError as exc:
+            raise CompressError(f"{field}.head_ratio: {exc}") from None
 
     def ignored(self, model: nn.Module, num_classes: int) -> list[nn.Module]:
         """The classifier (every Linear producing ``num_classes`` outputs) plus the ``ignore``
@@ -119,28 +155,70 @@ class StructuredOptions(BaseModel):
         num_classes: int,
         scale: Callable[[float], float] = lambda r: r,
         steps: int = 1,
+        head_plan: tuple[dict[str, int], int, int] | None = None,
     ) -> tp.pruner.BasePruner:
         """A torch-pruning pruner removing ``ratio`` of the channels (per layer, or overall when
         global) in ``steps`` calls of ``step()``, each a linear share of the original channel
-        counts. ``scale`` maps a per-layer override to this pruner's share of it."""
-        # nn.MultiheadAttention keeps its heads; its width (every head's dims together) must stay
+        counts. ``scale`` maps a per-layer override to this pruner's share of it. With
+        ``head_ratio``, ``head_plan`` = (heads per attention layer at the start of the schedule,
+        this pruner's first step, the schedule's steps); by default the schedule is this pruner's."""
+        # Removing whole heads needs attention whose head count is its own dimension: every
+        # nn.MultiheadAttention becomes a SelfAttention (same function), and torch-pruning ranks
+        # heads by their q/k/v rows. Head widths are then kept; `ratio` prunes the rest (MLP, embedding).
+        if self.head_ratio:
+            decouple_attention(model)
+        separable = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, SelfAttention)}
+        # An nn.MultiheadAttention keeps its heads; its width (every head's dims together) must stay
         # divisible by the head count. (Telling torch-pruning num_heads stops it pruning that width.)
         heads = attention_heads(model)
         round_to = self.round_to
         if heads and round_to is None:
             round_to = math.lcm(*heads.values())
-        return tp.pruner.BasePruner(
+        pruner = tp.pruner.BasePruner(
             model,
             example,
             importance=IMPORTANCES.get(self.method)(),
             pruning_ratio=ratio,
-            pruning_ratio_dict=self.overrides(model, scale) or None,
+            # torch-pruning visits a group's heads only when the group has channels to prune: give the
+            # q/k/v layers a ratio of their own (their head widths stay; prune_head_dims is off)
+            pruning_ratio_dict={**self.overrides(model, scale), **dict.fromkeys(separable, self.head_ratio)} or None,
             max_pruning_ratio=self.max_ratio,
             global_pruning=self.global_pruning,
             ignored_layers=self.ignored(model, num_classes),
             round_to=round_to,
             iterative_steps=steps,
+            num_heads=separable,
+            prune_num_heads=bool(self.head_ratio),
+            prune_head_dims=not self.head_ratio,
+            head_pruning_ratio=self.head_ratio,  # its schedule is replaced by an exact one below
         )
+        if self.head_ratio:
+            start, first, total = head_plan or (head_counts(model), 1, steps)
+            self._schedule_heads(pruner, model, start, range(first, first + steps), total)
+        return pruner
+
+    def _schedule_heads(
+        self, pruner: tp.pruner.BasePruner, model: nn.Module, start: dict[str, int], ks: range, total: int
+    ) -> None:
+        """After step k of ``total``, round(head_ratio · k/total) of the starting heads are gone,
+        exactly. torch-pruning's own iterative head schedule compounds (each step removes
+        ceil(cumulative ratio × heads left) per layer); its per-step ratios are set here so that
+        its rounding (ceil per layer, floor of the kept total when global) lands on our counts."""
+        now = head_counts(model)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, SelfAttention)}
+        eps = 1e-6
+        if self.global_pruning:
+            t0, cur = sum(start.values()), sum(now.values())  # torch-pruning keeps int(cur · (1 - r_k))
+            wanted = [t0 - round(self.head_ratio * t0 * k / total) for k in ks]
+            pruner.per_step_head_pruning_ratio = [0.0] + [(cur - w - eps) / cur for w in wanted]
+            return
+        for name, layer in layers.items():
+            prev, shares = now[name], [0.0]
+            for k in ks:
+                left = start[name] - round(self.head_ratio * start[name] * k / total)
+                shares.append((prev - left - eps) / prev if prev > left else 0.0)  # ceil(share · prev) = prev - left
+                prev = left
+            pruner.head_pruning_ratio_dict[layer.qkv] = shares
 
 
 ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]  # BasePruner's default
@@ -177,11 +255,23 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     return {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
+def head_counts(model: nn.Module) -> dict[str, int]:
+    """Heads of every attention layer (nn.MultiheadAttention or SelfAttention), by name."""
+    return {n: m.num_heads for n, m in model.named_modules() if isinstance(m, (nn.MultiheadAttention, SelfAttention))}
+
+
 def prune_step(
-    model: nn.Module, example: torch.Tensor, opts: StructuredOptions, ratio: float, num_classes: int, scale=lambda r: r
+    model: nn.Module,
+    example: torch.Tensor,
+    opts: StructuredOptions,
+    ratio: float,
+    num_classes: int,
+    scale=lambda r: r,
+    head_plan: tuple[dict[str, int], int, int] | None = None,
 ) -> None:
     """Prune ``model`` in place, in one step."""
-    guarded(model, lambda: opts.pruner(model, example, ratio, num_classes, scale).step(), example)
+    build = lambda: opts.pruner(model, example, ratio, num_classes, scale, head_plan=head_plan)  # noqa: E731
+    guarded(model, lambda: build().step(), example)
 
 
 def guarded(model: nn.Module, action: Callable[[], T], example: torch.Tensor | None = None) -> T:
@@ -246,7 +336,13 @@ def _nearest_layer(node, names: dict[int, str]) -> str | None:
 
 
 def pruned_copy(
-    model: nn.Module, example: torch.Tensor, opts: StructuredOptions, ratio: float, num_classes: int, scale=lambda r: r
+    model: nn.Module,
+    example: torch.Tensor,
+    opts: StructuredOptions,
+    ratio: float,
+    num_classes: int,
+    scale=lambda r: r,
+    head_plan: tuple[dict[str, int], int, int] | None = None,
 ) -> nn.Module:
     """A pruned deep copy (gradients copied too, for criteria that read them); ``model`` untouched."""
     twin = copy.deepcopy(model)
@@ -254,7 +350,7 @@ def pruned_copy(
     for n, p in twin.named_parameters():
         if n in grads:
             p.grad = grads[n].clone()
-    prune_step(twin, example, opts, ratio, num_classes, scale)
+    prune_step(twin, example, opts, ratio, num_classes, scale, head_plan)
     return twin
 
 
@@ -267,14 +363,16 @@ def search_ratio(
     num_classes: int,
     scale: Callable[[float], float] = lambda r: r,
     iters: int = 12,
+    head_plan: tuple[dict[str, int], int, int] | None = None,
 ) -> tuple[float, int]:
     """The smallest channel ratio whose pruned model has at most ``budget`` MACs (or params), by
     bisection on pruned copies: (ratio, achieved). Overrides keep their ratios; the search scales
-    the rest. Fails in one line when even ``max_ratio`` cannot meet the budget."""
+    the rest, and whole heads go as ``head_ratio`` says. Fails in one line when even ``max_ratio``
+    cannot meet the budget."""
     pick = 0 if metric == "macs" else 1
 
     def size(r: float) -> int:
-        return count(pruned_copy(model, example, opts, r, num_classes, scale), example)[pick]
+        return count(pruned_copy(model, example, opts, r, num_classes, scale, head_plan), example)[pick]
 
     hi = opts.max_ratio
     at_hi = size(hi)

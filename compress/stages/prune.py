@@ -20,6 +20,7 @@ from compress.pruning.structured import (
     accumulate_gradients,
     count,
     guarded,
+    head_counts,
     prune_step,
     search_ratio,
 )
@@ -70,6 +71,7 @@ class Prune(FineTuneStage, StructuredOptions):
         with torch.no_grad():
             num_classes = student(example).shape[-1]
         self.check_overrides(student, example, num_classes, field)
+        self.check_heads(student, field)
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         model = ctx.student.to(ctx.device).eval()
@@ -81,6 +83,7 @@ class Prune(FineTuneStage, StructuredOptions):
         history: list[dict[str, Any]] = []
         fits: list[dict[str, Any]] = []
         pruner = None  # ratio mode: one torch-pruning pruner stepping through the linear schedule
+        heads0 = head_counts(model)  # whole heads leave on the same linear schedule
         for step in range(1, self.steps + 1):
             if needs_gradients(self.method):
                 loader = ctx.data.train_loader(seed=ctx.recipe.seed, augment=False)
@@ -97,8 +100,9 @@ class Prune(FineTuneStage, StructuredOptions):
                 base = macs0 if metric == "macs" else params0
                 budget = int(base * (1 - (1 - keep) * step / self.steps))
                 scale = (lambda r, s=step: step_share(r, s, self.steps)) if self.steps > 1 else (lambda r: r)
-                ratio, _ = search_ratio(model, example, self, budget, metric, num_classes, scale)
-                prune_step(model, example, self, ratio, num_classes, scale)
+                plan = (heads0, step, self.steps)
+                ratio, _ = search_ratio(model, example, self, budget, metric, num_classes, scale, head_plan=plan)
+                prune_step(model, example, self, ratio, num_classes, scale, plan)
             model.zero_grad(set_to_none=True)
             with torch.no_grad():
                 now = model(example).shape
@@ -106,6 +110,8 @@ class Prune(FineTuneStage, StructuredOptions):
                 raise StageFailed(f"prune: output shape changed {tuple(shape)} -> {tuple(now)}")
             macs, params = count(model, example)
             row: dict[str, Any] = {"step": step, "ratio": ratio, "macs": macs, "params": params}
+            if self.head_ratio:
+                row["heads"] = sum(head_counts(model).values())
             row["test_acc_pruned"] = evaluate(model, ctx.data.eval_loader("test"), ctx.device)
             ctx.log.info(
                 "prune step %d/%d (%s, ratio %.3f): params %d -> %d, MACs %d -> %d, test_acc %.4f",
@@ -126,6 +132,8 @@ class Prune(FineTuneStage, StructuredOptions):
             "params_kept": params1 / params0,
             "steps": history,
         }
+        if self.head_ratio:
+            metrics["heads_before"], metrics["heads_after"] = sum(heads0.values()), history[-1]["heads"]
         if fits:  # the last fine-tune's metrics (test_acc, history, ...) describe the result
             metrics.update(fits[-1])
             metrics["seconds"] = sum(f["seconds"] for f in fits)  # fine-tuning time over all steps
