@@ -96,13 +96,17 @@ def _status(run_dir: Path, state: str, **extra: Any) -> None:
     (run_dir / "status.json").write_text(json.dumps({"state": state, **extra, **owner}, indent=2) + "\n")
 
 
-def _logger(run_dir: Path) -> logging.Logger:
+def _logger(run_dir: Path, console: Console) -> logging.Logger:
+    """Everything to the run's train.log; warnings also to the terminal (through rich)."""
+    from rich.logging import RichHandler
+
     log = logging.getLogger(f"compress.run.{run_dir}")
     log.setLevel(logging.INFO)
     log.propagate = False
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.handlers = [handler]
+    loud = RichHandler(console=console, level=logging.WARNING, show_time=False, show_path=False)
+    log.handlers = [handler, loud]
     return log
 
 
@@ -159,7 +163,7 @@ def run(
         specs={r: getattr(recipe, r) for r in roles},
         quiet=quiet,
         console=console,
-        log=_logger(run_dir) if rank == 0 else logging.getLogger("compress.rank"),
+        log=_logger(run_dir, console) if rank == 0 else logging.getLogger("compress.rank"),
         world=world,
         rank=rank,
     )

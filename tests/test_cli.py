@@ -107,6 +107,17 @@ CASES = {
         ["stages.2", "set finetune_epochs >= 1"],
     ),
     "sparsity out of range": ("stages.2", {"kind": "sparsify", "sparsity": 1}, ["stages.2.sparsity", "less than 1"]),
+    "distribution calibration, asymmetric": (
+        "stages.4.calibration",
+        "distribution",
+        ["stages.4", "set symmetric_activations: true"],
+    ),
+    "accuracy budget without static INT8": (
+        "stages.4",
+        {"kind": "quantize", "mode": "dynamic", "max_accuracy_drop": 0.01},
+        ["stages.4", "max_accuracy_drop needs mode: static"],
+    ),
+    "unknown quantize mode": ("stages.4.mode", "int4", ["stages.4.mode", "'static', 'dynamic' or 'fp16'"]),
     "head ratio out of range": ("stages.2.head_ratio", 1.0, ["stages.2.head_ratio", "less than 1"]),
 }
 

@@ -55,28 +55,129 @@ def quantize(recipe, exported_dir, tmp_path, **fields):
         {"calibration": "minmax"},
         {"calibration": "entropy"},
         {"calibration": "percentile", "percentile": 99.99},
+        {"calibration": "distribution", "symmetric_activations": True},
         {"format": "qoperator"},
         {"per_channel": False, "activation_type": "int8"},
+        {"symmetric_activations": True, "activation_type": "int8"},
+        {"op_types": ["Conv"], "calibration_chunk": 3},
+        {"mode": "dynamic"},
+        {"mode": "fp16"},
     ],
     ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()),
 )
-def test_int8_model_agrees_with_fp32(fields, exported, tmp_path):
+def test_quantized_model_agrees_with_fp32(fields, exported, tmp_path):
     recipe, out = exported
     ctx, metrics = quantize(recipe, out, tmp_path, **fields)
-    int8 = ctx.latest("student", "onnx", "int8")
-    assert int8 is not None and int8.path.is_file()
-    assert metrics["int8_bytes"] < metrics["fp32_bytes"]
-    ops = {n.op_type for n in onnx.load(str(int8.path)).graph.node}
-    assert ("QuantizeLinear" in ops) if fields.get("format", "qdq") == "qdq" else ("QLinearConv" in ops)
+    mode = fields.get("mode", "static")
+    precision = "fp16" if mode == "fp16" else "int8"
+    q = ctx.latest("student", "onnx", precision)
+    assert q is not None and q.path.is_file() and q.path.name == f"model.{precision}.onnx"
+    graph = onnx.load(str(q.path)).graph
+    ops = {n.op_type for n in graph.node}
+    if mode == "static":
+        assert ("QuantizeLinear" in ops) if fields.get("format", "qdq") == "qdq" else ("QLinearConv" in ops)
+        assert metrics["int8_bytes"] < metrics["fp32_bytes"] / 2 or "op_types" in fields
+    elif mode == "dynamic":  # the classifier's Gemm runs as an integer matmul; convolutions stay float
+        assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "ConvInteger" not in ops
+    else:
+        floats = {i.data_type for i in graph.initializer} & {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+        assert floats == {onnx.TensorProto.FLOAT16}  # every float weight halved
+        assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # keep_io_types
+        assert metrics["fp16_bytes"] < 0.6 * metrics["fp32_bytes"]
+    assert metrics["fp32_p50_ms_bs1"] > 0 and metrics["speedup_bs1"] > 0  # timed against FP32 in the stage
     x, y = ctx.data.test_x.numpy(), ctx.data.test_y.numpy()
     ref = Predictor(tmp_path / "model.onnx").logits(x, layout="nchw").argmax(1)
-    got = Predictor(int8.path).logits(x, layout="nchw").argmax(1)
+    got = Predictor(q.path).logits(x, layout="nchw").argmax(1)
     assert (ref == got).mean() >= 0.9
     assert (got == y).mean() >= (ref == y).mean() - 0.05
 
 
+def test_chunked_calibration_gives_the_same_ranges(exported, tmp_path):
+    """MinMax over 16 batches held at once, or one batch at a time: the same scales, the same file."""
+    recipe, out = exported
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    ctx_a, _ = quantize(recipe, out, tmp_path / "a", calibration_batches=16, calibration_chunk=16)
+    ctx_b, _ = quantize(recipe, out, tmp_path / "b", calibration_batches=16, calibration_chunk=1)
+    a, b = (onnx.load(str(c.latest("student", "onnx", "int8").path)).graph for c in (ctx_a, ctx_b))
+    scales = lambda g: {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in g.initializer if "scale" in i.name}  # noqa: E731
+    assert scales(a) and scales(a) == scales(b)
+
+
+def test_stride_divides_the_batches():
+    from compress.quantization.ptq import stride
+
+    assert [stride(16, 8), stride(13, 8), stride(12, 8), stride(3, 8)] == [8, 1, 6, 3]
+
+
+@pytest.fixture(scope="module")
+def outlier(exported, tmp_path_factory):
+    """The trained student made hard for per-tensor INT8 activations without changing its function:
+    one channel after the first ReLU-block scaled ×1000 (BN γ, β), the next conv's weights on it ÷1000.
+    Its range squashes every other channel of that tensor to zero in uint8."""
+    import torch
+
+    from compress.checkpoint import load_weights, read_checkpoint, save_model
+    from compress.models import build_model
+
+    recipe, out = exported
+    model = build_model("digits_student", 10, 1)
+    state, pruned = read_checkpoint(next(out.rglob("student.pt")), "student", "t")
+    load_weights(model, state, pruned=pruned, field="t")
+    with torch.no_grad():
+        model[4].weight[0] *= 1000
+        model[4].bias[0] *= 1000
+        model[7].weight[:, 0] /= 1000
+    root = tmp_path_factory.mktemp("outlier")
+    save_model(
+        model, root / "outlier.pt", name="digits_student", kwargs={}, num_classes=10, in_channels=1, pruned=False
+    )
+    raw = {**RECIPE, "student": {"model": "digits_student", "checkpoint": str(root / "outlier.pt")}}
+    raw["stages"] = [{"kind": "export"}]
+    recipe = validate_recipe(raw)
+    run(recipe, root / "run", quiet=True)
+    return recipe, root / "run"
+
+
+def test_accuracy_loop_keeps_nodes_in_float_until_the_budget_holds(outlier, tmp_path):
+    recipe, out = outlier
+    ctx, m = quantize(recipe, out, tmp_path, max_accuracy_drop=0.02, max_excluded=10)
+    steps = m["accuracy_steps"]
+    assert steps[0]["excluded"] == [] and steps[0]["drop"] > 0.2  # plain INT8 breaks on this model
+    assert m["accuracy_budget_met"] and steps[-1]["drop"] <= 0.02 and m["excluded_nodes"] == steps[-1]["excluded"]
+    assert all(s["drop"] > 0.02 for s in steps[:-1])  # it stopped at the first step within budget
+    assert [len(s["excluded"]) for s in steps] == list(range(len(steps)))  # one node per step
+    assert all(s["p50_ms_bs1"] > 0 for s in steps)
+    int8 = ctx.latest("student", "onnx", "int8").path
+    graph = onnx.load(str(int8)).graph
+    assert "QuantizeLinear" in {n.op_type for n in graph.node}  # still an INT8 model, not all float
+    x, y = ctx.data.test_x.numpy(), ctx.data.test_y.numpy()
+    assert (Predictor(int8).logits(x, layout="nchw").argmax(1) == y).mean() == pytest.approx(m["int8_top1"])
+    assert m["fp32_top1"] - m["int8_top1"] <= 0.02
+
+
+def test_accuracy_loop_says_when_the_budget_cannot_be_met(outlier, tmp_path, caplog):
+    recipe, out = outlier
+    with caplog.at_level("WARNING"):
+        _, m = quantize(recipe, out, tmp_path, max_accuracy_drop=0.02, max_excluded=1)
+    assert not m["accuracy_budget_met"] and len(m["excluded_nodes"]) <= 1
+    assert m["int8_top1"] == max(s["top1"] for s in m["accuracy_steps"])  # the best it found
+    assert "over max_accuracy_drop" in caplog.text
+
+
+def test_a_slow_int8_file_names_the_float_ops_left_between_qdq(exported, tmp_path):
+    from compress.quantization.mixed import float_islands
+    from compress.stages.quantize import Quantize
+
+    recipe, out = exported
+    ctx, _ = quantize(recipe, out, tmp_path, op_types=["Conv"])  # Relu, MaxPool, ... left float
+    islands = float_islands(ctx.latest("student", "onnx", "int8").path, tmp_path)
+    assert islands and "Conv" not in islands
+    why = Quantize(kind="quantize")._why_slow(islands, 0.1)
+    assert any(op in why[0] for op in islands) and "per-op overhead" in why[-1]
+
+
 def test_calibration_reader_streams_batches(exported):
-    from compress.stages.quantize import BatchReader
+    from compress.quantization.calibration import BatchReader
 
     recipe, _ = exported
     data = load_data(recipe)
@@ -92,7 +193,7 @@ def test_calibration_reader_streams_batches(exported):
 def test_calibration_feeds_what_the_model_metadata_asks_for(exported):
     """The exported graph takes uint8 NHWC pixels; calibration must feed those, not normalized floats."""
     from compress.metadata import feeder
-    from compress.stages.quantize import BatchReader
+    from compress.quantization.calibration import BatchReader
 
     recipe, out = exported
     data = load_data(recipe)

@@ -26,7 +26,7 @@ from compress.data import DataBundle
 from compress.errors import first_line
 from compress.metadata import feeder
 from compress.onnx_utils import run, session
-from compress.stages.prune import count
+from compress.pruning.structured import count
 
 UNSTABLE_P90_OVER_P50 = 1.5  # a model's own spread is far tighter; beyond this other work interfered
 

@@ -197,11 +197,20 @@ def _stage_summary(metrics: dict[str, Any]) -> str:
             )
     if "input" in metrics:
         bits.append(f"ONNX input {metrics['input']}")
-    if "int8_bytes" in metrics:
+    if "calibration" in metrics:
+        bits.append(f"{metrics['calibration']} calibration on {metrics['calibration_images']} images")
+    if "accuracy_steps" in metrics:
+        n = len(metrics["excluded_nodes"])
+        verdict = "within" if metrics["accuracy_budget_met"] else "OVER"
         bits.append(
-            f"{metrics['calibration']} calibration on {metrics['calibration_images']} images, "
-            f"{human_bytes(metrics['fp32_bytes'])} → {human_bytes(metrics['int8_bytes'])}"
+            f"top-1 {100 * metrics['fp32_top1']:.2f}% → {100 * metrics['int8_top1']:.2f}% ({verdict} budget), "
+            f"{n} node{'s' * (n != 1)} in float"
         )
+    for precision in ("int8", "fp16"):
+        if f"{precision}_bytes" in metrics:
+            bits.append(f"{human_bytes(metrics['fp32_bytes'])} → {human_bytes(metrics[f'{precision}_bytes'])}")
+    if "speedup_bs1" in metrics:
+        bits.append(f"{metrics['speedup_bs1']:.2f}× FP32's speed at batch 1 (timed in the stage)")
     return "; ".join(bits) or "–"
 
 

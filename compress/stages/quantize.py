@@ -1,148 +1,228 @@
-"""INT8 static post-training quantization with onnxruntime.quantization.
+"""Quantize the exported ONNX student with onnxruntime.quantization: static INT8 from calibration
+data (the default), dynamic INT8, or FP16.
 
-``quant_pre_process`` (shape inference + graph optimization, so Conv+BN+ReLU fuse before QDQ is
-placed), then ``quantize_static`` in QDQ format. Defaults are what measured fastest on an
-AVX512-VNNI CPU: uint8 activations with int8 per-channel weights (U8S8). ORT's own defaults (S8S8,
-per-tensor) made ResNet-20 2x *slower* than FP32 here; the report always times INT8 next to FP32.
-Calibration streams N training batches (no augmentation) through a CalibrationDataReader, fed
-exactly as the FP32 model's metadata says (raw uint8 pixels when preprocessing is in the graph).
-The INT8 file inherits the FP32 file's metadata with ``precision: int8``.
+Static defaults are what measured fastest on an AVX512-VNNI CPU: QDQ, uint8 activations with int8
+per-channel weights (U8S8). ORT's own defaults (S8S8, per-tensor) made ResNet-20 2x *slower* than
+FP32 here. Calibration streams training batches (no augmentation), ``calibration_chunk`` at a time,
+fed exactly as the FP32 model's metadata says (raw uint8 pixels when preprocessing is in the graph).
+
+With ``max_accuracy_drop`` the stage measures the INT8 top-1 against FP32's and, while over budget,
+keeps the nodes quantization hurts most in float (``nodes_to_exclude``), a few at a time, calibrating
+once. It always times the result against FP32 at batch 1 and warns, with the float ops left between
+Q/DQ pairs, when INT8 is slower. The file inherits the FP32 file's metadata with its precision.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress import metadata
+from compress.bench.measure import percentiles, time_calls
 from compress.context import Artifact, Context
-from compress.data import DataBundle
-from compress.onnx_utils import quiet_stdout, session
+from compress.onnx_utils import session
+from compress.quantization import ptq
+from compress.quantization.calibration import BatchReader
+from compress.quantization.mixed import float_islands, node_errors, top1
 from compress.stages.base import STAGES, Stage
-
-QTYPES = {"uint8": "QUInt8", "int8": "QInt8"}
-
-
-class BatchReader:
-    """onnxruntime CalibrationDataReader over the training split, one batch in memory at a time."""
-
-    def __init__(
-        self,
-        data: DataBundle,
-        input_name: str,
-        batches: int,
-        batch_size: int,
-        feed: Callable[[torch.Tensor], np.ndarray] | None = None,
-    ) -> None:
-        self.data, self.input_name = data, input_name
-        self.feed = feed or (lambda x: data.normalize(x.cpu()).numpy())
-        self.batches, self.batch_size = batches, batch_size
-        self.rewind()
-
-    def rewind(self) -> None:
-        n = len(self.data.train_x)
-        # A fixed, class-mixed subset: every k-th training image.
-        want = min(n, self.batches * self.batch_size)
-        self._index = np.linspace(0, n - 1, want).astype(np.int64)
-        self._pos = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._pos >= len(self._index):
-            return None
-        idx = self._index[self._pos : self._pos + self.batch_size]
-        self._pos += self.batch_size
-        return {self.input_name: self.feed(self.data.train_x[idx])}
 
 
 @STAGES.register("quantize")
 class Quantize(Stage):
-    """INT8 static PTQ with onnxruntime.quantization (QDQ, U8S8 per-channel)."""
+    """ONNX Runtime quantization of the student: static INT8 (calibrated), dynamic INT8 or FP16."""
 
     kind: Literal["quantize"] = "quantize"
-    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    mode: Literal["static", "dynamic", "fp16"] = Field("static", description="INT8 static/dynamic, or FP16")
+    calibration: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
     percentile: float = Field(99.999, gt=90, lt=100, description="for calibration: percentile")
     calibration_batches: int = Field(16, ge=1, le=100_000)
     calibration_batch_size: int = Field(32, ge=1, le=4096)
+    calibration_chunk: int = Field(8, ge=1, le=100_000, description="batches whose activations are held at once")
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
+    symmetric_activations: bool = False
     format: Literal["qdq", "qoperator"] = "qdq"
+    op_types: list[str] = Field(default_factory=list, description="ONNX op types to quantize (default: all ORT can)")
+    exclude: list[str] = Field(default_factory=list, description="ONNX node names kept in float")
+    keep_io_types: bool = Field(True, description="fp16: graph inputs/outputs keep their types")
+    max_accuracy_drop: float | None = Field(
+        None, gt=0, lt=1, description="static: absolute top-1 drop allowed; keep nodes in float until it holds"
+    )
+    accuracy_images: int = Field(2000, ge=10, le=1_000_000, description="test images for the accuracy checks")
+    max_excluded: int = Field(16, ge=1, le=10_000, description="most nodes kept in float by the accuracy loop")
+    exclude_per_step: int = Field(1, ge=1, le=1000, description="nodes moved to float per step of the loop")
 
     needs = frozenset({"onnx"})
     provides = frozenset({"int8"})
 
-    def apply(self, ctx: Context) -> dict[str, Any]:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Quantize:
+        if self.calibration == "distribution" and not self.symmetric_activations:
+            # measured: asymmetric uint8 from ORT's distribution ranges (meant for FP8) drops digits to 13% top-1
+            raise ValueError("calibration: distribution gives symmetric ranges; set symmetric_activations: true")
+        if self.mode != "static":
+            if self.max_accuracy_drop is not None:
+                raise ValueError(f"max_accuracy_drop needs mode: static (got mode: {self.mode})")
+            if self.format != "qdq" and self.mode == "fp16":
+                raise ValueError("format applies to INT8 modes only")
+        return self
 
+    def apply(self, ctx: Context) -> dict[str, Any]:
         fp32 = ctx.latest("student", "onnx")
         assert fp32 is not None  # guaranteed by the recipe's stage-order check
-        out = fp32.path.with_name(fp32.path.stem + ".int8.onnx")
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[self.calibration]
-        extra = {"CalibPercentile": self.percentile} if self.calibration == "percentile" else {}
-        sess = session(fp32.path)
-        reader = BatchReader(
-            ctx.data,
-            sess.get_inputs()[0].name,
-            self.calibration_batches,
-            self.calibration_batch_size,
-            metadata.feeder(sess, ctx.data),
-        )
+        precision = "fp16" if self.mode == "fp16" else "int8"
+        out = fp32.path.with_name(f"{fp32.path.stem}.{precision}.onnx")
+        metrics: dict[str, Any] = {"mode": self.mode, "fp32_bytes": fp32.path.stat().st_size}
         import onnxruntime as ort
 
-        # The calibrator's own sessions log failures straight to fd 2; we report them ourselves.
-        ort.set_default_logger_severity(4)
-        with tempfile.TemporaryDirectory() as tmp, quiet_stdout():
-            pre, raw = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-            quant_pre_process(str(fp32.path), str(pre))
-            quantize_static(
-                str(pre),
-                str(raw),
-                reader,
-                quant_format=QuantFormat.QDQ if self.format == "qdq" else QuantFormat.QOperator,
-                per_channel=self.per_channel,
-                activation_type=getattr(QuantType, QTYPES[self.activation_type]),
-                weight_type=getattr(QuantType, QTYPES[self.weight_type]),
-                calibrate_method=method,
-                extra_options=extra,
-            )
-            # The INT8 file appears in the run directory only complete, with its metadata.
-            props = {"precision": "int8", "source": fp32.name, "quantization": self._describe()}
+        ort.set_default_logger_severity(4)  # calibrator sessions log to fd 2; we report failures ourselves
+        with ptq.scratch() as tmp_name:
+            tmp = Path(tmp_name)
+            raw = tmp / "result.onnx"
+            if self.mode == "fp16":
+                ptq.fp16(fp32.path, raw, keep_io_types=self.keep_io_types)
+            else:
+                pre = tmp / "pre.onnx"
+                ptq.preprocess(fp32.path, pre)
+                if self.mode == "dynamic":
+                    ptq.dynamic(
+                        pre, raw, per_channel=self.per_channel, weight_type=self.weight_type, op_types=self.op_types
+                    )
+                else:
+                    metrics |= self._static(ctx, fp32.path, pre, raw, tmp)
+            metrics |= self._speed(ctx, fp32.path, raw, tmp)
+            # The result appears in the run directory only complete, with its metadata.
+            props = {"precision": precision, "source": fp32.name, "quantization": self._describe()}
             metadata.update(raw, metadata.read(fp32.path) | props, dest=out)
-        ctx.add_artifact(
-            Artifact(
-                name=out.name,
-                role="student",
-                format="onnx",
-                precision="int8",
-                path=out,
-                stage=self.kind,
-                source=fp32.source,
-            )
-        )
-        return {
+        ctx.add_artifact(Artifact(out.name, "student", "onnx", precision, out, self.kind, source=fp32.source))
+        metrics[f"{precision}_bytes"] = out.stat().st_size
+        metrics["ops"] = ptq.quantized_ops(out)
+        return metrics
+
+    def _static(self, ctx: Context, fp32: Path, pre: Path, raw: Path, tmp: Path) -> dict[str, Any]:
+        feed = metadata.feeder(session(fp32), ctx.data)
+        reader = BatchReader(ctx.data, session(fp32).get_inputs()[0].name, self.calibration_batches,
+                             self.calibration_batch_size, feed)  # fmt: skip
+        cache = tmp / "calibration.json"  # ranges computed once, reused for every exclusion list
+
+        def quantize(exclude: list[str], dst: Path) -> None:
+            ptq.static(
+                pre, dst, reader, method=self.calibration, percentile=self.percentile, fmt=self.format,
+                per_channel=self.per_channel, activation_type=self.activation_type, weight_type=self.weight_type,
+                symmetric_activations=self.symmetric_activations, op_types=self.op_types, exclude=exclude,
+                chunk=self.calibration_chunk, cache=cache,
+            )  # fmt: skip
+
+        metrics: dict[str, Any] = {
             "calibration": self.calibration,
-            "calibration_images": len(reader._index),
+            "calibration_images": reader.images,
             "calibration_input": reader.input_name,
-            "fp32_bytes": fp32.path.stat().st_size,
-            "int8_bytes": out.stat().st_size,
+        }
+        quantize(self.exclude, raw)
+        if self.max_accuracy_drop is None:
+            return metrics
+        budget = self.max_accuracy_drop
+        base = top1(fp32, ctx.data, feed, self.accuracy_images)
+        excluded, files = list(self.exclude), [raw]
+        steps = [self._step(excluded, top1(raw, ctx.data, feed, self.accuracy_images), base, raw)]
+        ctx.log.info("quantize: fp32 top-1 %.4f, int8 %.4f (drop %.4f)", base, steps[0]["top1"], steps[0]["drop"])
+        if steps[0]["drop"] > budget:
+            errors = node_errors(pre, raw, reader, min(4, len(reader)), tmp)
+            ranked = [n for n, _ in sorted(errors.items(), key=lambda kv: kv[1]) if n not in excluded]
+            metrics["node_sqnr_db"] = {n: round(errors[n], 2) for n in ranked[: self.max_excluded]}
+            limit = len(self.exclude) + self.max_excluded
+            while steps[-1]["drop"] > budget and ranked and len(excluded) < limit:
+                take = min(self.exclude_per_step, limit - len(excluded))
+                excluded, ranked = excluded + ranked[:take], ranked[take:]
+                files.append(tmp / f"step{len(files)}.onnx")
+                quantize(excluded, files[-1])
+                steps.append(
+                    self._step(excluded, top1(files[-1], ctx.data, feed, self.accuracy_images), base, files[-1])
+                )
+                ctx.log.info("quantize: %d nodes in float -> top-1 %.4f (drop %.4f)", len(excluded),
+                             steps[-1]["top1"], steps[-1]["drop"])  # fmt: skip
+        within = [i for i, st in enumerate(steps) if st["drop"] <= budget]
+        best = within[0] if within else max(range(len(steps)), key=lambda i: steps[i]["top1"])
+        if best:
+            files[best].replace(raw)
+        if not within:
+            ctx.log.warning(
+                "quantize: top-1 drop %.4f is over max_accuracy_drop %.4f even with %d nodes in float "
+                "(raise max_excluded, calibrate differently, or try a qat stage)",
+                steps[best]["drop"], budget, len(steps[best]["excluded"]),
+            )  # fmt: skip
+        return metrics | {
+            "fp32_top1": base,
+            "int8_top1": steps[best]["top1"],
+            "accuracy_budget_met": bool(within),
+            "excluded_nodes": steps[best]["excluded"],
+            "accuracy_steps": steps,
         }
 
+    def _step(self, excluded: list[str], acc: float, base: float, path: Path) -> dict[str, Any]:
+        return {"excluded": list(excluded), "top1": acc, "drop": base - acc, "p50_ms_bs1": _p50(path)}
+
+    def _speed(self, ctx: Context, fp32: Path, result: Path, tmp: Path) -> dict[str, Any]:
+        """Batch-1 p50 of FP32 and the result, timed alternately; a slower INT8 file is a warning
+        naming the float ops ONNX Runtime left between Q/DQ pairs."""
+        a, b = _p50(fp32), _p50(result)
+        a, b = (a + _p50(fp32)) / 2, (b + _p50(result)) / 2
+        out: dict[str, Any] = {"fp32_p50_ms_bs1": a, "p50_ms_bs1": b, "speedup_bs1": a / b}
+        if self.mode != "fp16" and b > a:
+            islands = float_islands(result, tmp)
+            out["float_ops_between_qdq"] = dict(islands)
+            ctx.log.warning(
+                "quantize: the INT8 model is %.2f× SLOWER than FP32 at batch 1 (%.3f vs %.3f ms). Likely: %s",
+                b / a, b, a, "; ".join(self._why_slow(islands, a)),
+            )  # fmt: skip
+        elif self.mode == "fp16" and b > a:
+            ctx.log.warning("quantize: FP16 is %.2f× slower than FP32 on this CPU; FP16 is meant for GPUs", b / a)
+        return out
+
+    def _why_slow(self, islands: Counter, fp32_ms: float) -> list[str]:
+        causes = []
+        if islands:
+            ops = ", ".join(f"{op} ×{n}" for op, n in islands.most_common(6))
+            causes.append(
+                f"ops ONNX Runtime runs in float between DequantizeLinear and QuantizeLinear ({ops}): "
+                "each pays a dequantize and a requantize; try op_types: [Conv, Gemm, MatMul]"
+            )
+        if self.mode == "dynamic":
+            causes.append("dynamic INT8 computes activation ranges at run time and suits Linear/attention-heavy models")
+        elif not self.per_channel or self.activation_type == "int8":
+            causes.append("per-tensor weights or int8 activations (U8S8 per-channel measured fastest on VNNI CPUs)")
+        if fp32_ms < 0.5:
+            causes.append(f"at {fp32_ms:.3f} ms per call, per-op overhead dominates: INT8 pays off on larger models")
+        return causes or ["this CPU lacks fast INT8 instructions (AVX512-VNNI / AVX-VNNI)"]
+
     def memory_hint(self, field: str) -> str:
-        return f"lower {field}.calibration_batch_size (now {self.calibration_batch_size})"
+        return (
+            f"lower {field}.calibration_chunk (now {self.calibration_chunk}) or "
+            f"{field}.calibration_batch_size (now {self.calibration_batch_size})"
+        )
 
     def _describe(self) -> str:
+        if self.mode == "fp16":
+            return "onnxruntime float16 conversion" + (", float32 inputs/outputs kept" if self.keep_io_types else "")
+        if self.mode == "dynamic":
+            return f"onnxruntime quantize_dynamic, weights {self.weight_type}{' per-channel' * self.per_channel}"
         return (
-            f"onnxruntime quantize_static {self.format.upper()}, activations {self.activation_type}, weights "
-            f"{self.weight_type}{' per-channel' if self.per_channel else ' per-tensor'}, {self.calibration} calibration"
+            f"onnxruntime quantize_static {self.format.upper()}, activations {self.activation_type}"
+            f"{' symmetric' * self.symmetric_activations}, weights {self.weight_type}"
+            f"{' per-channel' if self.per_channel else ' per-tensor'}, {self.calibration} calibration"
         )
+
+
+def _p50(path: Path, iters: int = 20) -> float:
+    import numpy as np
+
+    sess = session(path)
+    inp = sess.get_inputs()[0]
+    shape = [1 if not isinstance(d, int) else d for d in inp.shape]
+    dtype = np.uint8 if "uint8" in inp.type else np.float16 if "float16" in inp.type else np.float32
+    x = np.zeros(shape, dtype=dtype)
+    return percentiles(time_calls(lambda: sess.run(None, {inp.name: x}), 3, iters), 1)["p50_ms"]

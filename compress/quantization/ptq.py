@@ -1,0 +1,116 @@
+"""Post-training quantization of an ONNX file with onnxruntime.quantization: static INT8 (QDQ or
+QOperator) from calibration data, dynamic INT8 (weights ahead of time, activations' ranges at run
+time), and FP16 conversion. Every entry point writes ``dst`` only when it succeeded.
+
+``quant_pre_process`` (shape inference + ORT graph optimization, so Conv+BN(+ReLU) are one node
+before Q/DQ pairs are placed) always runs first.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from compress.onnx_utils import quiet_stdout
+from compress.quantization.calibration import METHODS, BatchReader
+
+QTYPES = {"uint8": "QUInt8", "int8": "QInt8"}
+
+
+def preprocess(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with quiet_stdout():
+        quant_pre_process(str(src), str(dst))
+
+
+def stride(batches: int, chunk: int) -> int:
+    """The largest divisor of ``batches`` not above ``chunk`` (ORT's strided calibration needs one)."""
+    return max(d for d in range(1, min(chunk, batches) + 1) if batches % d == 0)
+
+
+def static(
+    src: Path,
+    dst: Path,
+    reader: BatchReader | None,
+    *,
+    method: str = "minmax",
+    percentile: float = 99.999,
+    fmt: str = "qdq",
+    per_channel: bool = True,
+    activation_type: str = "uint8",
+    weight_type: str = "int8",
+    symmetric_activations: bool = False,
+    op_types: list[str] | None = None,
+    exclude: list[str] | None = None,
+    chunk: int = 8,
+    cache: Path | None = None,
+) -> None:
+    """Static INT8 of a pre-processed ``src``. Activation ranges come from ``reader`` streamed
+    ``chunk`` batches at a time, or from ``cache`` (ORT's calibration cache: written on the first
+    call, reused by later ones with other ``exclude`` lists — calibrating once)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    extra: dict[str, Any] = {"ActivationSymmetric": symmetric_activations}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    if reader is not None:
+        reader.rewind()
+        extra["CalibStridedMinMax"] = stride(len(reader), chunk)
+    with quiet_stdout():
+        quantize_static(
+            str(src),
+            str(dst),
+            reader,
+            quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=op_types or None,
+            per_channel=per_channel,
+            activation_type=getattr(QuantType, QTYPES[activation_type]),
+            weight_type=getattr(QuantType, QTYPES[weight_type]),
+            nodes_to_exclude=exclude or None,
+            calibrate_method=getattr(CalibrationMethod, METHODS[method]),
+            extra_options=extra,
+            calibration_cache_path=cache,
+        )
+
+
+def dynamic(
+    src: Path, dst: Path, *, per_channel: bool = True, weight_type: str = "int8", op_types: list[str] | None = None
+) -> None:
+    """Dynamic INT8: weights quantized now, activations per batch at run time (MatMulInteger /
+    DynamicQuantizeLinear). Pays off for Linear/attention-heavy models; convolutions stay float
+    unless ``op_types`` asks for them (ConvInteger is slow on CPU)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet_stdout():
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=op_types or ["MatMul", "Gemm", "Attention", "LSTM"],
+            per_channel=per_channel,
+            weight_type=getattr(QuantType, QTYPES[weight_type]),
+        )
+
+
+def fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> None:
+    """FP16 weights and compute (for GPUs); graph inputs/outputs stay as they were with
+    ``keep_io_types`` (uint8 pixels in, float32 logits out)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=keep_io_types)
+    onnx.save(model, str(dst))
+
+
+def quantized_ops(path: Path) -> dict[str, int]:
+    """How many nodes of each op type the file holds (what was quantized, what stayed float)."""
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def scratch() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="compress-quant-")
