@@ -98,7 +98,7 @@ def main() -> int:
     dense = art(reports["structured_kd"], "student@input")
     keep = art(reports["structured_kd"], "student@prune")["params"] / dense["params"]
     sparsity = round(1 - keep, 4)
-    sparse = {"kind": "sparsify", "sparsity": sparsity, "schedule": "agp", "finetune_epochs": args.epochs,
+    sparse = {"kind": "sparsify", "sparsity": sparsity, "sparsity_schedule": "agp", "finetune_epochs": args.epochs,
               "distill": True, **FT}  # fmt: skip
     raws["unstructured_kd"] = recipe("prune_cifar_sparse", args.root, teacher, [sparse])
     reports["unstructured_kd"] = run(work, "unstructured_kd", raws["unstructured_kd"])

@@ -103,7 +103,7 @@ CASES = {
     "per-layer ratio out of range": ("stages.2.ratios", {"layer1.*": 1.0}, ["stages.2.ratios", "must be in [0, 1)"]),
     "agp without fine-tuning": (
         "stages.2",
-        {"kind": "sparsify", "schedule": "agp"},
+        {"kind": "sparsify", "sparsity_schedule": "agp"},
         ["stages.2", "set finetune_epochs >= 1"],
     ),
     "sparsity out of range": ("stages.2", {"kind": "sparsify", "sparsity": 1}, ["stages.2.sparsity", "less than 1"]),

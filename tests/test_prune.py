@@ -168,7 +168,7 @@ def test_oneshot_sparsity_is_exact_and_masks_become_permanent(scope):
 
 
 def test_agp_finetune_keeps_masks_and_shrinks_the_compressed_file(tiny, tmp_path):
-    stage = {"kind": "sparsify", "sparsity": 0.8, "schedule": "agp", "finetune_epochs": 2, "update_every": 0.5}
+    stage = {"kind": "sparsify", "sparsity": 0.8, "sparsity_schedule": "agp", "finetune_epochs": 2, "update_every": 0.5}
     out, report = _run(tiny, tmp_path, stage, {"kind": "export"})
     m = report["stages"][0]["metrics"]
     assert m["sparsity"] == pytest.approx(0.8, abs=2e-3)  # reached, and training did not refill the zeros
@@ -187,7 +187,7 @@ def test_agp_finetune_keeps_masks_and_shrinks_the_compressed_file(tiny, tmp_path
 def test_agp_needs_finetuning():
     with pytest.raises(Exception, match="set finetune_epochs >= 1"):
         validate_recipe({"name": "x", "data": {"name": "synthetic"}, "student": {"model": "resnet20"},
-                         "stages": [{"kind": "sparsify", "schedule": "agp"}]})  # fmt: skip
+                         "stages": [{"kind": "sparsify", "sparsity_schedule": "agp"}]})  # fmt: skip
 
 
 def test_vit_loses_whole_heads_to_a_macs_target_in_steps(tiny, tmp_path):

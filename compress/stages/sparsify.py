@@ -27,7 +27,7 @@ class Sparsify(FineTuneStage):
     kind: Literal["sparsify"] = "sparsify"
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of Conv/Linear weights set to zero")
     scope: Literal["global", "layer"] = Field("global", description="rank weights across layers, or in each")
-    schedule: Literal["oneshot", "agp"] = Field("oneshot", description="agp: cubic ramp during fine-tuning")
+    sparsity_schedule: Literal["oneshot", "agp"] = Field("oneshot", description="agp: cubic ramp during fine-tuning")
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="agp: sparsity at begin_epoch")
     begin_epoch: float = Field(0.0, ge=0, description="agp: fine-tuning epoch where the ramp starts")
     end_epoch: float | None = Field(None, gt=0, description="agp: where it ends (default: 3/4 of finetune_epochs)")
@@ -36,9 +36,9 @@ class Sparsify(FineTuneStage):
 
     @model_validator(mode="after")
     def _schedule(self) -> Sparsify:
-        if self.schedule == "agp":
+        if self.sparsity_schedule == "agp":
             if self.finetune_epochs == 0:
-                raise ValueError("schedule 'agp' prunes during fine-tuning: set finetune_epochs >= 1")
+                raise ValueError("sparsity_schedule 'agp' prunes during fine-tuning: set finetune_epochs >= 1")
             end = self.end_epoch if self.end_epoch is not None else 0.75 * self.finetune_epochs
             if not self.begin_epoch < end <= self.finetune_epochs:
                 raise ValueError(
@@ -61,7 +61,7 @@ class Sparsify(FineTuneStage):
         model = ctx.student.to(ctx.device).eval()
         layers = U.prunable(model, self.ignore)
         raw0, gz0 = U.state_dict_bytes(model)
-        agp = self.schedule == "agp"
+        agp = self.sparsity_schedule == "agp"
         U.sparsify_to(layers, self.initial_sparsity if agp else self.sparsity, self.scope)
         metrics: dict[str, Any] = {"test_acc_pruned": evaluate(model, ctx.data.eval_loader("test"), ctx.device)}
         if self.finetune_epochs:
@@ -73,7 +73,7 @@ class Sparsify(FineTuneStage):
         ctx.log.info(
             "sparsify %s %s: %.1f%% of %d layers' weights are zero; gzip state dict %d -> %d bytes "
             "(dense runtimes are not faster)",
-            self.scope, self.schedule, 100 * overall, len(layers), gz0, gz1,
+            self.scope, self.sparsity_schedule, 100 * overall, len(layers), gz0, gz1,
         )  # fmt: skip
         metrics.update(
             sparsity=overall,
