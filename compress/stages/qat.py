@@ -1,0 +1,195 @@
+"""Quantization-aware training: fine-tune the student with INT8 fake quantization in the loop (KD from
+the teacher when ``distill: true``), then export a QDQ ONNX model that ONNX Runtime runs in INT8.
+
+torch 2.14 moved PT2E quantization to torchao: the student is captured with ``torch.export``,
+``prepare_qat_pt2e`` with torchao's X86 quantizer inserts fake quantization (uint8 activations,
+int8 per-channel symmetric weights: the U8S8 scheme measured fastest with ORT on VNNI CPUs; Conv+BN
+folded in the loop), training learns weights that survive the rounding, and ``convert_pt2e`` turns
+the observers into quantize/dequantize ops that the ONNX exporter writes as QuantizeLinear /
+DequantizeLinear around int8 weights. The student's float weights are left as they were; the stage
+adds ``model.qat.onnx`` (metadata and input as the FP32 export's), checked against the converted
+PyTorch graph on test images.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from compress import metadata
+from compress.context import Artifact, Context
+from compress.deploy import ModelInfo
+from compress.errors import StageFailed, first_line
+from compress.onnx_utils import run, session
+from compress.quantization.ptq import quantized_ops
+from compress.stages.base import STAGES
+from compress.stages.distill import FineTuneStage
+from compress.stages.export import InGraphPreprocess, export_onnx
+
+
+class _PerCall(torch.nn.Module):
+    """A stateless module a forward calls ``n`` times (ResNet's one ``self.relu``), as ``n`` copies
+    used in turn: torchao's quantizer matches patterns per module and cannot take one module at
+    several places of the graph."""
+
+    def __init__(self, module: torch.nn.Module, n: int) -> None:
+        super().__init__()
+        self.calls = torch.nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+        self.next = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.calls[self.next]
+        self.next = (self.next + 1) % len(self.calls)
+        return module(*args, **kwargs)
+
+
+def one_module_per_call(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """Give every parameter-free module that one forward calls several times a copy per call."""
+    calls: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+        for name, m in model.named_modules()
+        if name and not list(m.parameters()) and not list(m.buffers()) and not list(m.children())
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, n in calls.items():
+        if n > 1:
+            parent, _, attr = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, attr, _PerCall(getattr(owner, attr), n))
+
+
+def fake_quantized(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """``model`` captured by torch.export (dynamic batch) with torchao's QAT fake quantization
+    inserted; .train()/.eval() work on the result."""
+    import torchao.quantization.pt2e as pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    one_module_per_call(model, example)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    graph = torch.export.export(model.train(), (example,), dynamic_shapes=({0: batch},)).module()
+
+    class OnnxRuntimeQuantizer(X86InductorQuantizer):
+        """X86InductorQuantizer without its conv/linear + add fusions: Inductor fuses an add into
+        the convolution before it, ONNX Runtime does not — it needs the convolution's output
+        quantized (DQ → Conv → Q becomes QLinearConv) or runs that convolution in float. Measured
+        on ResNet-20: with the fusions, 9 of 21 convolutions stayed float and the file ran 1.4×
+        slower than FP32."""
+
+        def _annotate_qat_conv2d_bn_binary_unary(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def _annotate_qat_conv2d_bn_binary(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def _annotate_conv2d_binary_unary(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def _annotate_conv2d_binary(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def _annotate_linear_binary_unary(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    quantizer = OnnxRuntimeQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    prepared = prepare_qat_pt2e(graph, quantizer)
+    pt2e.allow_exported_model_train_eval(prepared)
+    return prepared
+
+
+def converted(prepared: torch.nn.Module) -> torch.nn.Module:
+    """Observers -> quantize/dequantize ops with int8 weights folded in (what the exporter writes)."""
+    import torchao.quantization.pt2e as pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    pt2e.move_exported_model_to_eval(prepared)
+    out = convert_pt2e(prepared)
+    pt2e.allow_exported_model_train_eval(out)
+    return out
+
+
+@STAGES.register("qat")
+class QAT(FineTuneStage):
+    """INT8 quantization-aware fine-tuning (torchao PT2E), exported as a QDQ ONNX model."""
+
+    kind: Literal["qat"] = "qat"
+    finetune_epochs: int = Field(1, ge=1, le=10_000, description="fake-quantized fine-tuning epochs")
+    lr: float = Field(0.001, gt=0, le=10)
+    precision: Literal["fp32"] = Field("fp32", description="fake quantization trains in fp32")
+    channels_last: bool = False
+    opset: int = Field(18, ge=17, le=23)
+    min_agreement: float = Field(
+        0.9, gt=0, le=1, description="ORT and the converted PyTorch graph must agree on this share of argmaxes"
+    )
+
+    needs = frozenset({"onnx"})
+    provides = frozenset({"int8"})
+
+    def changes(self) -> tuple[str, ...]:
+        return ()  # the student's float weights are not changed; the result is the ONNX file
+
+    def apply(self, ctx: Context) -> dict[str, Any]:
+        fp32 = ctx.latest("student", "onnx")
+        assert fp32 is not None  # guaranteed by the recipe's stage-order check
+        info = ModelInfo.from_metadata(metadata.read(fp32.path))
+        student = copy.deepcopy(ctx.student).to("cpu")  # captured in train mode: BN folds in the loop
+        example = ctx.data.normalize(ctx.data.train_x[:2]).cpu()
+        try:
+            prepared = fake_quantized(student, example)
+        except Exception as exc:  # noqa: BLE001 - torch.export / torchao raise many types
+            raise StageFailed(f"qat: cannot insert fake quantization into the student: {first_line(exc)}") from exc
+        prepared.to(ctx.device)
+        fit = self.finetune(ctx, prepared, "qat fine-tune")
+        model = converted(prepared.to("cpu"))
+        out = fp32.path.with_name(f"{fp32.path.stem}.qat.onnx")
+        tmp = out.with_name(f".{out.stem}.unchecked.onnx")
+        raw = ctx.data.test_x[: min(256, len(ctx.data.test_x))].cpu()
+        feed = torch.from_numpy(info.prepare(raw.numpy(), layout="nchw"))
+        try:
+            wrapped = InGraphPreprocess(model, info) if info.preprocess_in_graph or info.layout == "nhwc" else model
+            try:
+                export_onnx(wrapped, feed[:2], tmp, self.opset, info.input_name)
+            except Exception as exc:  # noqa: BLE001
+                raise StageFailed(f"qat: the fake-quantized student could not be exported: {first_line(exc)}") from exc
+            with torch.no_grad():
+                ref = model(ctx.data.normalize(raw)).numpy()
+            got = run(session(tmp), feed.numpy())
+            agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+            if agreement < self.min_agreement:
+                raise StageFailed(
+                    f"qat: ONNX Runtime's INT8 run agrees with the fake-quantized PyTorch model on only "
+                    f"{agreement:.1%} of test images (min_agreement {self.min_agreement:.0%})"
+                )
+            props = {"precision": "int8", "source": fp32.name, "quantization": self._describe()}
+            metadata.update(tmp, metadata.read(fp32.path) | props, strip_node_debug=True, dest=out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        ctx.add_artifact(Artifact(out.name, "student", "onnx", "int8", out, self.kind, source=fp32.source))
+        ops = quantized_ops(out)
+        return fit | {
+            "argmax_agreement": agreement,
+            "max_abs_diff": float(np.abs(ref - got).max()),
+            "fp32_bytes": fp32.path.stat().st_size,
+            "int8_bytes": out.stat().st_size,
+            "ops": ops,
+        }
+
+    def _describe(self) -> str:
+        kd = " + KD" if self.distill else ""
+        return (
+            f"QAT{kd}, {self.finetune_epochs} epochs (torchao PT2E, X86 quantizer: uint8 activations, int8 "
+            "per-channel weights), QDQ"
+        )
