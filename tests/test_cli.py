@@ -117,6 +117,15 @@ CASES = {
         {"kind": "quantize", "mode": "dynamic", "max_accuracy_drop": 0.01},
         ["stages.4", "max_accuracy_drop needs mode: static"],
     ),
+    "qat with a feature loss": (
+        "stages.4",
+        {
+            "kind": "qat",
+            "distill": True,
+            "losses": [{"name": "fitnets", "pairs": [{"student": "layer1", "teacher": "layer1"}]}],
+        },
+        ["stages.4", "qat distills from logits only; fitnets"],
+    ),
     "unknown quantize mode": ("stages.4.mode", "int4", ["stages.4.mode", "'static', 'dynamic' or 'fp16'"]),
     "head ratio out of range": ("stages.2.head_ratio", 1.0, ["stages.2.head_ratio", "less than 1"]),
 }

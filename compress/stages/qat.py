@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress import metadata
 from compress.context import Artifact, Context
@@ -137,6 +137,13 @@ class QAT(FineTuneStage):
 
     needs = frozenset({"onnx"})
     provides = frozenset({"int8"})
+
+    @model_validator(mode="after")
+    def _logit_losses(self) -> QAT:
+        features = [t.name for t in self.losses if not t.logits_only] if self.distill else []
+        if features:  # the captured graph has no module paths to hook
+            raise ValueError(f"qat distills from logits only; {', '.join(features)} needs student features")
+        return self
 
     def changes(self) -> tuple[str, ...]:
         return ()  # the student's float weights are not changed; the result is the ONNX file
