@@ -49,6 +49,20 @@ def test_search_ratio_is_the_smallest_that_fits():
     assert count(twin, x)[0] > 0.5 * macs0  # a visibly smaller ratio misses the budget
 
 
+def test_search_with_round_to_finds_a_ratio_below_max_ratio():
+    # with round_to 8, ratio 0.9 leaves ResNet-20 whole (each width would round to 0, so no layer
+    # is pruned): the search must not take max_ratio as its feasible end
+    model = build_model("resnet20", 10, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    macs0, _ = count(model, x)
+    opts = StructuredOptions(round_to=8)
+    twin = build_model("resnet20", 10, 3).eval()
+    prune_step(twin, x, opts, 0.9, 10)
+    assert count(twin, x)[0] == macs0  # the trap
+    ratio, got = search_ratio(model, x, opts, int(0.5 * macs0), "macs", 10)
+    assert got <= 0.5 * macs0 and ratio < 0.9
+
+
 def test_overrides_round_to_and_ignore(tiny, tmp_path):
     stage = {
         "kind": "prune",

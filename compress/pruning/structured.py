@@ -27,6 +27,8 @@ from compress.importance import IMPORTANCES
 from compress.models.attention import SelfAttention, decouple_attention
 
 T = TypeVar("T")
+#: (heads per attention layer at the start of a schedule, a pruner's first step, the schedule's steps)
+HeadPlan = tuple[dict[str, int], int, int]
 
 
 def count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
@@ -155,7 +157,7 @@ class StructuredOptions(BaseModel):
         num_classes: int,
         scale: Callable[[float], float] = lambda r: r,
         steps: int = 1,
-        head_plan: tuple[dict[str, int], int, int] | None = None,
+        head_plan: HeadPlan | None = None,
     ) -> tp.pruner.BasePruner:
         """A torch-pruning pruner removing ``ratio`` of the channels (per layer, or overall when
         global) in ``steps`` calls of ``step()``, each a linear share of the original channel
@@ -267,7 +269,7 @@ def prune_step(
     ratio: float,
     num_classes: int,
     scale=lambda r: r,
-    head_plan: tuple[dict[str, int], int, int] | None = None,
+    head_plan: HeadPlan | None = None,
 ) -> None:
     """Prune ``model`` in place, in one step."""
     build = lambda: opts.pruner(model, example, ratio, num_classes, scale, head_plan=head_plan)  # noqa: E731
@@ -342,7 +344,7 @@ def pruned_copy(
     ratio: float,
     num_classes: int,
     scale=lambda r: r,
-    head_plan: tuple[dict[str, int], int, int] | None = None,
+    head_plan: HeadPlan | None = None,
 ) -> nn.Module:
     """A pruned deep copy (gradients copied too, for criteria that read them); ``model`` untouched."""
     twin = copy.deepcopy(model)
@@ -363,25 +365,37 @@ def search_ratio(
     num_classes: int,
     scale: Callable[[float], float] = lambda r: r,
     iters: int = 12,
-    head_plan: tuple[dict[str, int], int, int] | None = None,
+    head_plan: HeadPlan | None = None,
 ) -> tuple[float, int]:
     """The smallest channel ratio whose pruned model has at most ``budget`` MACs (or params), by
     bisection on pruned copies: (ratio, achieved). Overrides keep their ratios; the search scales
-    the rest, and whole heads go as ``head_ratio`` says. Fails in one line when even ``max_ratio``
-    cannot meet the budget."""
+    the rest, and whole heads go as ``head_ratio`` says. Fails in one line when no ratio up to
+    ``max_ratio`` meets the budget.
+
+    Size is not monotonic in the ratio near the top: with ``round_to``, a layer whose rounded width
+    would reach zero is left whole (a 16-channel stage with ``round_to: 8`` at ratio 0.9 keeps all
+    16), so the bracket comes from a coarse ascending scan, not from ``max_ratio`` alone."""
     pick = 0 if metric == "macs" else 1
 
     def size(r: float) -> int:
         return count(pruned_copy(model, example, opts, r, num_classes, scale, head_plan), example)[pick]
 
-    hi = opts.max_ratio
-    at_hi = size(hi)
-    if at_hi > budget:
+    lo, hi, at_hi, smallest = 0.0, None, None, None
+    for k in range(1, 9):
+        r = opts.max_ratio * k / 8
+        got = size(r)
+        smallest = min(smallest or (got, r), (got, r))
+        if got <= budget:
+            hi, at_hi = r, got
+            break
+        lo = r
+    if hi is None or at_hi is None:
+        got, r = smallest  # type: ignore[misc]
         raise StageFailed(
-            f"prune: even ratio {hi} (max_ratio) leaves {at_hi:,} {metric}, over the target {budget:,}; "
-            "raise max_ratio, prune globally, or lower the ignore list"
+            f"prune: no ratio up to max_ratio {opts.max_ratio} meets the target {budget:,} {metric} (smallest: "
+            f"{got:,} at ratio {r:.3g}); raise max_ratio, prune globally, lower round_to or the ignore list"
         )
-    lo, best = 0.0, (hi, at_hi)
+    best = (hi, at_hi)
     for _ in range(iters):
         mid = (lo + hi) / 2
         got = size(mid)
