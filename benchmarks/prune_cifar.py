@@ -48,7 +48,8 @@ def art(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[str, dict[str, float]]:
     """p50 latency of each ONNX file at batch 1 and 32, measured round-robin in one process (every
-    round times every file), so drift on a shared machine hits all rows alike."""
+    round times every file), so drift on a shared machine hits all rows alike. Worker threads do
+    not spin between runs: an idle session's spinning pool would steal the next session's cores."""
     import numpy as np
 
     from compress.bench.measure import time_calls
@@ -56,7 +57,7 @@ def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[
 
     rng = np.random.default_rng(0)
     samples: dict[str, dict[int, list[float]]] = {n: {1: [], 32: []} for n in paths}
-    sessions = {n: session(p, threads=threads) for n, p in paths.items()}
+    sessions = {n: session(p, threads=threads, spin=False) for n, p in paths.items()}
     feeds = {}
     for n, sess in sessions.items():
         inp = sess.get_inputs()[0]

@@ -11,8 +11,12 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(path: Path, threads: int | None = None, device: str = "cpu") -> ort.InferenceSession:
+def session(path: Path, threads: int | None = None, device: str = "cpu", spin: bool = True) -> ort.InferenceSession:
+    """An ORT session at full graph optimization. ``spin=False`` stops idle worker threads spinning
+    (needed when several sessions are timed in turn: a spinning pool steals the next one's cores)."""
     opts = ort.SessionOptions()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
