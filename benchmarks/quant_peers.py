@@ -162,7 +162,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.date
         f"Calibration: {result['calibration']}. QAT: {result['qat']}.  ",
         "Variants: `ort_defaults` = quant_pre_process + quantize_static() with no options (QDQ, S8S8, per-tensor, "
         "MinMax); `nncf` = nncf.quantize() with no options; `ours_ptq` = the quantize stage's defaults (QDQ, U8S8, "
-        "per-channel, MinMax); `ours_qat` = the qat stage. Latency: p50, every file timed round-robin in one process.",
+        "per-channel, percentile 99.999 calibration); `ours_qat` = the qat stage. "
+        "Latency: p50, every file timed round-robin in one process.",
         "",
         "| model | variant | top-1 | size | p50 ms bs=1 | p50 ms bs=32 | vs FP32 bs=1 |",
         "|---|---|---|---|---|---|---|",

@@ -96,8 +96,9 @@ def test_chunked_calibration_gives_the_same_ranges(exported, tmp_path):
     """MinMax over 16 batches held at once, or one batch at a time: the same scales, the same file."""
     recipe, out = exported
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    ctx_a, _ = quantize(recipe, out, tmp_path / "a", calibration_batches=16, calibration_chunk=16)
-    ctx_b, _ = quantize(recipe, out, tmp_path / "b", calibration_batches=16, calibration_chunk=1)
+    same = {"calibration": "minmax", "calibration_batches": 16}
+    ctx_a, _ = quantize(recipe, out, tmp_path / "a", **same, calibration_chunk=16)
+    ctx_b, _ = quantize(recipe, out, tmp_path / "b", **same, calibration_chunk=1)
     a, b = (onnx.load(str(c.latest("student", "onnx", "int8").path)).graph for c in (ctx_a, ctx_b))
     scales = lambda g: {i.name: onnx.numpy_helper.to_array(i).tobytes() for i in g.initializer if "scale" in i.name}  # noqa: E731
     assert scales(a) and scales(a) == scales(b)
@@ -111,7 +112,7 @@ def test_stride_divides_the_batches():
 
 @pytest.fixture(scope="module")
 def outlier(exported, tmp_path_factory):
-    """The trained student made hard for per-tensor INT8 activations without changing its function:
+    """The trained student made hard for per-tensor INT8 activations (MinMax ranges) without changing its function:
     one channel after the first ReLU-block scaled ×1000 (BN γ, β), the next conv's weights on it ÷1000.
     Its range squashes every other channel of that tensor to zero in uint8."""
     import torch
@@ -140,7 +141,7 @@ def outlier(exported, tmp_path_factory):
 
 def test_accuracy_loop_keeps_nodes_in_float_until_the_budget_holds(outlier, tmp_path):
     recipe, out = outlier
-    ctx, m = quantize(recipe, out, tmp_path, max_accuracy_drop=0.02, max_excluded=10)
+    ctx, m = quantize(recipe, out, tmp_path, calibration="minmax", max_accuracy_drop=0.02, max_excluded=10)
     steps = m["accuracy_steps"]
     assert steps[0]["excluded"] == [] and steps[0]["drop"] > 0.2  # plain INT8 breaks on this model
     assert m["accuracy_budget_met"] and steps[-1]["drop"] <= 0.02 and m["excluded_nodes"] == steps[-1]["excluded"]
@@ -158,7 +159,7 @@ def test_accuracy_loop_keeps_nodes_in_float_until_the_budget_holds(outlier, tmp_
 def test_accuracy_loop_says_when_the_budget_cannot_be_met(outlier, tmp_path, caplog):
     recipe, out = outlier
     with caplog.at_level("WARNING"):
-        _, m = quantize(recipe, out, tmp_path, max_accuracy_drop=0.02, max_excluded=1)
+        _, m = quantize(recipe, out, tmp_path, calibration="minmax", max_accuracy_drop=0.02, max_excluded=1)
     assert not m["accuracy_budget_met"] and len(m["excluded_nodes"]) <= 1
     assert m["int8_top1"] == max(s["top1"] for s in m["accuracy_steps"])  # the best it found
     assert "over max_accuracy_drop" in caplog.text

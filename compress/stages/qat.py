@@ -71,8 +71,12 @@ def one_module_per_call(model: torch.nn.Module, example: torch.Tensor) -> None:
 def fake_quantized(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     """``model`` captured by torch.export (dynamic batch) with torchao's QAT fake quantization
     inserted; .train()/.eval() work on the result."""
+    import logging
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecation notice
     import torchao.quantization.pt2e as pt2e
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
@@ -103,6 +107,24 @@ def fake_quantized(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Mo
 
         def _annotate_linear_binary_unary(self, *args: Any, **kwargs: Any) -> None:
             pass
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            """Also quantize both inputs of every residual add, so ORT sees DQ, DQ → Add → Q and
+            runs QLinearAdd (a float shortcut input leaves the add, and its dequantize, in float)."""
+            model = super().annotate(model)
+            act = get_default_x86_inductor_quantization_config(is_qat=True).input_activation
+            adds = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+            for node in model.graph.nodes:
+                if node.target not in adds or "quantization_annotation" in node.meta:
+                    continue
+                inputs = node.args[:2]
+                if all(isinstance(i, torch.fx.Node) and i.meta.get("val") is not None for i in inputs) and (
+                    inputs[0].meta["val"].shape == inputs[1].meta["val"].shape
+                ):
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map=dict.fromkeys(inputs, act), _annotated=True
+                    )
+            return model
 
     quantizer = OnnxRuntimeQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     prepared = prepare_qat_pt2e(graph, quantizer)

@@ -36,7 +36,9 @@ class Quantize(Stage):
 
     kind: Literal["quantize"] = "quantize"
     mode: Literal["static", "dynamic", "fp16"] = Field("static", description="INT8 static/dynamic, or FP16")
-    calibration: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
+    calibration: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
+        "percentile", description="activation ranges (percentile 99.999 measured best on the CIFAR ResNets)"
+    )
     percentile: float = Field(99.999, gt=90, lt=100, description="for calibration: percentile")
     calibration_batches: int = Field(16, ge=1, le=100_000)
     calibration_batch_size: int = Field(32, ge=1, le=4096)
