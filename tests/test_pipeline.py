@@ -28,8 +28,12 @@ PREREQS = {
     "sparsify": [],
     "export": [],
     "quantize": [{"kind": "export"}],
+    "qat": [{"kind": "export"}],
 }
-EXAMPLES = {"sparsify": {"kind": "sparsify", "sparsity": 0.5, "finetune_epochs": 1}}  # kinds not in TINY
+EXAMPLES = {  # kinds not in TINY
+    "sparsify": {"kind": "sparsify", "sparsity": 0.5, "finetune_epochs": 1},
+    "qat": {"kind": "qat", "finetune_epochs": 1},
+}
 
 
 @pytest.fixture(scope="module")

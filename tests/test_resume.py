@@ -29,7 +29,8 @@ def _stable(report: dict) -> dict:
         for a in report["artifacts"]
     }
     stages = [
-        {k: v for k, v in s["metrics"].items() if k not in ("seconds",)} | {"kind": s["kind"]} for s in report["stages"]
+        {k: v for k, v in s["metrics"].items() if k not in ("seconds", "speed")} | {"kind": s["kind"]}
+        for s in report["stages"]
     ]
     for st in stages:
         for hist in st.get("history", []):

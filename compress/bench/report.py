@@ -209,8 +209,8 @@ def _stage_summary(metrics: dict[str, Any]) -> str:
     for precision in ("int8", "fp16"):
         if f"{precision}_bytes" in metrics:
             bits.append(f"{human_bytes(metrics['fp32_bytes'])} → {human_bytes(metrics[f'{precision}_bytes'])}")
-    if "speedup_bs1" in metrics:
-        bits.append(f"{metrics['speedup_bs1']:.2f}× FP32's speed at batch 1 (timed in the stage)")
+    if "speed" in metrics:
+        bits.append(f"{metrics['speed']['speedup_bs1']:.2f}× FP32's speed at batch 1 (timed in the stage)")
     return "; ".join(bits) or "–"
 
 

@@ -153,8 +153,8 @@ class QAT(FineTuneStage):
     precision: Literal["fp32"] = Field("fp32", description="fake quantization trains in fp32")
     channels_last: bool = False
     opset: int = Field(18, ge=17, le=23)
-    min_agreement: float = Field(
-        0.9, gt=0, le=1, description="ORT and the converted PyTorch graph must agree on this share of argmaxes"
+    max_relative_error: float = Field(
+        0.1, gt=0, le=10, description="max ‖ORT − PyTorch‖ / ‖PyTorch‖ of the (centred) test logits"
     )
 
     needs = frozenset({"onnx"})
@@ -196,11 +196,16 @@ class QAT(FineTuneStage):
             with torch.no_grad():
                 ref = model(ctx.data.normalize(raw)).numpy()
             got = run(session(tmp), feed.numpy())
+            # ORT's integer kernels round where the converted graph simulates in float: logits differ a
+            # little everywhere (argmax flips on near-ties), a broken export differs a lot.
             agreement = float((ref.argmax(1) == got.argmax(1)).mean())
-            if agreement < self.min_agreement:
+            centred = ref - ref.mean(1, keepdims=True)
+            rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(centred), 1e-12))
+            if rel > self.max_relative_error:
                 raise StageFailed(
-                    f"qat: ONNX Runtime's INT8 run agrees with the fake-quantized PyTorch model on only "
-                    f"{agreement:.1%} of test images (min_agreement {self.min_agreement:.0%})"
+                    f"qat: ONNX Runtime's INT8 logits differ from the fake-quantized PyTorch model's by "
+                    f"{rel:.3f} (relative; max_relative_error {self.max_relative_error}), "
+                    f"argmax agreement {agreement:.1%}"
                 )
             props = {"precision": "int8", "source": fp32.name, "quantization": self._describe()}
             metadata.update(tmp, metadata.read(fp32.path) | props, strip_node_debug=True, dest=out)
@@ -210,6 +215,7 @@ class QAT(FineTuneStage):
         ops = quantized_ops(out)
         return fit | {
             "argmax_agreement": agreement,
+            "relative_error": rel,
             "max_abs_diff": float(np.abs(ref - got).max()),
             "fp32_bytes": fp32.path.stat().st_size,
             "int8_bytes": out.stat().st_size,
