@@ -78,8 +78,7 @@ def peers(fp32: Path, out: Path, data: Any) -> dict[str, Path]:
         with quiet_stdout():
             quantize_static(str(pre), str(files["ort_defaults"]), reader)
     if not files["nncf"].is_file():
-        feed = metadata.feeder(sess, data)
-        images = [feed(data.train_x[int(i) : int(i) + 1]) for i in reader._index]
+        images = [reader.feed(data.train_x[int(i) : int(i) + 1]) for i in reader._index]
         model = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(images, lambda x: {name: x}), subset_size=len(images))
         onnx.save(model, str(files["nncf"]))
     return files
@@ -99,8 +98,10 @@ def main() -> int:
         if not path.is_file():
             print(f"quant_peers: no checkpoint at {path}; run benchmarks/distill_cifar.py first", file=sys.stderr)
             return 2
+    from compress import metadata
+    from compress.bench.measure import onnx_accuracy
+    from compress.onnx_utils import session
     from compress.pipeline import load_data
-    from compress.quantization.mixed import top1
     from compress.recipe import validate_recipe
 
     work = (ROOT / args.work).resolve()
@@ -122,12 +123,9 @@ def main() -> int:
         trained[key] = ckpt is not None
     rows: list[dict[str, Any]] = []
     for key, variants in files.items():
-        from compress import metadata
-        from compress.onnx_utils import session
-
         feed = metadata.feeder(session(variants["fp32"]), data)
         for variant, path in variants.items():
-            acc = top1(path, data, feed, len(data.test_x)) if trained[key] else None
+            acc = onnx_accuracy(path, data, feed=feed) if trained[key] else None  # peers' files: no metadata
             rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
             rows.append({"model": key, "variant": variant, "path": str(rel), "top1": acc, "bytes": path.stat().st_size})
             print(f"{key} {variant}: top-1 {acc}, {path.stat().st_size} bytes", flush=True)

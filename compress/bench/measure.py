@@ -103,20 +103,24 @@ def torch_accuracy(model: nn.Module, data: DataBundle, device: torch.device) -> 
     return hits[0] / len(data.test_y), hits[1] / len(data.test_y)
 
 
-def onnx_accuracy(path, data: DataBundle, top5: bool = False) -> float | tuple[float, float]:
-    """Top-1 (and top-5) of an ONNX file fed the raw test images the way its metadata says."""
+def onnx_accuracy(
+    path, data: DataBundle, top5: bool = False, feed: Callable | None = None, images: int | None = None
+) -> float | tuple[float, float]:
+    """Top-1 (and top-5) of an ONNX file on the first ``images`` raw test images (all by default),
+    fed the way its metadata says — or by ``feed``, for a file without our metadata."""
     sess = session(path)
-    top1, top5_acc = _onnx_topk(sess, feeder(sess, data), data)
+    top1, top5_acc = _onnx_topk(sess, feed or feeder(sess, data), data, images)
     return (top1, top5_acc) if top5 else top1
 
 
-def _onnx_topk(sess: ort.InferenceSession, feed: Callable, data: DataBundle) -> tuple[float, float]:
+def _onnx_topk(sess: ort.InferenceSession, feed: Callable, data: DataBundle, images: int | None = None):
+    n = min(images or len(data.test_x), len(data.test_x))
     hits = np.zeros(2, dtype=np.int64)
-    for start in range(0, len(data.test_x), data.eval_batch_size):
-        x = data.test_x[start : start + data.eval_batch_size]
-        y = data.test_y[start : start + data.eval_batch_size].cpu().numpy()
+    for start in range(0, n, data.eval_batch_size):
+        x = data.test_x[start : min(n, start + data.eval_batch_size)]
+        y = data.test_y[start : min(n, start + data.eval_batch_size)].cpu().numpy()
         hits += _correct(run(sess, feed(x)), y)
-    return hits[0] / len(data.test_y), hits[1] / len(data.test_y)
+    return hits[0] / n, hits[1] / n
 
 
 # --------------------------------------------------------------------------- latency
@@ -149,7 +153,7 @@ def bound_runner(sess: ort.InferenceSession, feed: np.ndarray, device: str) -> C
 PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def _time_ort(
+def time_ort(
     path, feed: np.ndarray, device: str, threads: int, warmup: int, iters: int
 ) -> tuple[list[float], int] | str:
     """Samples and the thread count ORT reports, or why the requested provider is not the one running."""
@@ -228,7 +232,7 @@ def latency_rows(
                         samples, used = _time_torch(model, x, device, bench.warmup, bench.iters, threads)
                     else:
                         feed = feed_of(raw_batch(data, bs))
-                        timed = _time_ort(art.path, feed, target, threads, bench.warmup, bench.iters)
+                        timed = time_ort(art.path, feed, target, threads, bench.warmup, bench.iters)
                         if isinstance(timed, str):
                             notes.append(f"{art.name}: {timed}")
                             break

@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
 
-from compress.data import DataBundle
-from compress.onnx_utils import quiet_stdout, session
+from compress.onnx_utils import quiet_stdout
 from compress.quantization.calibration import BatchReader
 
 
@@ -45,19 +41,6 @@ def node_errors(pre: Path, qdq: Path, reader: BatchReader, batches: int, workdir
         if node.name and found:
             scores[node.name] = min(found)
     return scores
-
-
-def top1(path: Path, data: DataBundle, feed: Callable[[torch.Tensor], np.ndarray], images: int) -> float:
-    """Top-1 of an ONNX file on the first ``images`` test images (batches of the eval size)."""
-    sess = session(path)
-    name = sess.get_inputs()[0].name
-    n = min(images, len(data.test_x))
-    correct = 0
-    for i in range(0, n, data.eval_batch_size):
-        x, y = data.test_x[i : min(n, i + data.eval_batch_size)], data.test_y[i : min(n, i + data.eval_batch_size)]
-        logits = sess.run(None, {name: feed(x)})[0]
-        correct += int((logits.argmax(1) == y.numpy()).sum())
-    return correct / n
 
 
 def float_islands(path: Path, workdir: Path) -> Counter:

@@ -21,12 +21,12 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from compress import metadata
-from compress.bench.measure import percentiles, time_calls
+from compress.bench.measure import onnx_accuracy, percentiles, raw_batch, time_ort
 from compress.context import Artifact, Context
 from compress.onnx_utils import session
 from compress.quantization import ptq
 from compress.quantization.calibration import BatchReader
-from compress.quantization.mixed import float_islands, node_errors, top1
+from compress.quantization.mixed import float_islands, node_errors
 from compress.stages.base import STAGES, Stage
 
 
@@ -106,9 +106,14 @@ class Quantize(Stage):
         return metrics
 
     def _static(self, ctx: Context, fp32: Path, pre: Path, raw: Path, tmp: Path) -> dict[str, Any]:
-        feed = metadata.feeder(session(fp32), ctx.data)
-        reader = BatchReader(ctx.data, session(fp32).get_inputs()[0].name, self.calibration_batches,
+        sess = session(fp32)
+        feed = metadata.feeder(sess, ctx.data)  # candidate files carry no metadata: fed as the FP32 file
+        reader = BatchReader(ctx.data, sess.get_inputs()[0].name, self.calibration_batches,
                              self.calibration_batch_size, feed)  # fmt: skip
+
+        def top1(path: Path) -> float:
+            return onnx_accuracy(path, ctx.data, feed=feed, images=self.accuracy_images)  # type: ignore[return-value]
+
         cache = tmp / "calibration.json"  # ranges computed once, reused for every exclusion list
 
         def quantize(exclude: list[str], dst: Path) -> None:
@@ -128,9 +133,10 @@ class Quantize(Stage):
         if self.max_accuracy_drop is None:
             return metrics
         budget = self.max_accuracy_drop
-        base = top1(fp32, ctx.data, feed, self.accuracy_images)
+        base = top1(fp32)
         excluded, files = list(self.exclude), [raw]
-        steps = [self._step(excluded, top1(raw, ctx.data, feed, self.accuracy_images), base, raw)]
+        one = feed(raw_batch(ctx.data, 1))
+        steps = [self._step(excluded, top1(raw), base, raw, one)]
         ctx.log.info("quantize: fp32 top-1 %.4f, int8 %.4f (drop %.4f)", base, steps[0]["top1"], steps[0]["drop"])
         if steps[0]["drop"] > budget:
             errors = node_errors(pre, raw, reader, min(4, len(reader)), tmp)
@@ -142,9 +148,7 @@ class Quantize(Stage):
                 excluded, ranked = excluded + ranked[:take], ranked[take:]
                 files.append(tmp / f"step{len(files)}.onnx")
                 quantize(excluded, files[-1])
-                steps.append(
-                    self._step(excluded, top1(files[-1], ctx.data, feed, self.accuracy_images), base, files[-1])
-                )
+                steps.append(self._step(excluded, top1(files[-1]), base, files[-1], one))
                 ctx.log.info("quantize: %d nodes in float -> top-1 %.4f (drop %.4f)", len(excluded),
                              steps[-1]["top1"], steps[-1]["drop"])  # fmt: skip
         within = [i for i, st in enumerate(steps) if st["drop"] <= budget]
@@ -165,14 +169,15 @@ class Quantize(Stage):
             "accuracy_steps": steps,
         }
 
-    def _step(self, excluded: list[str], acc: float, base: float, path: Path) -> dict[str, Any]:
-        return {"excluded": list(excluded), "top1": acc, "drop": base - acc, "p50_ms_bs1": _p50(path)}
+    def _step(self, excluded: list[str], acc: float, base: float, path: Path, one) -> dict[str, Any]:
+        return {"excluded": list(excluded), "top1": acc, "drop": base - acc, "p50_ms_bs1": _p50(path, one)}
 
     def _speed(self, ctx: Context, fp32: Path, result: Path, tmp: Path) -> dict[str, Any]:
         """Batch-1 p50 of FP32 and the result, timed alternately; a slower INT8 file is a warning
         naming the float ops ONNX Runtime left between Q/DQ pairs."""
-        a, b = _p50(fp32), _p50(result)
-        a, b = (a + _p50(fp32)) / 2, (b + _p50(result)) / 2
+        one = metadata.feeder(session(fp32), ctx.data)(raw_batch(ctx.data, 1))  # as the FP32 file takes it
+        a, b = _p50(fp32, one), _p50(result, one)
+        a, b = (a + _p50(fp32, one)) / 2, (b + _p50(result, one)) / 2
         speed: dict[str, Any] = {"fp32_p50_ms_bs1": a, "p50_ms_bs1": b, "speedup_bs1": a / b}
         out = {"speed": speed}  # clock-dependent: kept apart from the deterministic metrics
         if self.mode != "fp16" and b > a:
@@ -220,12 +225,8 @@ class Quantize(Stage):
         )
 
 
-def _p50(path: Path, iters: int = 20) -> float:
-    import numpy as np
-
-    sess = session(path)
-    inp = sess.get_inputs()[0]
-    shape = [1 if not isinstance(d, int) else d for d in inp.shape]
-    dtype = np.uint8 if "uint8" in inp.type else np.float16 if "float16" in inp.type else np.float32
-    x = np.zeros(shape, dtype=dtype)
-    return percentiles(time_calls(lambda: sess.run(None, {inp.name: x}), 3, iters), 1)["p50_ms"]
+def _p50(path: Path, x, iters: int = 20) -> float:
+    """Batch-1 p50 (ms) of an ONNX file on ``x``, one test image as the file takes it."""
+    timed = time_ort(path, x, "cpu", 0, 3, iters)
+    assert not isinstance(timed, str)  # only the CUDA/TensorRT providers can fall back
+    return percentiles(timed[0], 1)["p50_ms"]
