@@ -69,13 +69,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
 
 def parity(model: nn.Module, path: Path, x: torch.Tensor, feed: torch.Tensor | None = None) -> dict[str, float]:
     """PyTorch on ``x`` (normalized) vs ONNX Runtime on ``feed`` (the same images as the graph takes them)."""
+    model.eval()  # not chained: a torch.export'ed module's eval() (torchao's) returns None
     with torch.inference_mode():
-        ref = model.eval().to("cpu")(x.cpu()).numpy()
+        ref = model.to("cpu")(x.cpu()).numpy()
     got = run(session(path), (x if feed is None else feed).cpu().numpy())
+    centred = ref - ref.mean(1, keepdims=True)
     return {
         "max_abs_diff": float(np.abs(ref - got).max()),
         "max_abs_logit": float(np.abs(ref).max()),
         "argmax_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+        # ‖ORT − PyTorch‖ / ‖centred PyTorch logits‖: the scale-free difference
+        "relative_error": float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(centred)), 1e-12)),
         "batch": int(x.shape[0]),
     }
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -24,11 +23,10 @@ from compress import metadata
 from compress.context import Artifact, Context
 from compress.deploy import ModelInfo
 from compress.errors import StageFailed, first_line
-from compress.onnx_utils import run, session
 from compress.quantization.ptq import quantized_ops
 from compress.stages.base import STAGES
 from compress.stages.distill import FineTuneStage
-from compress.stages.export import InGraphPreprocess, export_onnx
+from compress.stages.export import InGraphPreprocess, export_onnx, parity
 
 
 class _PerCall(torch.nn.Module):
@@ -193,19 +191,14 @@ class QAT(FineTuneStage):
                 export_onnx(wrapped, feed[:2], tmp, self.opset, info.input_name)
             except Exception as exc:  # noqa: BLE001
                 raise StageFailed(f"qat: the fake-quantized student could not be exported: {first_line(exc)}") from exc
-            with torch.no_grad():
-                ref = model(ctx.data.normalize(raw)).numpy()
-            got = run(session(tmp), feed.numpy())
             # ORT's integer kernels round where the converted graph simulates in float: logits differ a
             # little everywhere (argmax flips on near-ties), a broken export differs a lot.
-            agreement = float((ref.argmax(1) == got.argmax(1)).mean())
-            centred = ref - ref.mean(1, keepdims=True)
-            rel = float(np.linalg.norm(got - ref) / max(np.linalg.norm(centred), 1e-12))
-            if rel > self.max_relative_error:
+            check = parity(model, tmp, ctx.data.normalize(raw), feed)
+            if check["relative_error"] > self.max_relative_error:
                 raise StageFailed(
                     f"qat: ONNX Runtime's INT8 logits differ from the fake-quantized PyTorch model's by "
-                    f"{rel:.3f} (relative; max_relative_error {self.max_relative_error}), "
-                    f"argmax agreement {agreement:.1%}"
+                    f"{check['relative_error']:.3f} (relative; max_relative_error {self.max_relative_error}), "
+                    f"argmax agreement {check['argmax_agreement']:.1%}"
                 )
             props = {"precision": "int8", "source": fp32.name, "quantization": self._describe()}
             metadata.update(tmp, metadata.read(fp32.path) | props, strip_node_debug=True, dest=out)
@@ -214,9 +207,9 @@ class QAT(FineTuneStage):
         ctx.add_artifact(Artifact(out.name, "student", "onnx", "int8", out, self.kind, source=fp32.source))
         ops = quantized_ops(out)
         return fit | {
-            "argmax_agreement": agreement,
-            "relative_error": rel,
-            "max_abs_diff": float(np.abs(ref - got).max()),
+            "argmax_agreement": check["argmax_agreement"],
+            "relative_error": check["relative_error"],
+            "max_abs_diff": check["max_abs_diff"],
             "fp32_bytes": fp32.path.stat().st_size,
             "int8_bytes": out.stat().st_size,
             "ops": ops,
