@@ -11,10 +11,15 @@ import numpy as np
 import onnxruntime as ort
 
 
-def session(path: Path, threads: int | None = None, device: str = "cpu", spin: bool = True) -> ort.InferenceSession:
+def session(
+    path: Path, threads: int | None = None, device: str = "cpu", spin: bool = True, optimized_to: Path | None = None
+) -> ort.InferenceSession:
     """An ORT session at full graph optimization. ``spin=False`` stops idle worker threads spinning
-    (needed when several sessions are timed in turn: a spinning pool steals the next one's cores)."""
+    (needed when several sessions are timed in turn: a spinning pool steals the next one's cores);
+    ``optimized_to`` saves the graph ORT actually runs, after its fusions."""
     opts = ort.SessionOptions()
+    if optimized_to is not None:
+        opts.optimized_model_filepath = str(optimized_to)
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -172,10 +172,10 @@ class StructuredOptions(BaseModel):
         separable = {m.qkv: m.num_heads for m in model.modules() if isinstance(m, SelfAttention)}
         # An nn.MultiheadAttention keeps its heads; its width (every head's dims together) must stay
         # divisible by the head count. (Telling torch-pruning num_heads stops it pruning that width.)
-        heads = attention_heads(model)
+        heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
         round_to = self.round_to
         if heads and round_to is None:
-            round_to = math.lcm(*heads.values())
+            round_to = math.lcm(*heads)
         pruner = tp.pruner.BasePruner(
             model,
             example,
@@ -251,10 +251,6 @@ def accumulate_gradients(model: nn.Module, loader, device: torch.device, batches
         if i == batches:
             break
         torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
-
-
-def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
-    return {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def head_counts(model: nn.Module) -> dict[str, int]:

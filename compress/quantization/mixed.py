@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from compress.onnx_utils import quiet_stdout
+from compress.onnx_utils import quiet_stdout, session
 from compress.quantization.calibration import BatchReader
 
 
@@ -47,14 +47,8 @@ def float_islands(path: Path, workdir: Path) -> Counter:
     """Op types that ONNX Runtime still runs in float between DequantizeLinear and QuantizeLinear
     after its own fusions (each such op costs a dequantize and a requantize): the usual reason an
     INT8 file is not faster."""
-    import onnxruntime as ort
-
     optimized = workdir / f"{path.stem}.optimized.onnx"
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.optimized_model_filepath = str(optimized)
-    opts.log_severity_level = 3
-    ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    session(path, optimized_to=optimized)
     graph = onnx.load(str(optimized), load_external_data=False).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     return Counter(

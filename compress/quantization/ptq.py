@@ -8,7 +8,7 @@ before Q/DQ pairs are placed) always runs first.
 
 from __future__ import annotations
 
-import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -106,11 +106,4 @@ def fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> None:
 
 def quantized_ops(path: Path) -> dict[str, int]:
     """How many nodes of each op type the file holds (what was quantized, what stayed float)."""
-    counts: dict[str, int] = {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-def scratch() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="compress-quant-")
+    return dict(Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node))

@@ -14,6 +14,7 @@ Q/DQ pairs, when INT8 is slower. The file inherits the FP32 file's metadata with
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -82,7 +83,7 @@ class Quantize(Stage):
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)  # calibrator sessions log to fd 2; we report failures ourselves
-        with ptq.scratch() as tmp_name:
+        with tempfile.TemporaryDirectory(prefix="compress-quant-") as tmp_name:
             tmp = Path(tmp_name)
             raw = tmp / "result.onnx"
             if self.mode == "fp16":
