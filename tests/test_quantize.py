@@ -191,6 +191,27 @@ def test_calibration_reader_streams_batches(exported):
     assert np.array_equal(reader.get_next()["input"], BatchReader(data, "input", 3, 10).get_next()["input"])
 
 
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile", "distribution"])
+def test_calibration_set_smaller_than_asked_for(exported, tmp_path, method):
+    """Fewer training images than batches x batch size: every batch the same size, all images used
+    (ORT's histogram calibrators stack a chunk's batches and fail on a short last one)."""
+    from compress.quantization.calibration import BatchReader
+
+    recipe, out = exported
+    data = load_data(recipe)
+    n = len(data.train_x)
+    reader = BatchReader(data, "input", batches=2, batch_size=n - 1)
+    assert [b["input"].shape[0] for b in reader] == [n // 2] * 2 and reader.images == n // 2 * 2
+    symmetric = {"symmetric_activations": True} if method == "distribution" else {}
+    ctx, metrics = quantize(recipe, out, tmp_path, calibration=method, calibration_batches=2,
+                            calibration_batch_size=n - 1, **symmetric)  # fmt: skip
+    assert metrics["calibration_images"] == n // 2 * 2
+    from compress.metadata import feeder
+
+    sess = session(ctx.latest("student", "onnx", "int8").path)
+    assert ort_run(sess, feeder(sess, data)(data.test_x[:4])).shape == (4, 10)
+
+
 def test_calibration_feeds_what_the_model_metadata_asks_for(exported):
     """The exported graph takes uint8 NHWC pixels; calibration must feed those, not normalized floats."""
     from compress.metadata import feeder

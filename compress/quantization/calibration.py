@@ -33,15 +33,19 @@ class BatchReader:
     ) -> None:
         self.data, self.input_name = data, input_name
         self.feed = feed or (lambda x: data.normalize(x.cpu()).numpy())
-        self.batch_size = batch_size
         n = len(data.train_x)
+        # Every batch the same size: ORT's histogram calibrators (entropy, percentile, distribution)
+        # stack a chunk's batches into one array and fail on a short last batch. With fewer images
+        # than batches * batch_size, the batches shrink instead (120 images, 4 x 32 -> 4 x 30).
+        count = max(1, min(batches, -(-n // batch_size)))
+        self.batch_size = max(1, min(batch_size, n // count))
         # A fixed, class-mixed subset: evenly spaced training images (no augmentation).
-        self._index = np.linspace(0, n - 1, min(n, batches * batch_size)).astype(np.int64)
+        self._index = np.linspace(0, n - 1, count * self.batch_size).astype(np.int64)
         self.set_range(0, len(self))
 
     def __len__(self) -> int:
         """Number of batches."""
-        return -(-len(self._index) // self.batch_size)
+        return len(self._index) // self.batch_size
 
     @property
     def images(self) -> int:
