@@ -461,3 +461,19 @@ def test_example_script_agrees_with_predict(digits_run, digits_pngs, capsys):
     doc = predict_json(capsys, str(out / "model.int8.onnx"), *files, "--top-k", "1")
     assert got == [p["top_k"][0]["class"] for p in doc["predictions"]]
     assert len(got) == len(files) > 20
+
+
+@pytest.mark.parametrize("model_name", ["resnet20", "digits_student"])
+def test_nhwc_uint8_export_has_no_stride_arithmetic(tmp_path, model_name):
+    """NHWC pixels are permuted in the graph; a permuted view's strides must not reach the model's
+    flatten (it then exports as as_strided: Shape/Range/Gather nodes run on every call)."""
+    channels = 1 if model_name == "digits_student" else 3
+    model = build_model(model_name, 10, channels).eval()
+    info = ModelInfo(
+        tuple("abcdefghij"), channels, 32, 32, "nhwc", "uint8", True, (0.5,) * channels, (0.25,) * channels
+    )
+    example = torch.randint(0, 255, (2, 32, 32, channels), dtype=torch.uint8)
+    path = tmp_path / "m.onnx"
+    export_onnx(InGraphPreprocess(model, info), example, path, 18, info.input_name)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert not ops & {"Shape", "Range", "Gather"}, ops

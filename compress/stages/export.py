@@ -41,7 +41,9 @@ class InGraphPreprocess(nn.Module):
         self.register_buffer("std", torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2) if self.nhwc else images
+        # contiguous(): a permuted view keeps NHWC strides through the model, and a later flatten/view
+        # of it exports as as_strided -> Shape/Range/Gather nodes (8 of them after ResNet's pool).
+        x = images.permute(0, 3, 1, 2).contiguous() if self.nhwc else images
         if self.normalize:
             x = (x.to(torch.float32) / 255.0 - self.mean) / self.std
         return self.model(x)
