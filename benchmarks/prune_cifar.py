@@ -47,31 +47,37 @@ def art(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[str, dict[str, float]]:
-    """p50 latency of each ONNX file at batch 1 and 32, measured round-robin in one process (every
-    round times every file), so drift on a shared machine hits all rows alike. Worker threads do
-    not spin between runs: an idle session's spinning pool would steal the next session's cores."""
+    """p50 latency of each ONNX file at batch 1 (``threads`` and 1 thread) and batch 32, measured
+    round-robin in one process (every round times every file), so drift on a shared machine hits all
+    rows alike. Each turn opens a fresh session at ONNX Runtime's defaults (worker threads spin) and
+    closes it before the next file's turn: no idle pool steals the timed one's cores, and no file
+    is timed with its threads handicapped (turning spinning off made 2-thread FP32 at batch 1 as
+    slow as 1 thread, flattering INT8)."""
+    import gc
+
     import numpy as np
 
     from compress.bench.measure import time_calls
     from compress.onnx_utils import session
 
     rng = np.random.default_rng(0)
-    samples: dict[str, dict[int, list[float]]] = {n: {1: [], 32: []} for n in paths}
-    sessions = {n: session(p, threads=threads, spin=False) for n, p in paths.items()}
+    configs = ((1, threads, 40, "p50_ms_bs1"), (1, 1, 40, "p50_ms_bs1_1thread"), (32, threads, 8, "p50_ms_bs32"))
+    samples: dict[str, dict[str, list[float]]] = {n: {c[3]: [] for c in configs} for n in paths}
     feeds = {}
-    for n, sess in sessions.items():
-        inp = sess.get_inputs()[0]
+    for n, p in paths.items():
+        inp = session(p).get_inputs()[0]
         shape = [d if isinstance(d, int) else 1 for d in inp.shape]
         dtype = np.uint8 if "uint8" in inp.type else np.float32
         for bs in (1, 32):
-            x = rng.integers(0, 255, size=[bs, *shape[1:]]).astype(dtype)
-            feeds[n, bs] = (inp.name, x)
+            feeds[n, bs] = {inp.name: rng.integers(0, 255, size=[bs, *shape[1:]]).astype(dtype)}
     for _ in range(rounds):
-        for n, sess in sessions.items():
-            for bs, iters in ((1, 40), (32, 8)):
-                name, x = feeds[n, bs]
-                samples[n][bs] += time_calls(lambda s=sess, f={name: x}: s.run(None, f), 3, iters)
-    return {n: {f"p50_ms_bs{bs}": float(np.median(v)) for bs, v in d.items()} for n, d in samples.items()}
+        for n, p in paths.items():
+            for bs, t, iters, key in configs:
+                sess = session(p, threads=t)
+                samples[n][key] += time_calls(lambda s=sess, f=feeds[n, bs]: s.run(None, f), 5, iters)
+                del sess
+                gc.collect()  # the session's thread pool goes with it
+    return {n: {k: float(np.median(v)) for k, v in d.items()} for n, d in samples.items()}
 
 
 def main() -> int:
