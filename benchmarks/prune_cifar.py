@@ -84,7 +84,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="runs/distill-cifar/teacher/checkpoints/01-train/teacher.pt")
     ap.add_argument("--root", default="../shared/data/cifar10-jpeg.tar.gz")
-    ap.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs, every row")
+    ap.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs, every row")
     ap.add_argument("--work", default="runs/prune-cifar")
     args = ap.parse_args()
     teacher = (ROOT / args.teacher).resolve()
