@@ -83,6 +83,9 @@ class Quantize(Stage):
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)  # calibrator sessions log to fd 2; we report failures ourselves
+        sess = session(fp32.path)
+        feed = metadata.feeder(sess, ctx.data)  # candidate files carry no metadata: fed as the FP32 file
+        one = feed(raw_batch(ctx.data, 1))  # one test image, as the FP32 file takes it: for timing
         with tempfile.TemporaryDirectory(prefix="compress-quant-") as tmp_name:
             tmp = Path(tmp_name)
             raw = tmp / "result.onnx"
@@ -96,8 +99,8 @@ class Quantize(Stage):
                         pre, raw, per_channel=self.per_channel, weight_type=self.weight_type, op_types=self.op_types
                     )
                 else:
-                    metrics |= self._static(ctx, fp32.path, pre, raw, tmp)
-            metrics |= self._speed(ctx, fp32.path, raw, tmp)
+                    metrics |= self._static(ctx, fp32.path, pre, raw, tmp, sess.get_inputs()[0].name, feed, one)
+            metrics |= self._speed(ctx, fp32.path, raw, tmp, one)
             # The result appears in the run directory only complete, with its metadata.
             props = {"precision": precision, "source": fp32.name, "quantization": self._describe()}
             metadata.update(raw, metadata.read(fp32.path) | props, dest=out)
@@ -106,11 +109,10 @@ class Quantize(Stage):
         metrics["ops"] = ptq.quantized_ops(out)
         return metrics
 
-    def _static(self, ctx: Context, fp32: Path, pre: Path, raw: Path, tmp: Path) -> dict[str, Any]:
-        sess = session(fp32)
-        feed = metadata.feeder(sess, ctx.data)  # candidate files carry no metadata: fed as the FP32 file
-        reader = BatchReader(ctx.data, sess.get_inputs()[0].name, self.calibration_batches,
-                             self.calibration_batch_size, feed)  # fmt: skip
+    def _static(
+        self, ctx: Context, fp32: Path, pre: Path, raw: Path, tmp: Path, input_name: str, feed, one
+    ) -> dict[str, Any]:
+        reader = BatchReader(ctx.data, input_name, self.calibration_batches, self.calibration_batch_size, feed)
 
         def top1(path: Path) -> float:
             return onnx_accuracy(path, ctx.data, feed=feed, images=self.accuracy_images)  # type: ignore[return-value]
@@ -136,7 +138,6 @@ class Quantize(Stage):
         budget = self.max_accuracy_drop
         base = top1(fp32)
         excluded, files = list(self.exclude), [raw]
-        one = feed(raw_batch(ctx.data, 1))
         steps = [self._step(excluded, top1(raw), base, raw, one)]
         ctx.log.info("quantize: fp32 top-1 %.4f, int8 %.4f (drop %.4f)", base, steps[0]["top1"], steps[0]["drop"])
         if steps[0]["drop"] > budget:
@@ -173,10 +174,9 @@ class Quantize(Stage):
     def _step(self, excluded: list[str], acc: float, base: float, path: Path, one) -> dict[str, Any]:
         return {"excluded": list(excluded), "top1": acc, "drop": base - acc, "p50_ms_bs1": _p50(path, one)}
 
-    def _speed(self, ctx: Context, fp32: Path, result: Path, tmp: Path) -> dict[str, Any]:
-        """Batch-1 p50 of FP32 and the result, timed alternately; a slower INT8 file is a warning
-        naming the float ops ONNX Runtime left between Q/DQ pairs."""
-        one = metadata.feeder(session(fp32), ctx.data)(raw_batch(ctx.data, 1))  # as the FP32 file takes it
+    def _speed(self, ctx: Context, fp32: Path, result: Path, tmp: Path, one) -> dict[str, Any]:
+        """Batch-1 p50 of FP32 and the result on ``one``, timed alternately; a slower INT8 file is a
+        warning naming the float ops ONNX Runtime left between Q/DQ pairs."""
         a, b = _p50(fp32, one), _p50(result, one)
         a, b = (a + _p50(fp32, one)) / 2, (b + _p50(result, one)) / 2
         speed: dict[str, Any] = {"fp32_p50_ms_bs1": a, "p50_ms_bs1": b, "speedup_bs1": a / b}
