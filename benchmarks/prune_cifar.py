@@ -53,11 +53,9 @@ def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[
     closes it before the next file's turn: no idle pool steals the timed one's cores, and no file
     is timed with its threads handicapped (turning spinning off made 2-thread FP32 at batch 1 as
     slow as 1 thread, flattering INT8)."""
-    import gc
-
     import numpy as np
 
-    from compress.bench.measure import time_calls
+    from compress.bench.measure import time_ort
     from compress.onnx_utils import session
 
     rng = np.random.default_rng(0)
@@ -69,14 +67,13 @@ def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[
         shape = [d if isinstance(d, int) else 1 for d in inp.shape]
         dtype = np.uint8 if "uint8" in inp.type else np.float32
         for bs in (1, 32):
-            feeds[n, bs] = {inp.name: rng.integers(0, 255, size=[bs, *shape[1:]]).astype(dtype)}
+            feeds[n, bs] = rng.integers(0, 255, size=[bs, *shape[1:]]).astype(dtype)
     for _ in range(rounds):
         for n, p in paths.items():
             for bs, t, iters, key in configs:
-                sess = session(p, threads=t)
-                samples[n][key] += time_calls(lambda s=sess, f=feeds[n, bs]: s.run(None, f), 5, iters)
-                del sess
-                gc.collect()  # the session's thread pool goes with it
+                timed = time_ort(p, feeds[n, bs], "cpu", t, 5, iters)  # its own session, closed on return
+                assert not isinstance(timed, str)  # only CUDA/TensorRT can fall back
+                samples[n][key] += timed[0]
     return {n: {k: float(np.median(v)) for k, v in d.items()} for n, d in samples.items()}
 
 
