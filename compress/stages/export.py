@@ -2,10 +2,12 @@
 
 By default the exported graph takes raw uint8 images (NHWC, as Pillow/OpenCV hand them over) and
 does the scaling and normalization itself, so a deployer needs no preprocessing code; the file's
-metadata says so (see ``compress.metadata``). After writing, the file passes ``onnx.checker`` (full
-check) and ONNX Runtime fed the raw test images must reproduce PyTorch's logits on the same images
-normalized the training way, within ``atol``; otherwise the stage fails rather than leave a broken
-model in the run directory.
+metadata says so (see ``compress.metadata``). The exporter's graph goes through
+``compress.graph_rules`` (onnxscript rewrite rules: a spatial ReduceMean becomes GlobalAveragePool,
+which INT8 runs in uint8). After writing, the file passes ``onnx.checker`` (full check) and ONNX
+Runtime fed the raw test images must reproduce PyTorch's logits on the same images normalized the
+training way, within ``atol``; otherwise the stage fails rather than leave a broken model in the run
+directory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compress import metadata
+from compress import graph_rules, metadata
 from compress.context import Artifact, Context
 from compress.deploy import ModelInfo
 from compress.errors import StageFailed, first_line
@@ -65,6 +67,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
             optimize=True,
             verbose=False,
         )
+    program.model = graph_rules.apply(program.model)
     program.save(str(path))
     onnx.checker.check_model(str(path), full_check=True)
 
