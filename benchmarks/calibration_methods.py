@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import yaml
+from common import ROOT, command, save
 
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = [("minmax", None), ("entropy", None), ("percentile", 99.99), ("percentile", 99.999)]
 
 
@@ -62,13 +60,11 @@ def main() -> int:
                 print(rows[-1], flush=True)
     env = environment(2)
     result = {
-        "command": shlex.join(["python", "benchmarks/calibration_methods.py", *sys.argv[1:]]),
+        "command": command(),
         "date": started.isoformat(timespec="seconds"),
         "environment": env,
         "rows": rows,
     }
-    res = ROOT / "benchmarks" / "results"
-    (res / "calibration_methods.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Calibration methods: INT8 top-1 on CIFAR-10 (ONNX Runtime static QDQ, U8S8 per-channel)",
         "",
@@ -83,7 +79,7 @@ def main() -> int:
         *(f"| {r['model']} | {r['method']} | {100 * r['top1']:.2f}% |" for r in rows),
         "",
     ]
-    (res / "calibration_methods.md").write_text("\n".join(md))
+    save("calibration_methods", result, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -15,9 +15,9 @@ import json
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, save
+
 OVERRIDES = [
     "stages.0.epochs=15",
     "stages.1.epochs=15",
@@ -55,16 +55,13 @@ def main() -> int:
         "machine": report["environment"]["cpu"],
         "threads": report["environment"]["threads"],
     }
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "cifar_resnet_short.json").write_text(json.dumps(report, indent=2) + "\n")
     md = (ROOT / args.out / "report.md").read_text()
     header = (
         f"Command: `{shlex.join(cmd)}`  \nMachine: {report['environment']['cpu']}, "
         f"{report['environment']['threads']} threads, no GPU  \nDate: {started:%Y-%m-%d}  \n"
         f"Schedule: shortened ({', '.join(OVERRIDES[:3])}); the recipe's full schedule is 200/200/40 epochs.\n\n"
     )
-    (results / "cifar_resnet_short.md").write_text(md.replace("\n\n", "\n\n" + header, 1))
+    save("cifar_resnet_short", report, md.replace("\n\n", "\n\n" + header, 1))
     return 0
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from common import ROOT, command, save
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED = 0
 OPTIM = {"lr": 0.1, "weight_decay": 5.0e-4, "schedule": "cosine", "warmup_epochs": 1}
 BENCH = {"batch_sizes": [1], "warmup": 2, "iters": 10, "devices": ["cpu"], "torch_snapshots": False}
@@ -134,9 +134,8 @@ def main() -> int:
         }
     env = teacher_report["environment"]
     base = rows.get("vanilla", {}).get("top1")
-    command = "python benchmarks/distill_cifar.py " + shlex.join(sys.argv[1:])
     out = {
-        "command": command.strip(),
+        "command": command(),
         "date": started.isoformat(timespec="seconds"),
         "machine": env["cpu"],
         "threads": env["threads"],
@@ -152,9 +151,6 @@ def main() -> int:
         "results": rows,
         "gain_over_vanilla_pt": {k: round(100 * (r["top1"] - base), 2) for k, r in rows.items()} if base else {},
     }
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "distill_cifar.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         "# Distillation on CIFAR-10: vanilla vs Hinton KD vs DKD vs attention transfer",
         "",
@@ -185,7 +181,7 @@ def main() -> int:
         "Each row's full recipe is its `recipe` field in distill_cifar.json (`compress run` it to reproduce one row)."
     )
     lines.append("")
-    (results / "distill_cifar.md").write_text("\n".join(lines))
+    save("distill_cifar", out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from common import ROOT, command, save
 
 from compress.bench.env import environment
 from compress.bench.measure import batch_of, onnx_accuracy, percentiles, time_calls
@@ -30,8 +29,6 @@ from compress.pipeline import load_data
 from compress.recipe import load_recipe
 from compress.stages import STAGES
 from compress.stages.export import export_onnx
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
@@ -62,7 +59,7 @@ def main() -> int:
             rows.append(row)
     fp32, int8 = rows
     result = {
-        "command": shlex.join(["python", "benchmarks/int8_vs_fp32.py", *sys.argv[1:]]),
+        "command": command(),
         "date": dt.date.today().isoformat(),
         "environment": environment(args.threads),
         "checkpoint": str(args.checkpoint),
@@ -71,9 +68,6 @@ def main() -> int:
         "speedup_bs1": fp32["bs1"]["p50_ms"] / int8["bs1"]["p50_ms"],
         "speedup_bs64": fp32["bs64"]["p50_ms"] / int8["bs64"]["p50_ms"],
     }
-    res = ROOT / "benchmarks" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / f"int8_vs_fp32_{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         f"# INT8 vs FP32 ONNX: {args.name}",
         "",
@@ -92,7 +86,7 @@ def main() -> int:
         "",
         f"INT8 speed-up: {result['speedup_bs1']:.2f}× at batch 1, {result['speedup_bs64']:.2f}× at batch 64.",
     ]
-    (res / f"int8_vs_fp32_{args.name}.md").write_text("\n".join(md) + "\n")
+    save(f"int8_vs_fp32_{args.name}", result, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

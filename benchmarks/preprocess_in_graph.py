@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import ROOT, command, save
 
 from compress import metadata
 from compress.bench.env import environment
@@ -37,7 +36,6 @@ from compress.recipe import load_recipe
 from compress.stages import STAGES
 from compress.stages.export import InGraphPreprocess, export_onnx
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {  # name: (preprocess_in_graph, layout)
     "float32_nchw_numpy_prep": (False, "nchw"),
     "uint8_nhwc_in_graph": (True, "nhwc"),
@@ -102,16 +100,13 @@ def main() -> int:
             rows.append(row)
             print(name, precision, f"{row['accuracy']:.4f}", f"{row['bs1_from_pixels']['p50_ms']:.3f} ms", flush=True)
     result = {
-        "command": shlex.join(["python", "benchmarks/preprocess_in_graph.py", *sys.argv[1:]]),
+        "command": command(),
         "date": dt.date.today().isoformat(),
         "environment": environment(args.threads),
         "checkpoint": str(ckpt),
         "train_epochs": None if args.checkpoint else args.train_epochs,
         "rows": rows,
     }
-    res = ROOT / "benchmarks" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "preprocess_in_graph.json").write_text(json.dumps(result, indent=2) + "\n")
     env = result["environment"]
     md = [
         "# Preprocessing inside the ONNX graph: cost and parity (CIFAR-10 ResNet-20)",
@@ -139,7 +134,7 @@ def main() -> int:
             f"{r['bs1_from_pixels']['p50_ms']:.3f} | {r['bs64_ort']['p50_ms']:.3f} | "
             f"{r['bs64_from_pixels']['p50_ms']:.3f} |"
         )
-    (res / "preprocess_in_graph.md").write_text("\n".join(md) + "\n")
+    save("preprocess_in_graph", result, "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
 

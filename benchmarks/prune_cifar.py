@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cifar import run  # noqa: E402  (reuse-or-resume one compress run)
+from common import ROOT, command, save, side_by_side
+from distill_cifar import run  # reuse-or-resume one compress run
 
-ROOT = Path(__file__).resolve().parent.parent
 SEED = 0
 FT = {"lr": 0.01, "weight_decay": 5.0e-4, "schedule": "cosine"}
 # Each run's own report measures little; the ONNX files are timed side by side at the end instead.
@@ -44,37 +41,6 @@ def recipe(name: str, root: str, teacher: Path, stages: list[dict[str, Any]]) ->
 
 def art(report: dict[str, Any], name: str) -> dict[str, Any]:
     return next(a for a in report["artifacts"] if a["name"] == name)
-
-
-def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[str, dict[str, float]]:
-    """p50 latency of each ONNX file at batch 1 (``threads`` and 1 thread) and batch 32, measured
-    round-robin in one process (every round times every file), so drift on a shared machine hits all
-    rows alike. Each turn opens a fresh session at ONNX Runtime's defaults (worker threads spin) and
-    closes it before the next file's turn: no idle pool steals the timed one's cores, and no file
-    is timed with its threads handicapped (turning spinning off made 2-thread FP32 at batch 1 as
-    slow as 1 thread, flattering INT8)."""
-    import numpy as np
-
-    from compress.bench.measure import time_ort
-    from compress.onnx_utils import session
-
-    rng = np.random.default_rng(0)
-    configs = ((1, threads, 40, "p50_ms_bs1"), (1, 1, 40, "p50_ms_bs1_1thread"), (32, threads, 8, "p50_ms_bs32"))
-    samples: dict[str, dict[str, list[float]]] = {n: {c[3]: [] for c in configs} for n in paths}
-    feeds = {}
-    for n, p in paths.items():
-        inp = session(p).get_inputs()[0]
-        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-        dtype = np.uint8 if "uint8" in inp.type else np.float32
-        for bs in (1, 32):
-            feeds[n, bs] = rng.integers(0, 255, size=[bs, *shape[1:]]).astype(dtype)
-    for _ in range(rounds):
-        for n, p in paths.items():
-            for bs, t, iters, key in configs:
-                timed = time_ort(p, feeds[n, bs], "cpu", t, 5, iters)  # its own session, closed on return
-                assert not isinstance(timed, str)  # only CUDA/TensorRT can fall back
-                samples[n][key] += timed[0]
-    return {n: {k: float(np.median(v)) for k, v in d.items()} for n, d in samples.items()}
 
 
 def main() -> int:
@@ -133,7 +99,7 @@ def main() -> int:
         r["ort_p50_ms_bs1"], r["ort_p50_ms_bs32"] = timed[n]["p50_ms_bs1"], timed[n]["p50_ms_bs32"]
     env = reports["structured_kd"]["environment"]
     out = {
-        "command": shlex.join(["python", "benchmarks/prune_cifar.py", *sys.argv[1:]]),
+        "command": command(),
         "date": started.isoformat(timespec="seconds"),
         "machine": env["cpu"],
         "threads": env["threads"],
@@ -143,9 +109,6 @@ def main() -> int:
         "macs_kept_structured": reports["structured_kd"]["stages"][0]["metrics"]["macs_kept"],
         "results": rows,
     }
-    res = ROOT / "benchmarks" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "prune_cifar.json").write_text(json.dumps(out, indent=2) + "\n")
     what = {
         "unpruned": "ResNet-56 as trained, exported",
         "structured_kd": "structured L1 to ½ MACs, KD fine-tune from the unpruned model",
@@ -182,7 +145,7 @@ def main() -> int:
         "densely: same MACs, no faster in ONNX Runtime; only the gzip column shrinks.",
         "",
     ]
-    (res / "prune_cifar.md").write_text("\n".join(lines))
+    save("prune_cifar", out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import command, save
 
 from compress.bench.env import environment
 from compress.bench.measure import percentiles, time_calls
@@ -31,8 +30,6 @@ from compress.models import build_model
 from compress.onnx_utils import run, session
 from compress.pruning.structured import StructuredOptions, count, prune_step
 from compress.stages.export import export_onnx
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def latency(path: Path, x: np.ndarray, threads: int, iters: int) -> dict[str, float]:
@@ -89,17 +86,14 @@ def main() -> int:
                       f"efficiency {row['efficiency']:.2f}", flush=True)  # fmt: skip
     env = environment(args.threads)
     result = {
-        "command": shlex.join(["python", "benchmarks/prune_latency.py", *sys.argv[1:]]),
+        "command": command(),
         "date": dt.date.today().isoformat(),
         "environment": env,
         "input": [1, 3, args.size, args.size],
         "rows": rows,
     }
-    res = ROOT / "benchmarks" / "results"
-    res.mkdir(parents=True, exist_ok=True)
     stem = f"prune_latency_round{args.round_to}" if args.round_to else "prune_latency"
     stem += f"_heads{args.head_ratio:g}" if args.head_ratio else ""
-    (res / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# Structured pruning: latency speedup vs MACs reduction (ONNX Runtime, CPU)",
         "",
@@ -124,7 +118,7 @@ def main() -> int:
             f"{r['latency']['p50_ms']:.2f} | {extra} |"
         )
     md.append("")
-    (res / f"{stem}.md").write_text("\n".join(md))
+    save(stem, result, "\n".join(md))
     print("\n".join(md))
     return 0
 

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from distill_cifar import run  # noqa: E402  (reuse-or-resume one compress run)
-from prune_cifar import side_by_side  # noqa: E402  (round-robin latency in one process)
+from common import ROOT, command, save, side_by_side
+from distill_cifar import run  # reuse-or-resume one compress run
 
-ROOT = Path(__file__).resolve().parent.parent
 BENCH = {"batch_sizes": [1], "warmup": 1, "iters": 5, "devices": ["cpu"], "torch_snapshots": False}
 CALIBRATION = {"calibration_batches": 16, "calibration_batch_size": 32}  # our stage's defaults: 512 images
 
@@ -92,7 +88,7 @@ def peers(fp32: Path, out: Path, data: Any) -> dict[str, Path]:
         with quiet_stdout():
             quantize_static(str(pre), str(files["ort_defaults"]), reader)
     if not files["nncf"].is_file():
-        images = [reader.feed(data.train_x[int(i) : int(i) + 1]) for i in reader._index]
+        images = [reader.feed(data.train_x[int(i) : int(i) + 1]) for i in reader.indices]
         model = nncf.quantize(onnx.load(str(fp32)), nncf.Dataset(images, lambda x: {name: x}), subset_size=len(images))
         onnx.save(model, str(files["nncf"]))
     return files
@@ -160,7 +156,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.date
 
     env = environment(2)
     result = {
-        "command": shlex.join(["python", "benchmarks/quant_peers.py", *sys.argv[1:]]),
+        "command": command(),
         "date": started.isoformat(timespec="seconds"),
         "environment": env,
         "calibration": "512 evenly spaced CIFAR-10 training images, no augmentation, same for every method",
@@ -172,9 +168,6 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.date
         else None,
         "rows": rows,
     }
-    res = ROOT / "benchmarks" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / "quant_peers.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [
         "# INT8 on CIFAR-10: ours vs ORT defaults vs NNCF (ONNX Runtime, CPU)",
         "",
@@ -204,7 +197,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.date
             f"{r['p50_ms_bs32']:.2f} | {x['p50_ms_bs32']:.2f}× |"
         )
     md.append("")
-    (res / "quant_peers.md").write_text("\n".join(md))
+    save("quant_peers", result, "\n".join(md))
     print("\n".join(md))
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -28,8 +26,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import ROOT, command, save
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compress.bench.env import environment  # noqa: E402
@@ -187,9 +185,8 @@ def main() -> int:
         ),
     }
     env = environment(args.threads)
-    command = "python benchmarks/train_throughput.py " + shlex.join(sys.argv[1:])
     out = {
-        "command": command.strip(),
+        "command": command(),
         "date": started.isoformat(timespec="seconds"),
         "machine": env["cpu"],
         "threads": args.threads,
@@ -207,9 +204,6 @@ def main() -> int:
         "ratios": checks,
         "environment": env,
     }
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "train_throughput.json").write_text(json.dumps(out, indent=2) + "\n")
     lines = [
         "# Training throughput: compress vs a plain PyTorch loop; cached vs live teacher",
         "",
@@ -229,7 +223,7 @@ def main() -> int:
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f}× |" for k, v in checks.items()]
     lines.append("")
-    (results / "train_throughput.md").write_text("\n".join(lines))
+    save("train_throughput", out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -54,7 +54,7 @@ def test_qat_exports_qdq_int8_that_onnx_runtime_runs(qat_run):
 
 def test_qat_keeps_the_accuracy(qat_run):
     # 360 test digits: a few images either way is noise; QAT >= PTQ is shown on CIFAR-10
-    # (benchmarks/quant_cifar.py), here it must not lose more than 3 points to either.
+    # (benchmarks/quant_peers.py), here it must not lose more than 3 points to either.
     _, report = qat_run
     acc = {a["name"]: a["accuracy"] for a in report["artifacts"]}
     assert acc["model.qat.onnx"] >= max(acc["model.int8.onnx"], acc["model.onnx"]) - 0.03

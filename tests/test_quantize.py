@@ -223,5 +223,5 @@ def test_calibration_feeds_what_the_model_metadata_asks_for(exported):
     reader = BatchReader(data, "images", 2, 10, feeder(sess, data))
     batch = reader.get_next()["images"]
     assert batch.dtype == np.uint8 and batch.shape == (10, 8, 8, 1)
-    assert np.array_equal(batch, data.train_x[reader._index[:10]].permute(0, 2, 3, 1).numpy())
+    assert np.array_equal(batch, data.train_x[reader.indices[:10]].permute(0, 2, 3, 1).numpy())
     assert ort_run(sess, batch).shape == (10, 10)

@@ -51,6 +51,11 @@ class BatchReader:
     def images(self) -> int:
         return len(self._index)
 
+    @property
+    def indices(self) -> np.ndarray:
+        """The training images calibrated on, by index, in the order they are served."""
+        return self._index.copy()
+
     def set_range(self, start_index: int, end_index: int) -> None:
         """Serve batches [start_index, end_index) from the next get_next() on (ORT's strided calibration)."""
         self._pos, self._end = start_index, min(end_index, len(self))

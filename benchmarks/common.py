@@ -1,0 +1,57 @@
+"""What the benchmark scripts share: the command line a result came from, where results are
+written, and round-robin ONNX Runtime latency. Scripts run as ``python benchmarks/<name>.py`` from the
+project root, so this module imports as ``common``."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def command() -> str:
+    """The command that produced a result, as typed from the project root."""
+    return shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def save(stem: str, result: dict[str, Any], markdown: str) -> None:
+    """benchmarks/results/<stem>.json (``result``) and <stem>.md (``markdown``), written together at the end."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+
+
+def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[str, dict[str, float]]:
+    """p50 latency of each ONNX file at batch 1 (``threads`` and 1 thread) and batch 32, measured
+    round-robin in one process (every round times every file), so drift on a shared machine hits all
+    rows alike. Each turn opens a fresh session at ONNX Runtime's defaults (worker threads spin) and
+    closes it before the next file's turn: no idle pool steals the timed one's cores, and no file
+    is timed with its threads handicapped (turning spinning off made 2-thread FP32 at batch 1 as
+    slow as 1 thread, flattering INT8)."""
+    import numpy as np
+
+    from compress.bench.measure import time_ort
+    from compress.onnx_utils import session
+
+    rng = np.random.default_rng(0)
+    configs = ((1, threads, 40, "p50_ms_bs1"), (1, 1, 40, "p50_ms_bs1_1thread"), (32, threads, 8, "p50_ms_bs32"))
+    samples: dict[str, dict[str, list[float]]] = {n: {c[3]: [] for c in configs} for n in paths}
+    feeds = {}
+    for n, p in paths.items():
+        inp = session(p).get_inputs()[0]
+        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+        dtype = np.uint8 if "uint8" in inp.type else np.float32
+        for bs in (1, 32):
+            feeds[n, bs] = rng.integers(0, 255, size=[bs, *shape[1:]]).astype(dtype)
+    for _ in range(rounds):
+        for n, p in paths.items():
+            for bs, t, iters, key in configs:
+                timed = time_ort(p, feeds[n, bs], "cpu", t, 5, iters)  # its own session, closed on return
+                assert not isinstance(timed, str)  # only CUDA/TensorRT can fall back
+                samples[n][key] += timed[0]
+    return {n: {k: float(np.median(v)) for k, v in d.items()} for n, d in samples.items()}
