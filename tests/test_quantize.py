@@ -156,6 +156,36 @@ def test_accuracy_loop_keeps_nodes_in_float_until_the_budget_holds(outlier, tmp_
     assert m["fp32_top1"] - m["int8_top1"] <= 0.02
 
 
+def test_the_report_lists_every_step_of_the_accuracy_loop(outlier, tmp_path):
+    """report.md and report.html show each step: the nodes moved to float, top-1, drop, latency, and the kept one."""
+    import json
+
+    _, out = outlier
+    raw = {**RECIPE, "student": {"model": "digits_student", "checkpoint": str(out.parent / "outlier.pt")}}
+    raw["stages"] = [
+        {"kind": "export"},
+        {"kind": "quantize", "calibration": "minmax", "max_accuracy_drop": 0.02, "max_excluded": 10},
+    ]
+    run(validate_recipe(raw), tmp_path / "run", quiet=True)
+    m = json.loads((tmp_path / "run" / "report.json").read_text())["stages"][1]["metrics"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    html = (tmp_path / "run" / "report.html").read_text()
+    table = md.split("## Accuracy-aware quantization")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == len(m["accuracy_steps"]) >= 2
+    before: list[str] = []
+    for i, (row, step) in enumerate(zip(rows, m["accuracy_steps"], strict=True)):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == str(i) and cells[2] == str(len(step["excluded"]))
+        added = [n for n in step["excluded"] if n not in before]
+        assert cells[3] == (", ".join(f"`{n}`" for n in added) or "–")
+        before = step["excluded"]
+        assert cells[4] == f"{100 * step['top1']:.2f}%" and cells[6] == f"{step['p50_ms_bs1']:.3f}"
+        assert cells[7] == ("✓" if step["excluded"] == m["excluded_nodes"] else "")
+        assert cells[4] in html
+    assert "Accuracy-aware quantization" in html
+
+
 def test_accuracy_loop_says_when_the_budget_cannot_be_met(outlier, tmp_path, caplog):
     recipe, out = outlier
     with caplog.at_level("WARNING"):

@@ -36,7 +36,7 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 def render(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -> str:
-    from compress.bench.report import int8_notes, summary_rows, threads_label
+    from compress.bench.report import accuracy_steps, int8_notes, summary_rows, threads_label
 
     title = (
         f"Compression report: {reports[0]['recipe']['name']}"
@@ -82,6 +82,10 @@ def render(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -> 
             parts.append("<h3>Latency</h3>")
             lat_header = ["artifact", "device", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "img/s"]
             parts.append(_table(lat_header, lat_rows))
+        steps_header, steps = accuracy_steps(rep)
+        if steps:
+            parts.append("<h3>Accuracy-aware quantization</h3>")
+            parts.append(_table(steps_header, [[c.replace("`", "") for c in r] for r in steps]))
         notes = int8_notes(rep) + rep.get("notes", [])
         if notes:
             parts.append("<h3>Notes</h3><ul>" + "".join(f"<li class='note'>{html.escape(n)}</li>" for n in notes))

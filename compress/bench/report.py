@@ -127,6 +127,34 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
+def accuracy_steps(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The accuracy-aware quantization loop of every quantize stage that ran it, one row per step:
+    the nodes moved to float, top-1, drop and batch-1 latency; the step the stage kept is marked."""
+    header = ["stage", "step", "nodes in float", "moved to float", "top-1", "drop", "p50 ms bs=1", "kept"]
+    rows = []
+    for st in report.get("stages", []):
+        m = st["metrics"]
+        before: list[str] = []
+        for i, step in enumerate(m.get("accuracy_steps", [])):
+            added = [n for n in step["excluded"] if n not in before]
+            before = step["excluded"]
+            rows.append(
+                [
+                    str(st["index"]),
+                    str(i),
+                    str(len(step["excluded"])),
+                    ", ".join(f"`{n}`" for n in added) or "–",
+                    f"{100 * step['top1']:.2f}%",
+                    f"{100 * step['drop']:.2f} pt",
+                    f"{step['p50_ms_bs1']:.3f}",
+                    ("✓" if m["accuracy_budget_met"] else "✗ best, over budget")
+                    if step["excluded"] == m["excluded_nodes"]
+                    else "",
+                ]
+            )
+    return header, rows
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     header, rows = summary_rows(report)
@@ -170,6 +198,19 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Stages", "", "| # | stage | seconds | result |", "|---|---|---|---|"]
         for st in report["stages"]:
             lines.append(f"| {st['index']} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
+    steps_header, steps = accuracy_steps(report)
+    if steps:
+        lines += [
+            "",
+            "## Accuracy-aware quantization",
+            "",
+            "Each step keeps the nodes with the worst quantization error in float and re-quantizes; the stage "
+            "keeps the first step within `max_accuracy_drop` (top-1 and drop on its `accuracy_images`).",
+            "",
+            "| " + " | ".join(steps_header) + " |",
+            "|" + "|".join("---" for _ in steps_header) + "|",
+            *("| " + " | ".join(r) + " |" for r in steps),
+        ]
     notes = int8_notes(report) + report.get("notes", [])
     if notes:
         lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
