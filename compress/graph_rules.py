@@ -4,9 +4,8 @@
 makes of ``nn.AdaptiveAvgPool2d(1)`` and ``x.mean((2, 3))``) into GlobalAveragePool, plus Flatten
 when the mean dropped the axes. ORT's quantizer and QDQ fusions know GlobalAveragePool, so INT8
 files pool in uint8 (QLinearGlobalAveragePool, channels-last) instead of running
-Transpose → DequantizeLinear → ReduceMean → QuantizeLinear; FP32 pools in its NCHWc layout.
-Measured on the CIFAR ResNet-20 (2-core EPYC, 2026-11-25): INT8 1–1.5 % faster, FP32 unchanged,
-outputs equal to 1e-6 — see benchmarks/results/quant_peers.md for the files built this way.
+Transpose → DequantizeLinear → ReduceMean → QuantizeLinear (tests/test_graph_rules.py: no float op
+is left between Q/DQ pairs in the INT8 ResNet-20 and digits CNN); FP32 pools in its NCHWc layout.
 """
 
 from __future__ import annotations
