@@ -127,6 +127,15 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows),
+    ]
+
+
 def accuracy_steps(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The accuracy-aware quantization loop of every quantize stage that ran it, one row per step:
     the nodes moved to float, top-1, drop and batch-1 latency; the step the stage kept is marked."""
@@ -165,9 +174,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{', GPU ' + env['gpu'] if env.get('gpu') else ', no GPU'}); torch {env['torch']}, "
         f"onnxruntime {env['onnxruntime']}. Top-1 on the {report['data']['test_images']}-image test split.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows),
+        *md_table(header, rows),
         "",
         "## Latency",
         "",
@@ -207,9 +214,7 @@ def markdown(report: dict[str, Any]) -> str:
             "Each step keeps the nodes with the worst quantization error in float and re-quantizes; the stage "
             "keeps the first step within `max_accuracy_drop` (top-1 and drop on its `accuracy_images`).",
             "",
-            "| " + " | ".join(steps_header) + " |",
-            "|" + "|".join("---" for _ in steps_header) + "|",
-            *("| " + " | ".join(r) + " |" for r in steps),
+            *md_table(steps_header, steps),
         ]
     notes = int8_notes(report) + report.get("notes", [])
     if notes:
@@ -350,8 +355,7 @@ def comparison_markdown(reports: list[dict[str, Any]]) -> str:
         "Top-1 is each run's own test split; compare runs on the same dataset. *Pareto* marks the artifacts "
         "no other one beats on both accuracy and latency / size.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *md_table(header, []),
     ]
     for rep in reports:
         label = rep.get("label") or rep["recipe"]["name"]
