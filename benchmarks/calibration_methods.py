@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from common import ROOT, command, save
+from common import ROOT, save, stamp
 
 METHODS = [("minmax", None), ("entropy", None), ("percentile", 99.99), ("percentile", 99.999)]
 
@@ -28,7 +28,6 @@ def main() -> int:
     ap.add_argument("--models", default="resnet20,resnet56")
     args = ap.parse_args()
     from compress import metadata
-    from compress.bench.env import environment
     from compress.bench.measure import onnx_accuracy
     from compress.onnx_utils import session
     from compress.pipeline import load_data
@@ -58,13 +57,8 @@ def main() -> int:
                 label = f"{method} {pct}" if pct else method
                 rows.append({"model": key, "method": label, "top1": onnx_accuracy(out, data, feed=feed)})
                 print(rows[-1], flush=True)
-    env = environment(2)
-    result = {
-        "command": command(),
-        "date": started.isoformat(timespec="seconds"),
-        "environment": env,
-        "rows": rows,
-    }
+    result = {**stamp(started, 2), "rows": rows}
+    env = result["environment"]
     md = [
         "# Calibration methods: INT8 top-1 on CIFAR-10 (ONNX Runtime static QDQ, U8S8 per-channel)",
         "",

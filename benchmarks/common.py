@@ -4,6 +4,7 @@ project root, so this module imports as ``common``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shlex
 import sys
@@ -17,6 +18,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 def command() -> str:
     """The command that produced a result, as typed from the project root."""
     return shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def stamp(started: dt.datetime, threads: int) -> dict[str, Any]:
+    """The head of a result: the command, when it started, and the machine at ``threads`` threads."""
+    from compress.bench.env import environment
+
+    return {"command": command(), "date": started.isoformat(timespec="seconds"), "environment": environment(threads)}
+
+
+def random_input(inp: Any, batch: int, rng: Any) -> Any:
+    """Random pixels for an ORT session input (its ``get_inputs()`` entry) at ``batch``, in its dtype."""
+    import numpy as np
+
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    return rng.integers(0, 255, size=[batch, *shape[1:]]).astype(np.uint8 if "uint8" in inp.type else np.float32)
 
 
 def save(stem: str, result: dict[str, Any], markdown: str) -> None:
@@ -44,10 +60,8 @@ def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[
     feeds = {}
     for n, p in paths.items():
         inp = session(p).get_inputs()[0]
-        shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-        dtype = np.uint8 if "uint8" in inp.type else np.float32
         for bs in (1, 32):
-            feeds[n, bs] = rng.integers(0, 255, size=[bs, *shape[1:]]).astype(dtype)
+            feeds[n, bs] = random_input(inp, bs, rng)
     for _ in range(rounds):
         for n, p in paths.items():
             for bs, t, iters, key in configs:

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, command, save, side_by_side
+from common import ROOT, random_input, save, side_by_side, stamp
 
 WARMUP = 20
 
@@ -36,8 +36,7 @@ def profile(path: Path, threads: int, iters: int, workdir: Path) -> dict[str, An
     opts.enable_profiling, opts.profile_file_prefix = True, str(workdir / f"{path.stem}-{threads}")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-    x = np.random.default_rng(0).integers(0, 255, size=shape).astype(np.uint8 if "uint8" in inp.type else np.float32)
+    x = random_input(inp, 1, np.random.default_rng(0))
     for _ in range(WARMUP + iters):
         sess.run(None, {inp.name: x})
     events = json.loads(Path(sess.end_profiling()).read_text())
@@ -86,16 +85,8 @@ def main() -> int:
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.datetime) -> None:
-    from compress.bench.env import environment
-
-    env = environment(2)
-    result = {
-        "command": command(),
-        "date": started.isoformat(timespec="seconds"),
-        "environment": env,
-        "iters": args.iters,
-        "rows": rows,
-    }
+    result = {**stamp(started, 2), "iters": args.iters, "rows": rows}
+    env = result["environment"]
     md = [
         "# Batch 1 on one and two threads: where the second thread helps FP32 and INT8 (ONNX Runtime, CPU)",
         "",

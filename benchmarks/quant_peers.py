@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, command, save, side_by_side
+from common import ROOT, save, side_by_side, stamp
 from distill_cifar import run  # reuse-or-resume one compress run
 
 BENCH = {"batch_sizes": [1], "warmup": 1, "iters": 5, "devices": ["cpu"], "torch_snapshots": False}
@@ -152,13 +152,8 @@ def main() -> int:
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.datetime) -> None:
-    from compress.bench.env import environment
-
-    env = environment(2)
     result = {
-        "command": command(),
-        "date": started.isoformat(timespec="seconds"),
-        "environment": env,
+        **stamp(started, 2),
         "calibration": "512 evenly spaced CIFAR-10 training images, no augmentation, same for every method",
         "qat": (
             f"{args.qat_epochs} epochs, KD from the ResNet-56 (Hinton T=4, α=0.9), SGD lr {args.qat_lr} cosine, fp32; "
@@ -168,6 +163,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.date
         else None,
         "rows": rows,
     }
+    env = result["environment"]
     md = [
         "# INT8 on CIFAR-10: ours vs ORT defaults vs NNCF (ONNX Runtime, CPU)",
         "",
