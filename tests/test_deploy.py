@@ -25,7 +25,10 @@ from compress.context import Artifact, Context
 from compress.data import DataBundle
 from compress.deploy import ModelInfo, Predictor, load_image
 from compress.models import build_model
+from compress.onnx_utils import session
 from compress.pipeline import load_data
+from compress.quantization import ptq
+from compress.quantization.calibration import BatchReader
 from compress.stages import STAGES
 from compress.stages.export import InGraphPreprocess, export_onnx
 
@@ -477,3 +480,38 @@ def test_nhwc_uint8_export_has_no_stride_arithmetic(tmp_path, model_name):
     export_onnx(InGraphPreprocess(model, info), example, path, 18, info.input_name)
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert not ops & {"Shape", "Range", "Gather"}, ops
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_int8_graph_normalizes_in_long_spans(tmp_path, layout):
+    """ONNX Runtime broadcasts per contiguous span, so normalizing channels-last pixels against a
+    (C,)-long mean runs H·W spans of C values. In the INT8 graph ORT actually runs, the mean and
+    std the normalization uses must not end in a C-long axis. (Before the row layout, ORT's
+    transpose optimizer pushed QLinearConv's NHWC Transpose up to the input and the NHWC graph
+    normalized per pixel: ~10% of INT8 ResNet-20's batch-1 time.) The rows change no value:
+    ORT's FP32 logits equal PyTorch's on the training pipeline's normalized pixels."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10, 3).eval()
+    pixels = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(32) % 10
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    data = DataBundle(pixels, labels, pixels, labels, list("abcdefghij"), mean, std)
+    info = ModelInfo(tuple("abcdefghij"), 3, 32, 32, layout, "uint8", True, mean, std)
+    path = _export(model, info, data, tmp_path / "m.onnx")
+    with torch.inference_mode():
+        ref = model(data.normalize(pixels)).numpy()
+    got = Predictor(path).logits(pixels.numpy(), layout="nchw")
+    assert np.abs(got - ref).max() <= 1e-4 + 1e-5 * np.abs(ref).max()
+
+    feed = lambda x: info.prepare(x.numpy(), layout="nchw")  # noqa: E731
+    ptq.preprocess(path, tmp_path / "pre.onnx")
+    ptq.static(tmp_path / "pre.onnx", tmp_path / "q.onnx", BatchReader(data, "images", 4, 8, feed=feed), chunk=4)
+    optimized = tmp_path / "q.optimized.onnx"
+    session(tmp_path / "q.onnx", optimized_to=optimized)
+    graph = onnx.load(str(optimized)).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    vectors = {name for name, value in consts.items() if value.size > 1}
+    norm = [n for n in graph.node if n.op_type in ("Sub", "Div") and n.input[1] in vectors]
+    assert len(norm) == 2, [n.op_type for n in graph.node][:12]  # - mean, / std
+    for node in norm:
+        assert consts[node.input[1]].shape[-1] != 3, (node.op_type, consts[node.input[1]].shape)

@@ -34,21 +34,39 @@ class InGraphPreprocess(nn.Module):
 
     The arithmetic is DataBundle.normalize's, op for op (cast, /255, -mean, /std), so the first
     convolution sees the same float32 values in ONNX Runtime as in training.
+
+    NHWC input is normalized as rows (N, H, W·C) against mean/std repeated W times, and only then
+    put channel-first. Normalizing after the permute (channel-first, spans of H·W) would be as fast
+    in FP32, but in INT8 graphs ONNX Runtime's transpose optimizer pushes QLinearConv's
+    channels-last Transpose back up through the elementwise ops to the input, where the broadcast
+    over the last axis runs H·W spans of C = 3 values each (ORT loops per span): ~10% of INT8
+    ResNet-20's batch-1 time. The Reshape back to (N, H, W, C) stops the optimizer there. NCHW
+    input needs nothing of the kind: the Transpose stays behind the uint8 QuantizeLinear.
     """
 
     def __init__(self, model: nn.Module, info: ModelInfo) -> None:
         super().__init__()
         self.model, self.nhwc, self.normalize = model, info.layout == "nhwc", info.preprocess_in_graph
-        self.register_buffer("mean", torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1))
+        mean = torch.tensor(info.mean, dtype=torch.float32)
+        std = torch.tensor(info.std, dtype=torch.float32)
+        if self.nhwc:  # one row of W pixels, channels interleaved: (W·C,)
+            mean, std = mean.repeat(info.width), std.repeat(info.width)
+        else:
+            mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # contiguous(): a permuted view keeps NHWC strides through the model, and a later flatten/view
-        # of it exports as as_strided -> Shape/Range/Gather nodes (8 of them after ResNet's pool).
-        x = images.permute(0, 3, 1, 2).contiguous() if self.nhwc else images
+        x = images
         if self.normalize:
-            x = (x.to(torch.float32) / 255.0 - self.mean) / self.std
-        return self.model(x)
+            h, w, c = x.shape[1:]  # static; only the batch axis is dynamic
+            y = x.reshape(-1, h, w * c) if self.nhwc else x  # NHWC -> rows (N, H, W·C)
+            y = (y.to(torch.float32) / 255.0 - self.mean) / self.std
+            x = y.reshape(-1, h, w, c)
+        # A dense copy: a permuted view keeps NHWC strides through the model, and a later flatten/view
+        # of it exports as as_strided -> Shape/Range/Gather nodes (8 of them after ResNet's pool).
+        # Not .contiguous(): with C = 1 the permuted view already counts as contiguous and is kept.
+        return self.model(x.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format) if self.nhwc else x)
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str = "input") -> None:
