@@ -58,15 +58,18 @@ class InGraphPreprocess(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
-        if self.normalize:
+        if self.normalize and self.nhwc:
             h, w, c = x.shape[1:]  # static; only the batch axis is dynamic
-            y = x.reshape(-1, h, w * c) if self.nhwc else x  # NHWC -> rows (N, H, W·C)
-            y = (y.to(torch.float32) / 255.0 - self.mean) / self.std
-            x = y.reshape(-1, h, w, c)
+            x = self._normalize(x.reshape(-1, h, w * c)).reshape(-1, h, w, c)
+        elif self.normalize:
+            x = self._normalize(x)
         # A dense copy: a permuted view keeps NHWC strides through the model, and a later flatten/view
         # of it exports as as_strided -> Shape/Range/Gather nodes (8 of them after ResNet's pool).
         # Not .contiguous(): with C = 1 the permuted view already counts as contiguous and is kept.
         return self.model(x.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format) if self.nhwc else x)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float32) / 255.0 - self.mean) / self.std
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str = "input") -> None:
