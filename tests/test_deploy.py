@@ -515,3 +515,19 @@ def test_int8_graph_normalizes_in_long_spans(tmp_path, layout):
     assert len(norm) == 2, [n.op_type for n in graph.node][:12]  # - mean, / std
     for node in norm:
         assert consts[node.input[1]].shape[-1] != 3, (node.op_type, consts[node.input[1]].shape)
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_in_graph_normalization_is_not_counted_as_weights(tmp_path, layout):
+    """The report's ONNX parameter count is the model's: the same as for the float-input export."""
+    from compress.bench.size import onnx_weight_counts
+
+    model = build_model("digits_student", 10, 1).eval()
+    info = ModelInfo(tuple("abcdefghij"), 1, 8, 8, layout, "uint8", True, (0.3,), (0.4,))
+    pixels = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)
+    export_onnx(
+        InGraphPreprocess(model, info), torch.from_numpy(info.prepare(pixels.numpy(), "nchw")), tmp_path / "u8.onnx", 18
+    )
+    export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "f32.onnx", 18)
+    in_graph, plain = onnx_weight_counts(tmp_path / "u8.onnx"), onnx_weight_counts(tmp_path / "f32.onnx")
+    assert in_graph == plain and plain[0] > 5000, (in_graph, plain)

@@ -21,7 +21,9 @@ def gzip_bytes(path: Path) -> int:
 
 
 def onnx_weight_counts(path: Path) -> tuple[int, int]:
-    """(weights, nonzero weights) over the ONNX initializers, excluding QDQ scales/zero points."""
+    """(weights, nonzero weights) over the ONNX initializers, excluding QDQ scales/zero points and
+    the in-graph normalization's constants (x − mean, x / std: tensors only ever subtracted or
+    divided by; the export repeats them along a row, W·C values each, so they would count)."""
     model = onnx.load(str(path))
     qparams = {
         name
@@ -29,9 +31,14 @@ def onnx_weight_counts(path: Path) -> tuple[int, int]:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear")
         for name in node.input[1:]
     }
+    uses: dict[str, set[tuple[str, int]]] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            uses.setdefault(name, set()).add((node.op_type, i))
+    constants = {name for name, used in uses.items() if used <= {("Sub", 1), ("Div", 1)}}
     total = nonzero = 0
     for init in model.graph.initializer:
-        if init.name in qparams:
+        if init.name in qparams or init.name in constants:
             continue
         arr = numpy_helper.to_array(init)
         if arr.ndim == 0 or not (np.issubdtype(arr.dtype, np.floating) or arr.dtype in (np.int8, np.uint8, np.int32)):
