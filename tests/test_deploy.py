@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from compress import metadata
+from compress.bench.size import onnx_weight_counts
 from compress.cli import main
 from compress.context import Artifact, Context
 from compress.data import DataBundle
@@ -488,7 +489,7 @@ def test_int8_graph_normalizes_in_long_spans(tmp_path, layout):
     (C,)-long mean runs H·W spans of C values. In the INT8 graph ORT actually runs, the mean and
     std the normalization uses must not end in a C-long axis. (Before the row layout, ORT's
     transpose optimizer pushed QLinearConv's NHWC Transpose up to the input and the NHWC graph
-    normalized per pixel: ~10% of INT8 ResNet-20's batch-1 time.) The rows change no value:
+    normalized per pixel; benchmarks/preprocess_in_graph.py measures it.) The rows change no value:
     ORT's FP32 logits equal PyTorch's on the training pipeline's normalized pixels."""
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 3).eval()
@@ -520,8 +521,6 @@ def test_int8_graph_normalizes_in_long_spans(tmp_path, layout):
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_in_graph_normalization_is_not_counted_as_weights(tmp_path, layout):
     """The report's ONNX parameter count is the model's: the same as for the float-input export."""
-    from compress.bench.size import onnx_weight_counts
-
     model = build_model("digits_student", 10, 1).eval()
     info = ModelInfo(tuple("abcdefghij"), 1, 8, 8, layout, "uint8", True, (0.3,), (0.4,))
     pixels = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)

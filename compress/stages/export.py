@@ -39,8 +39,9 @@ class InGraphPreprocess(nn.Module):
     put channel-first. Normalizing after the permute (channel-first, spans of H·W) would be as fast
     in FP32, but in INT8 graphs ONNX Runtime's transpose optimizer pushes QLinearConv's
     channels-last Transpose back up through the elementwise ops to the input, where the broadcast
-    over the last axis runs H·W spans of C = 3 values each (ORT loops per span): ~10% of INT8
-    ResNet-20's batch-1 time. The Reshape back to (N, H, W, C) stops the optimizer there. NCHW
+    over the last axis runs H·W spans of C = 3 values each (ORT loops per span): INT8 ResNet-20 was
+    8% slower at batch 1 and 13% at batch 64 for it (benchmarks/results/preprocess_in_graph.md).
+    The Reshape back to (N, H, W, C) stops the optimizer there. NCHW
     input needs nothing of the kind: the Transpose stays behind the uint8 QuantizeLinear.
     """
 
