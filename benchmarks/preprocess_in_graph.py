@@ -39,12 +39,6 @@ from compress.recipe import load_recipe
 from compress.stages import STAGES
 from compress.stages.export import InGraphPreprocess, export_onnx
 
-VARIANTS = {  # name: (preprocess_in_graph, layout, wrapper)
-    "float32_nchw_numpy_prep": (False, "nchw", InGraphPreprocess),
-    "uint8_nhwc_in_graph": (True, "nhwc", InGraphPreprocess),
-    "uint8_nchw_in_graph": (True, "nchw", InGraphPreprocess),
-}
-
 
 class PermuteFirst(InGraphPreprocess):
     """The export before 2026-11-30: NHWC pixels permuted to NCHW, then normalized per channel."""
@@ -58,7 +52,12 @@ class PermuteFirst(InGraphPreprocess):
         return self.model(self._normalize(images.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)))
 
 
-VARIANTS["uint8_nhwc_in_graph_permute_first"] = (True, "nhwc", PermuteFirst)
+VARIANTS = {  # name: (preprocess_in_graph, layout, wrapper)
+    "float32_nchw_numpy_prep": (False, "nchw", InGraphPreprocess),
+    "uint8_nhwc_in_graph": (True, "nhwc", InGraphPreprocess),
+    "uint8_nchw_in_graph": (True, "nchw", InGraphPreprocess),
+    "uint8_nhwc_in_graph_permute_first": (True, "nhwc", PermuteFirst),
+}
 CONFIGS = ((1, None, 300), (1, 1, 300), (64, None, 30))  # batch, threads (None: --threads), timed calls per turn
 
 
@@ -117,17 +116,16 @@ def main() -> int:
             files[name, precision] = path
             print(name, precision, f"{rows[-1]['accuracy']:.4f}", flush=True)
     pixels = data.test_x[:64].permute(0, 2, 3, 1).numpy()
-    samples: dict = {key: {} for key in files}
+    samples: dict = {key: {} for key in files}  # file -> (batch, threads, "ort" | "from_pixels") -> seconds
     for _ in range(args.rounds):
         for key, path in files.items():
             for bs, threads, iters in CONFIGS:
                 t = threads or args.threads
                 for what, got in zip(("ort", "from_pixels"), timed(path, t, bs, pixels, iters), strict=True):
-                    samples[key].setdefault(f"bs{bs}_{t}t_{what}", []).extend(got)
+                    samples[key].setdefault((bs, t, what), []).extend(got)
     for r in rows:
-        r.update(
-            {k: percentiles(v, int(k[2 : k.index("_")])) for k, v in samples[r["variant"], r["precision"]].items()}
-        )
+        for (bs, t, what), got in samples[r["variant"], r["precision"]].items():
+            r[f"bs{bs}_{t}t_{what}"] = percentiles(got, bs)
     result = {**stamp(started, args.threads), "checkpoint": str(ckpt), "rounds": args.rounds, "rows": rows}
     result["train_epochs"] = None if args.checkpoint else args.train_epochs
     env, t = result["environment"], args.threads
