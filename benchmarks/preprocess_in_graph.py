@@ -45,8 +45,8 @@ class PermuteFirst(InGraphPreprocess):
 
     def __init__(self, model, info) -> None:
         super().__init__(model, info)
-        self.mean = self.mean[: info.channels].view(1, -1, 1, 1)
-        self.std = self.std[: info.channels].view(1, -1, 1, 1)
+        self.mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def forward(self, images):
         return self.model(self._normalize(images.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)))

@@ -41,8 +41,8 @@ class InGraphPreprocess(nn.Module):
     channels-last Transpose back up through the elementwise ops to the input, where the broadcast
     over the last axis runs H·W spans of C = 3 values each (ORT loops per span): INT8 ResNet-20 was
     8% slower at batch 1 and 13% at batch 64 for it (benchmarks/results/preprocess_in_graph.md).
-    The Reshape back to (N, H, W, C) stops the optimizer there. NCHW
-    input needs nothing of the kind: the Transpose stays behind the uint8 QuantizeLinear.
+    The Reshape back to (N, H, W, C) stops the optimizer there. NCHW input needs nothing of the
+    kind: the Transpose stays behind the uint8 QuantizeLinear.
     """
 
     def __init__(self, model: nn.Module, info: ModelInfo) -> None:
