@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import platform
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ import numpy as np
 METADATA_VERSION = "1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 COLOR_MODES = {1: "L", 3: "RGB"}
+X86_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")  # /proc/cpuinfo names
+ARM_ISA = {"asimddp": "dotprod", "i8mm": "i8mm", "bf16": "bf16"}  # /proc/cpuinfo Features name -> ours
+log = logging.getLogger("compress.deploy")
 
 
 class DeployError(ValueError):
@@ -199,6 +204,55 @@ def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.nda
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+# ---------------------------------------------------------------------- CPU
+def cpu_isa(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The instruction sets that decide INT8 and bf16 speed and exactness on this CPU:
+    ``{"arch": "x86_64" | "arm64" | ..., "flags": [...] | None}`` (None: not readable here).
+
+    From /proc/cpuinfo (or the ``cpuinfo`` text given): x86 ``flags`` (avx2, avx512f, avx512_vnni,
+    avx_vnni, amx_int8, avx512_bf16) or arm64 ``Features`` (asimddp as dotprod, i8mm, bf16)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, set[str]] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            fields.setdefault(key.strip(), set(value.split()))
+    if "flags" in fields:
+        return {"arch": "x86_64", "flags": [f for f in X86_ISA if f in fields["flags"]]}
+    if "Features" in fields:
+        return {"arch": "arm64", "flags": [ours for theirs, ours in ARM_ISA.items() if theirs in fields["Features"]]}
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "x86_64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+    return {"arch": arch, "flags": None}
+
+
+def isa_label(isa: dict[str, Any] | None = None) -> str:
+    """``"x86_64 avx2 avx512f avx512_vnni"``: the architecture and the flags ``cpu_isa`` found."""
+    isa = isa or cpu_isa()
+    flags = isa["flags"]
+    return f"{isa['arch']} {' '.join(flags) if flags else 'baseline' if flags is not None else '(flags unknown)'}"
+
+
+def int8_portability(props: dict[str, str], source: str = "model", isa: dict[str, Any] | None = None) -> str | None:
+    """One line when an INT8 file's metadata says its scheme is exact only with instructions this
+    CPU lacks (full-range U8S8 weights without VNNI: ONNX Runtime's kernels saturate int16 sums),
+    else None. Files without the keys (FP32, older files) pass."""
+    needs = props.get("int8_exact_with", "any")
+    isa = isa or cpu_isa()
+    if needs == "any" or isa["arch"] != "x86_64" or isa["flags"] is None or set(needs.split("|")) & set(isa["flags"]):
+        return None
+    return (
+        f"{source}: INT8 scheme {props.get('int8_scheme', '?')} was chosen for {props.get('int8_isa', 'another CPU')}; "
+        f"this CPU ({isa_label(isa)}) has none of {needs.replace('|', ', ')}, so ONNX Runtime's INT8 kernels "
+        "saturate and its accuracy may differ from the report: re-quantize on this CPU (quantize stage, "
+        "scheme: auto) or with scheme: u8s8_reduce_range"
+    )
+
+
 # ---------------------------------------------------------------------- model
 def read_metadata(session: Any) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
@@ -230,6 +284,8 @@ class Predictor:
         self.metadata = read_metadata(self.session)
         self.info = ModelInfo.from_metadata(self.metadata, str(path))
         self._check_graph()
+        if warning := int8_portability(self.metadata, str(path)):
+            log.warning("warning: %s", warning)
 
     def _check_graph(self) -> None:
         """The graph's real input must be what the metadata promises, or every answer would be wrong."""

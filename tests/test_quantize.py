@@ -10,9 +10,11 @@ import pytest
 
 from compress.context import Artifact, Context
 from compress.deploy import Predictor
+from compress.metadata import read as read_metadata
 from compress.onnx_utils import run as ort_run
 from compress.onnx_utils import session
 from compress.pipeline import load_data, run
+from compress.quantization.schemes import SCHEMES
 from compress.recipe import validate_recipe
 from compress.stages import STAGES
 
@@ -57,8 +59,8 @@ def quantize(recipe, exported_dir, tmp_path, **fields):
         {"calibration": "percentile", "percentile": 99.99},
         {"calibration": "distribution", "symmetric_activations": True},
         {"format": "qoperator"},
-        {"per_channel": False, "activation_type": "int8"},
-        {"symmetric_activations": True, "activation_type": "int8"},
+        {"per_channel": False},
+        {"symmetric_activations": True},
         {"op_types": ["Conv"], "calibration_chunk": 3},
         {"mode": "dynamic"},
         {"mode": "fp16"},
@@ -88,6 +90,45 @@ def test_quantized_model_agrees_with_fp32(fields, exported, tmp_path):
     x, y = ctx.data.test_x.numpy(), ctx.data.test_y.numpy()
     ref = Predictor(tmp_path / "model.onnx").logits(x, layout="nchw").argmax(1)
     got = Predictor(q.path).logits(x, layout="nchw").argmax(1)
+    assert (ref == got).mean() >= 0.9
+    assert (got == y).mean() >= (ref == y).mean() - 0.05
+
+
+@pytest.mark.parametrize("name", SCHEMES.names())
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_every_scheme_is_what_the_file_holds_and_agrees_with_fp32_where_exact(name, mode, exported, tmp_path, caplog):
+    """Forcing a scheme runs it on any CPU (the non-VNNI choice included): the file's weights lie in
+    the scheme's range, its metadata says which scheme and where it is exact, and wherever ORT's
+    probe says the scheme is exact here the INT8 model agrees with FP32; where not, the stage warns."""
+    from compress.quantization.schemes import probe
+
+    scheme = SCHEMES.get(name)
+    if mode == "dynamic" and scheme.activation != "uint8":
+        pytest.skip("dynamic quantization has uint8 activations only")
+    recipe, out = exported
+    with caplog.at_level("INFO", logger="compress"):
+        ctx, m = quantize(recipe, out, tmp_path, scheme=name, mode=mode)
+    exact = probe(name, dynamic=mode == "dynamic").exact
+    assert m["scheme"] == name and m["scheme_exact_here"] == exact
+    path = ctx.latest("student", "onnx", "int8").path
+    props = read_metadata(path)
+    assert props["int8_scheme"] == name and props["int8_exact_with"] == scheme.exact_with
+    weights = [
+        onnx.numpy_helper.to_array(i)
+        for i in onnx.load(str(path)).graph.initializer
+        if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(i.dims) >= 2
+    ]
+    assert weights and all(w.dtype == np.dtype(scheme.weight) for w in weights)
+    lo, hi = scheme.weight_range
+    assert min(int(w.min()) for w in weights) >= lo and max(int(w.max()) for w in weights) <= hi
+    if scheme.reduce_range:  # 7 bits used, not fewer
+        assert max(int(np.abs(w).max()) for w in weights) == 64
+    if not exact:
+        assert "NOT exact" in caplog.text and name in caplog.text
+        return
+    x, y = ctx.data.test_x.numpy(), ctx.data.test_y.numpy()
+    ref = Predictor(tmp_path / "model.onnx").logits(x, layout="nchw").argmax(1)
+    got = Predictor(path).logits(x, layout="nchw").argmax(1)
     assert (ref == got).mean() >= 0.9
     assert (got == y).mean() >= (ref == y).mean() - 0.05
 

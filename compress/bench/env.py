@@ -1,4 +1,4 @@
-"""What the numbers were measured on: library versions, CPU model, threads, GPU."""
+"""What the numbers were measured on: library versions, CPU model and instruction sets, threads, GPU."""
 
 from __future__ import annotations
 
@@ -61,12 +61,16 @@ def library_versions() -> dict[str, str]:
 def environment(threads: int | list[int] | None) -> dict[str, Any]:
     import onnxruntime
 
+    from compress.deploy import cpu_isa, isa_label
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         **library_versions(),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        # INT8 exactness and bf16 speed depend on these (quantization.schemes; training precision auto)
+        "isa": isa_label(cpu_isa()),
         "cpu_count": os.cpu_count(),
         "threads": resolved_threads(threads),
         "gpu": gpu,

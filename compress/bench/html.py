@@ -58,7 +58,8 @@ def render(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -> 
         parts.append(f"<h2>{html.escape(label)}</h2>")
         parts.append(
             f"<p>Recipe <code>{html.escape(rep['recipe']['name'])}</code>, finished {html.escape(rep['finished'])} "
-            f"on {html.escape(str(env.get('cpu')))} ({threads_label(env.get('threads'))} threads"
+            f"on {html.escape(str(env.get('cpu')))}{', ' + html.escape(env['isa']) if env.get('isa') else ''} "
+            f"({threads_label(env.get('threads'))} threads"
             f"{', GPU ' + html.escape(env['gpu']) if env.get('gpu') else ', no GPU'}); torch "
             f"{html.escape(env['torch'])}, onnxruntime {html.escape(env['onnxruntime'])}; top-1 on "
             f"{rep['data']['test_images']} test images.</p>"

@@ -23,6 +23,7 @@ from torch import nn
 from compress.bench.size import gzip_bytes, isolated_peak_rss, onnx_macs, onnx_weight_counts
 from compress.context import Artifact
 from compress.data import DataBundle
+from compress.deploy import int8_portability, read_metadata
 from compress.errors import first_line
 from compress.metadata import feeder
 from compress.onnx_utils import run, session
@@ -284,6 +285,8 @@ def measure(
     latency, notes = [], []
     if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
         latency, notes = latency_rows(art, data, bench, feed)
+    if art.format == "onnx" and (moved := int8_portability(read_metadata(sess), art.name)):
+        notes.append(moved)  # quantized for another CPU: why this top-1 may differ from its own run's
     if device.type == "cuda" and art.format == "torch":
         cuda_peak = int(torch.cuda.max_memory_allocated(device))
     biggest = max(bench.batch_sizes)

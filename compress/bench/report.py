@@ -170,7 +170,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Compression report: {report['recipe']['name']}",
         "",
-        f"Run {report['finished']} on {env['cpu']} ({threads_label(env['threads'])} threads"
+        f"Run {report['finished']} on {env['cpu']}{', ' + env['isa'] if env.get('isa') else ''} "
+        f"({threads_label(env['threads'])} threads"
         f"{', GPU ' + env['gpu'] if env.get('gpu') else ', no GPU'}); torch {env['torch']}, "
         f"onnxruntime {env['onnxruntime']}. Top-1 on the {report['data']['test_images']}-image test split.",
         "",
@@ -243,6 +244,8 @@ def _stage_summary(metrics: dict[str, Any]) -> str:
             )
     if "input" in metrics:
         bits.append(f"ONNX input {metrics['input']}")
+    if "scheme_reason" in metrics:
+        bits.append(f"scheme {metrics['scheme_reason']}")
     if "calibration" in metrics:
         bits.append(f"{metrics['calibration']} calibration on {metrics['calibration_images']} images")
     if "accuracy_steps" in metrics:

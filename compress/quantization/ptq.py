@@ -16,6 +16,7 @@ import onnx
 
 from compress.onnx_utils import quiet_stdout
 from compress.quantization.calibration import METHODS, BatchReader
+from compress.quantization.schemes import Scheme, choose
 
 QTYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 
@@ -41,8 +42,7 @@ def static(
     percentile: float = 99.999,
     fmt: str = "qdq",
     per_channel: bool = True,
-    activation_type: str = "uint8",
-    weight_type: str = "int8",
+    scheme: Scheme | str = "auto",
     symmetric_activations: bool = False,
     op_types: list[str] | None = None,
     exclude: list[str] | None = None,
@@ -51,8 +51,13 @@ def static(
 ) -> None:
     """Static INT8 of a pre-processed ``src``. Activation ranges come from ``reader`` streamed
     ``chunk`` batches at a time, or from ``cache`` (ORT's calibration cache: written on the first
-    call, reused by later ones with other ``exclude`` lists — calibrating once)."""
+    call, reused by later ones with other ``exclude`` lists — calibrating once). ``scheme`` names the
+    activation and weight types and whether weights are 7-bit (``reduce_range``); ``"auto"`` takes
+    the fastest scheme exact on this CPU (``schemes.choose``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if isinstance(scheme, str):
+        scheme = choose(scheme)[0]
 
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric_activations}
     if method == "percentile":
@@ -68,8 +73,9 @@ def static(
             quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
             op_types_to_quantize=op_types or None,
             per_channel=per_channel,
-            activation_type=getattr(QuantType, QTYPES[activation_type]),
-            weight_type=getattr(QuantType, QTYPES[weight_type]),
+            reduce_range=scheme.reduce_range,
+            activation_type=getattr(QuantType, QTYPES[scheme.activation]),
+            weight_type=getattr(QuantType, QTYPES[scheme.weight]),
             nodes_to_exclude=exclude or None,
             calibrate_method=getattr(CalibrationMethod, METHODS[method]),
             extra_options=extra,
@@ -78,12 +84,20 @@ def static(
 
 
 def dynamic(
-    src: Path, dst: Path, *, per_channel: bool = True, weight_type: str = "int8", op_types: list[str] | None = None
+    src: Path,
+    dst: Path,
+    *,
+    per_channel: bool = True,
+    scheme: Scheme | str = "auto",
+    op_types: list[str] | None = None,
 ) -> None:
     """Dynamic INT8: weights quantized now, activations per batch at run time (MatMulInteger /
     DynamicQuantizeLinear). Pays off for Linear/attention-heavy models; convolutions stay float
-    unless ``op_types`` asks for them (ConvInteger is slow on CPU)."""
+    unless ``op_types`` asks for them (ConvInteger is slow on CPU). Activations are always uint8."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if isinstance(scheme, str):
+        scheme = choose(scheme, dynamic=True)[0]
 
     with quiet_stdout():
         quantize_dynamic(
@@ -91,7 +105,8 @@ def dynamic(
             str(dst),
             op_types_to_quantize=op_types or ["MatMul", "Gemm", "Attention", "LSTM"],
             per_channel=per_channel,
-            weight_type=getattr(QuantType, QTYPES[weight_type]),
+            reduce_range=scheme.reduce_range,
+            weight_type=getattr(QuantType, QTYPES[scheme.weight]),
         )
 
 

@@ -3,12 +3,13 @@ the teacher when ``distill: true``), then export a QDQ ONNX model that ONNX Runt
 
 torch 2.14 moved PT2E quantization to torchao: the student is captured with ``torch.export``,
 ``prepare_qat_pt2e`` with torchao's X86 quantizer inserts fake quantization (uint8 activations,
-int8 per-channel symmetric weights: the U8S8 scheme measured fastest with ORT on VNNI CPUs; Conv+BN
-folded in the loop), training learns weights that survive the rounding, and ``convert_pt2e`` turns
-the observers into quantize/dequantize ops that the ONNX exporter writes as QuantizeLinear /
-DequantizeLinear around int8 weights. The student's float weights are left as they were; the stage
-adds ``model.qat.onnx`` (metadata and input as the FP32 export's), checked against the converted
-PyTorch graph on test images.
+int8 per-channel symmetric weights: U8S8; Conv+BN folded in the loop; ``scheme: auto`` makes the
+weights 7-bit, [-64, 64], where ONNX Runtime's full-range U8S8 kernels saturate on this CPU, so the
+fake quantization trains exactly the ranges ORT will run), training learns weights that survive
+the rounding, and ``convert_pt2e`` turns the observers into quantize/dequantize ops that the ONNX
+exporter writes as QuantizeLinear / DequantizeLinear around int8 weights. The student's float
+weights are left as they were; the stage adds ``model.qat.onnx`` (metadata and input as the FP32
+export's), checked against the converted PyTorch graph on test images.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from compress.context import Artifact, Context
 from compress.deploy import ModelInfo
 from compress.errors import StageFailed, first_line
 from compress.quantization.ptq import quantized_ops
+from compress.quantization.schemes import Scheme, choose
 from compress.stages.base import STAGES
 from compress.stages.distill import FineTuneStage
 from compress.stages.export import InGraphPreprocess, export_onnx, parity
@@ -66,9 +68,14 @@ def one_module_per_call(model: torch.nn.Module, example: torch.Tensor) -> None:
             setattr(owner, attr, _PerCall(getattr(owner, attr), n))
 
 
-def fake_quantized(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+def fake_quantized(
+    model: torch.nn.Module, example: torch.Tensor, weight_range: tuple[int, int] = (-128, 127)
+) -> torch.nn.Module:
     """``model`` captured by torch.export (dynamic batch) with torchao's QAT fake quantization
-    inserted; .train()/.eval() work on the result."""
+    inserted, weights fake-quantized to ``weight_range`` (int8 per channel, symmetric); .train()/.eval()
+    work on the result. torchao's own ``reduce_range`` narrows the *activations* (FBGEMM's
+    convention), which an ONNX QuantizeLinear cannot express; ORT's narrows the weights."""
+    import dataclasses
     import logging
 
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time deprecation notice
@@ -124,7 +131,9 @@ def fake_quantized(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Mo
                     )
             return model
 
-    quantizer = OnnxRuntimeQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    config = get_default_x86_inductor_quantization_config(is_qat=True)
+    weight = dataclasses.replace(config.weight, quant_min=weight_range[0], quant_max=weight_range[1])
+    quantizer = OnnxRuntimeQuantizer().set_global(dataclasses.replace(config, weight=weight))
     prepared = prepare_qat_pt2e(graph, quantizer)
     pt2e.allow_exported_model_train_eval(prepared)
     return prepared
@@ -154,6 +163,9 @@ class QAT(FineTuneStage):
     max_relative_error: float = Field(
         0.1, gt=0, le=10, description="max ‖ORT − PyTorch‖ / ‖PyTorch‖ of the (centred) test logits"
     )
+    scheme: Literal["auto", "u8s8", "u8s8_reduce_range"] = Field(
+        "auto", description="uint8 activations x int8 weights, full or 7-bit; auto = the fastest exact on this CPU"
+    )
 
     needs = frozenset({"onnx"})
     provides = frozenset({"int8"})
@@ -174,8 +186,10 @@ class QAT(FineTuneStage):
         info = ModelInfo.from_metadata(metadata.read(fp32.path))
         student = copy.deepcopy(ctx.student).to("cpu")  # captured in train mode: BN folds in the loop
         example = ctx.data.normalize(ctx.data.train_x[:2]).cpu()
+        scheme, why, probe = choose(self.scheme)
+        (ctx.log.info if probe.exact else ctx.log.warning)("qat: scheme %s", why)
         try:
-            prepared = fake_quantized(student, example)
+            prepared = fake_quantized(student, example, scheme.weight_range)
         except Exception as exc:  # noqa: BLE001 - torch.export / torchao raise many types
             raise StageFailed(f"qat: cannot insert fake quantization into the student: {first_line(exc)}") from exc
         prepared.to(ctx.device)
@@ -200,13 +214,17 @@ class QAT(FineTuneStage):
                     f"{check['relative_error']:.3f} (relative; max_relative_error {self.max_relative_error}), "
                     f"argmax agreement {check['argmax_agreement']:.1%}"
                 )
-            props = {"precision": "int8", "source": fp32.name, "quantization": self._describe()}
+            props = {"precision": "int8", "source": fp32.name, "quantization": self._describe(scheme)}
+            props |= scheme.metadata()
             metadata.update(tmp, metadata.read(fp32.path) | props, strip_node_debug=True, dest=out)
         finally:
             tmp.unlink(missing_ok=True)
         ctx.add_artifact(Artifact(out.name, "student", "onnx", "int8", out, self.kind, source=fp32.source))
         ops = quantized_ops(out)
         return fit | {
+            "scheme": scheme.name,
+            "scheme_reason": why,
+            "scheme_exact_here": probe.exact,
             "argmax_agreement": check["argmax_agreement"],
             "relative_error": check["relative_error"],
             "max_abs_diff": check["max_abs_diff"],
@@ -215,9 +233,9 @@ class QAT(FineTuneStage):
             "ops": ops,
         }
 
-    def _describe(self) -> str:
+    def _describe(self, scheme: Scheme) -> str:
         kd = " + KD" if self.distill else ""
         return (
-            f"QAT{kd}, {self.finetune_epochs} epochs (torchao PT2E, X86 quantizer: uint8 activations, int8 "
-            "per-channel weights), QDQ"
+            f"QAT{kd}, {self.finetune_epochs} epochs (torchao PT2E, X86 quantizer, {scheme.name}: uint8 "
+            f"activations, int8{' 7-bit' * scheme.reduce_range} per-channel weights), QDQ"
         )

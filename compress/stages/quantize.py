@@ -1,10 +1,13 @@
 """Quantize the exported ONNX student with onnxruntime.quantization: static INT8 from calibration
 data (the default), dynamic INT8, or FP16.
 
-Static defaults are what measured fastest on an AVX512-VNNI CPU: QDQ, uint8 activations with int8
-per-channel weights (U8S8). ORT's own defaults (S8S8, per-tensor) made ResNet-20 2x *slower* than
-FP32 here. Calibration streams training batches (no augmentation), ``calibration_chunk`` at a time,
-fed exactly as the FP32 model's metadata says (raw uint8 pixels when preprocessing is in the graph).
+Static defaults: QDQ, per-channel weights, and ``scheme: auto`` — the fastest INT8 scheme ONNX
+Runtime computes exactly on this CPU (``quantization.schemes``): uint8 activations with int8
+weights (U8S8) where the CPU has VNNI, 7-bit weights (``reduce_range``) where U8S8's int16 sums
+would saturate (x86 without VNNI). ORT's own defaults (S8S8, per-tensor) made ResNet-20 2x *slower*
+than FP32 on an AVX512-VNNI CPU. Calibration streams training batches (no augmentation),
+``calibration_chunk`` at a time, fed exactly as the FP32 model's metadata says (raw uint8 pixels
+when preprocessing is in the graph).
 
 With ``max_accuracy_drop`` the stage measures the INT8 top-1 against FP32's and, while over budget,
 keeps the nodes quantization hurts most in float (``nodes_to_exclude``), a few at a time, calibrating
@@ -28,6 +31,7 @@ from compress.onnx_utils import session
 from compress.quantization import ptq
 from compress.quantization.calibration import BatchReader
 from compress.quantization.mixed import float_islands, node_errors
+from compress.quantization.schemes import SCHEMES, Scheme, choose
 from compress.stages.base import STAGES, Stage
 
 
@@ -45,8 +49,9 @@ class Quantize(Stage):
     calibration_batch_size: int = Field(32, ge=1, le=4096)
     calibration_chunk: int = Field(8, ge=1, le=100_000, description="batches whose activations are held at once")
     per_channel: bool = True
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    weight_type: Literal["int8", "uint8"] = "int8"
+    scheme: Literal["auto", *SCHEMES.names()] = Field(  # type: ignore[valid-type]
+        "auto", description="INT8 activation x weight types; auto = the fastest exact on this CPU (probed)"
+    )
     symmetric_activations: bool = False
     format: Literal["qdq", "qoperator"] = "qdq"
     op_types: list[str] = Field(default_factory=list, description="ONNX op types to quantize (default: all ORT can)")
@@ -72,6 +77,10 @@ class Quantize(Stage):
                 raise ValueError(f"max_accuracy_drop needs mode: static (got mode: {self.mode})")
             if self.format != "qdq" and self.mode == "fp16":
                 raise ValueError("format applies to INT8 modes only")
+        if self.mode == "dynamic" and self.scheme != "auto" and SCHEMES.get(self.scheme).activation != "uint8":
+            raise ValueError(f"mode: dynamic quantizes activations to uint8; scheme {self.scheme} has int8 ones")
+        if self.mode == "fp16" and self.scheme != "auto":
+            raise ValueError("scheme applies to INT8 modes only")
         return self
 
     def apply(self, ctx: Context) -> dict[str, Any]:
@@ -91,18 +100,25 @@ class Quantize(Stage):
             raw = tmp / "result.onnx"
             if self.mode == "fp16":
                 ptq.fp16(fp32.path, raw, keep_io_types=self.keep_io_types)
+                props = {"precision": precision, "source": fp32.name, "quantization": self._describe(None)}
             else:
+                scheme, why, probe = choose(self.scheme, dynamic=self.mode == "dynamic")
+                (ctx.log.info if probe.exact else ctx.log.warning)("quantize: scheme %s", why)
+                metrics |= {"scheme": scheme.name, "scheme_reason": why, "scheme_exact_here": probe.exact}
+                props = {
+                    "precision": precision,
+                    "source": fp32.name,
+                    "quantization": self._describe(scheme),
+                    **scheme.metadata(),
+                }
                 pre = tmp / "pre.onnx"
                 ptq.preprocess(fp32.path, pre)
                 if self.mode == "dynamic":
-                    ptq.dynamic(
-                        pre, raw, per_channel=self.per_channel, weight_type=self.weight_type, op_types=self.op_types
-                    )
+                    ptq.dynamic(pre, raw, per_channel=self.per_channel, scheme=scheme, op_types=self.op_types)
                 else:
-                    metrics |= self._static(ctx, fp32.path, pre, raw, tmp, sess.get_inputs()[0].name, feed, one)
+                    metrics |= self._static(ctx, scheme, fp32.path, pre, raw, tmp, sess.get_inputs()[0].name, feed, one)
             metrics |= self._speed(ctx, fp32.path, raw, tmp, one)
             # The result appears in the run directory only complete, with its metadata.
-            props = {"precision": precision, "source": fp32.name, "quantization": self._describe()}
             metadata.update(raw, metadata.read(fp32.path) | props, dest=out)
         ctx.add_artifact(Artifact(out.name, "student", "onnx", precision, out, self.kind, source=fp32.source))
         metrics[f"{precision}_bytes"] = out.stat().st_size
@@ -110,7 +126,7 @@ class Quantize(Stage):
         return metrics
 
     def _static(
-        self, ctx: Context, fp32: Path, pre: Path, raw: Path, tmp: Path, input_name: str, feed, one
+        self, ctx: Context, scheme: Scheme, fp32: Path, pre: Path, raw: Path, tmp: Path, input_name: str, feed, one
     ) -> dict[str, Any]:
         reader = BatchReader(ctx.data, input_name, self.calibration_batches, self.calibration_batch_size, feed)
 
@@ -122,9 +138,8 @@ class Quantize(Stage):
         def quantize(exclude: list[str], dst: Path) -> None:
             ptq.static(
                 pre, dst, reader, method=self.calibration, percentile=self.percentile, fmt=self.format,
-                per_channel=self.per_channel, activation_type=self.activation_type, weight_type=self.weight_type,
-                symmetric_activations=self.symmetric_activations, op_types=self.op_types, exclude=exclude,
-                chunk=self.calibration_chunk, cache=cache,
+                per_channel=self.per_channel, scheme=scheme, symmetric_activations=self.symmetric_activations,
+                op_types=self.op_types, exclude=exclude, chunk=self.calibration_chunk, cache=cache,
             )  # fmt: skip
 
         metrics: dict[str, Any] = {
@@ -202,8 +217,8 @@ class Quantize(Stage):
             )
         if self.mode == "dynamic":
             causes.append("dynamic INT8 computes activation ranges at run time and suits Linear/attention-heavy models")
-        elif not self.per_channel or self.activation_type == "int8":
-            causes.append("per-tensor weights or int8 activations (U8S8 per-channel measured fastest on VNNI CPUs)")
+        elif not self.per_channel or self.scheme not in ("auto", "u8s8", "u8s8_reduce_range"):
+            causes.append("per-tensor weights, int8 activations or uint8 weights (U8S8 per-channel measured fastest)")
         if fp32_ms < 0.5:
             causes.append(f"at {fp32_ms:.3f} ms per call, per-op overhead dominates: INT8 pays off on larger models")
         return causes or ["this CPU lacks fast INT8 instructions (AVX512-VNNI / AVX-VNNI)"]
@@ -214,14 +229,15 @@ class Quantize(Stage):
             f"{field}.calibration_chunk (now {self.calibration_chunk})"
         )
 
-    def _describe(self) -> str:
-        if self.mode == "fp16":
+    def _describe(self, scheme: Scheme | None) -> str:
+        if scheme is None:
             return "onnxruntime float16 conversion" + (", float32 inputs/outputs kept" if self.keep_io_types else "")
+        weights = f"weights {scheme.weight}{' 7-bit' * scheme.reduce_range}"
         if self.mode == "dynamic":
-            return f"onnxruntime quantize_dynamic, weights {self.weight_type}{' per-channel' * self.per_channel}"
+            return f"onnxruntime quantize_dynamic ({scheme.name}), {weights}{' per-channel' * self.per_channel}"
         return (
-            f"onnxruntime quantize_static {self.format.upper()}, activations {self.activation_type}"
-            f"{' symmetric' * self.symmetric_activations}, weights {self.weight_type}"
+            f"onnxruntime quantize_static {self.format.upper()} ({scheme.name}), activations {scheme.activation}"
+            f"{' symmetric' * self.symmetric_activations}, {weights}"
             f"{' per-channel' if self.per_channel else ' per-tensor'}, {self.calibration} calibration"
         )
 
