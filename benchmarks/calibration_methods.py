@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from common import ROOT, save, stamp
+from common import ROOT, machine, save, stamp
 
 METHODS = [("minmax", None), ("entropy", None), ("percentile", 99.99), ("percentile", 99.999)]
 
@@ -63,7 +63,7 @@ def main() -> int:
         "# Calibration methods: INT8 top-1 on CIFAR-10 (ONNX Runtime static QDQ, U8S8 per-channel)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['cpu']}, no GPU  ",
+        f"Machine: {machine(env)}, no GPU  ",
         f"Date: {result['date']}  ",
         "Setup: the FP32 files of benchmarks/quant_peers.py's runs, 512 evenly spaced training images, "
         "top-1 on the 10k test images.",

@@ -16,7 +16,7 @@ import shlex
 import subprocess
 import sys
 
-from common import ROOT, save
+from common import ROOT, machine, save
 
 OVERRIDES = [
     "stages.0.epochs=15",
@@ -57,7 +57,7 @@ def main() -> int:
     }
     md = (ROOT / args.out / "report.md").read_text()
     header = (
-        f"Command: `{shlex.join(cmd)}`  \nMachine: {report['environment']['cpu']}, "
+        f"Command: `{shlex.join(cmd)}`  \nMachine: {machine(report['environment'])}, "
         f"{report['environment']['threads']} threads, no GPU  \nDate: {started:%Y-%m-%d}  \n"
         f"Schedule: shortened ({', '.join(OVERRIDES[:3])}); the recipe's full schedule is 200/200/40 epochs.\n\n"
     )

@@ -27,6 +27,18 @@ def stamp(started: dt.datetime, threads: int) -> dict[str, Any]:
     return {"command": command(), "date": started.isoformat(timespec="seconds"), "environment": environment(threads)}
 
 
+def machine(env: dict[str, Any]) -> str:
+    """The CPU and the instruction sets that decide INT8 exactness and bf16 speed, for a result's header."""
+    return f"{env['cpu']} [{env.get('isa', 'ISA not recorded')}]"
+
+
+def isa_kind(env: dict[str, Any]) -> str:
+    """The class of CPU a result holds for, for its file name: the x86 extension that decides INT8
+    exactness and bf16 speed (amx_int8 > avx512_bf16 > avx512_vnni > avx_vnni > avx2), or the arch."""
+    arch, *flags = env["isa"].split()
+    return next((f for f in ("amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2") if f in flags), arch)
+
+
 def random_input(inp: Any, batch: int, rng: Any) -> Any:
     """Random pixels for an ORT session input (its ``get_inputs()`` entry) at ``batch``, in its dtype."""
     import numpy as np
@@ -42,8 +54,11 @@ def save(stem: str, result: dict[str, Any], markdown: str) -> None:
     (RESULTS / f"{stem}.md").write_text(markdown)
 
 
-def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[str, dict[str, float]]:
-    """p50 latency of each ONNX file at batch 1 (``threads`` and 1 thread) and batch 32, measured
+def side_by_side(
+    paths: dict[str, Path], threads: int, rounds: int = 5, configs: tuple[tuple[int, int, int, str], ...] | None = None
+) -> dict[str, dict[str, float]]:
+    """p50 latency of each ONNX file at batch 1 (``threads`` and 1 thread) and batch 32 (or at each
+    ``(batch, threads, iters, key)`` of ``configs``), measured
     round-robin in one process (every round times every file), so drift on a shared machine hits all
     rows alike. Each turn opens a fresh session at ONNX Runtime's defaults (worker threads spin) and
     closes it before the next file's turn: no idle pool steals the timed one's cores, and no file
@@ -55,12 +70,17 @@ def side_by_side(paths: dict[str, Path], threads: int, rounds: int = 5) -> dict[
     from compress.onnx_utils import session
 
     rng = np.random.default_rng(0)
-    configs = ((1, threads, 40, "p50_ms_bs1"), (1, 1, 40, "p50_ms_bs1_1thread"), (32, threads, 8, "p50_ms_bs32"))
+    configs = configs or (
+        (1, threads, 40, "p50_ms_bs1"),
+        (1, 1, 40, "p50_ms_bs1_1thread"),
+        (32, threads, 8, "p50_ms_bs32"),
+    )
+    batches = sorted({c[0] for c in configs})
     samples: dict[str, dict[str, list[float]]] = {n: {c[3]: [] for c in configs} for n in paths}
     feeds = {}
     for n, p in paths.items():
         inp = session(p).get_inputs()[0]
-        for bs in (1, 32):
+        for bs in batches:
             feeds[n, bs] = random_input(inp, bs, rng)
     for _ in range(rounds):
         for n, p in paths.items():

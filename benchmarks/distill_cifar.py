@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from common import ROOT, command, save
+from common import ROOT, command, machine, save
 
 SEED = 0
 OPTIM = {"lr": 0.1, "weight_decay": 5.0e-4, "schedule": "cosine", "warmup_epochs": 1}
@@ -155,7 +155,7 @@ def main() -> int:
         "# Distillation on CIFAR-10: vanilla vs Hinton KD vs DKD vs attention transfer",
         "",
         f"Command: `{out['command']}`  ",
-        f"Machine: {env['cpu']}, {env['threads']} threads, no GPU  ",
+        f"Machine: {machine(env)}, {env['threads']} threads, no GPU  ",
         f"Date: {started:%Y-%m-%d}  ",
         f"Schedule: **short** — {args.epochs} student epochs (teacher: ResNet-56, {args.teacher_epochs} epochs, "
         f"top-1 {100 * out['teacher']['top1']:.2f}%), SGD lr 0.1 nesterov, wd 5e-4, cosine, 1 warm-up epoch, "

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, random_input, save, side_by_side, stamp
+from common import ROOT, machine, random_input, save, side_by_side, stamp
 
 WARMUP = 20
 
@@ -91,7 +91,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.date
         "# Batch 1 on one and two threads: where the second thread helps FP32 and INT8 (ONNX Runtime, CPU)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['cpu']}, 2 cores, no GPU; onnxruntime {env['onnxruntime']}  ",
+        f"Machine: {machine(env)}, 2 cores, no GPU; onnxruntime {env['onnxruntime']}  ",
         f"Date: {result['date']}  ",
         f"Per op type: ORT profiler kernel time per run (mean of {args.iters} runs after {WARMUP} warm-up), "
         "summed over that type's nodes; the profiler adds a few µs per node, so compare columns, not totals "

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import ROOT, command, save
+from common import ROOT, command, machine, save
 
 from compress.bench.env import environment
 from compress.bench.measure import batch_of, onnx_accuracy, percentiles, time_calls
@@ -72,7 +72,7 @@ def main() -> int:
         f"# INT8 vs FP32 ONNX: {args.name}",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['environment']['cpu']}, {args.threads} threads  ",
+        f"Machine: {machine(result['environment'])}, {args.threads} threads  ",
         f"Date: {result['date']}",
         "",
         "| file | top-1 | size | p50 ms bs=1 | p99 ms bs=1 | p50 ms bs=64 | p99 ms bs=64 |",

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, command, save, side_by_side
+from common import ROOT, command, machine, save, side_by_side
 from distill_cifar import run  # reuse-or-resume one compress run
 
 SEED = 0
@@ -121,7 +121,7 @@ def main() -> int:
         "# Pruning ResNet-56 on CIFAR-10 to half its MACs: with KD, without, and unstructured",
         "",
         f"Command: `{out['command']}`  ",
-        f"Machine: {env['cpu']}, {env['threads']} threads, no GPU  ",
+        f"Machine: {machine(env)}, {env['threads']} threads, no GPU  ",
         f"Date: {started:%Y-%m-%d}  ",
         f"Schedule: **short** — the starting ResNet-56 is benchmarks/distill_cifar.py's 15-epoch teacher "
         f"(top-1 {100 * base['top1']:.2f}%); every pruned row fine-tunes {args.epochs} epochs, SGD lr 0.01 cosine, "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import command, save
+from common import command, machine, save
 
 from compress.bench.env import environment
 from compress.bench.measure import percentiles, time_calls
@@ -98,7 +98,7 @@ def main() -> int:
         "# Structured pruning: latency speedup vs MACs reduction (ONNX Runtime, CPU)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['cpu']}, {args.threads} threads, no GPU  ",
+        f"Machine: {machine(env)}, {args.threads} threads, no GPU  ",
         f"Date: {result['date']}  ",
         f"Setup: torchvision models, random weights, 1000 classes, input 1×3×{args.size}×{args.size}, uniform L1 "
         f"channel pruning (classifier kept{', channels rounded to ' + str(args.round_to) if args.round_to else ''}"

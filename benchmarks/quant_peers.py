@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, save, side_by_side, stamp
+from common import ROOT, machine, save, side_by_side, stamp
 from distill_cifar import run  # reuse-or-resume one compress run
 
 BENCH = {"batch_sizes": [1], "warmup": 1, "iters": 5, "devices": ["cpu"], "torch_snapshots": False}
@@ -168,7 +168,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, started: dt.date
         "# INT8 on CIFAR-10: ours vs ORT defaults vs NNCF (ONNX Runtime, CPU)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {env['cpu']}, 2 threads, no GPU  ",
+        f"Machine: {machine(env)}, 2 threads, no GPU  ",
         f"Date: {result['date']}  ",
         f"Calibration: {result['calibration']}. QAT: {result['qat']}.  ",
         "Variants: `ort_defaults` = quant_pre_process + quantize_static() with no options (QDQ, S8S8, per-tensor, "

@@ -2,6 +2,7 @@
 cached-teacher KD vs live-teacher KD, on the same CIFAR-10 images, models and numerics.
 
     python benchmarks/train_throughput.py [--root ../shared/data/cifar10-jpeg.tar.gz] [--images 12800]
+                                          [--epochs 3] [--compare-precision]
 
 Every configuration trains ResNet-20 (KD: from a ResNet-56 teacher; random weights, speed does not
 depend on them) for ``--epochs`` epochs over the same ``--images`` CIFAR-10 training images at batch
@@ -10,8 +11,13 @@ after every epoch (the plain loop does the same). The plain loops are what a car
 hand: tensors in memory, the same crop+flip augmentation, teacher under ``inference_mode``. The
 first epoch is warm-up (and fills the teacher cache); the table reports the median of the others.
 
-Writes benchmarks/results/train_throughput.{json,md}. Targets (issue 4): our distill epoch ≥ 0.9×
-the plain loop's throughput; cached-teacher KD ≥ 1.8× live-teacher KD.
+``--compare-precision`` adds our train and distill stages at ``precision: fp32`` and ``bf16``
+whatever the CPU: does bf16 autocast pay on this CPU (``precision: auto`` takes it only where the
+CPU has native bf16, avx512_bf16/amx)?
+
+Writes benchmarks/results/train_throughput_<kind>.{json,md}, one pair per class of CPU (training
+speed from one ISA says nothing about another). Targets (issue 4): our distill epoch ≥ 0.9× the
+plain loop's throughput; cached-teacher KD ≥ 1.8× live-teacher KD.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, command, save
+from common import ROOT, command, isa_kind, machine, save
 
 sys.path.insert(0, str(ROOT))
 
@@ -131,6 +137,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=12_800)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compare-precision", action="store_true", help="also train/distill at fp32 and at bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = dt.datetime.now(dt.UTC)
@@ -162,6 +169,11 @@ def main() -> int:
                 data, e, {**distill, "augment_views": 1}, teacher, work / "d"
             ),
         }
+        if args.compare_precision:
+            for precision in ("fp32", "bf16"):
+                for what, stage, t in (("train", train, None), ("distill, live teacher", distill, teacher)):
+                    name = f"compress {what}, precision: {precision}"
+                    rows[name] = ours(data, e, {**stage, "precision": precision}, t, work / name.replace(" ", "_"))
     steps = args.images // 128
     result = {
         name: {
@@ -184,6 +196,11 @@ def main() -> int:
             "compress distill, cached teacher (augment_views: 1)", "compress distill, live teacher (augment_views: 1)"
         ),
     }
+    if args.compare_precision:
+        for what in ("train", "distill, live teacher"):
+            checks[f"bf16 / fp32 autocast ({what})"] = ratio(
+                f"compress {what}, precision: bf16", f"compress {what}, precision: fp32"
+            )
     env = environment(args.threads)
     out = {
         "command": command(),
@@ -208,7 +225,7 @@ def main() -> int:
         "# Training throughput: compress vs a plain PyTorch loop; cached vs live teacher",
         "",
         f"Command: `{out['command']}`  ",
-        f"Machine: {env['cpu']}, {args.threads} threads, no GPU  ",
+        f"Machine: {machine(env)}, {args.threads} threads, no GPU  ",
         f"Date: {started:%Y-%m-%d}  ",
         f"Setup: ResNet-20 student (KD: ResNet-56 teacher), {steps * 128} CIFAR-10 training images, batch 128, "
         f"{out['setup']['precision'].removeprefix('torch.')} autocast + channels_last, 1,000 test images evaluated "
@@ -223,7 +240,7 @@ def main() -> int:
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f}× |" for k, v in checks.items()]
     lines.append("")
-    save("train_throughput", out, "\n".join(lines))
+    save(f"train_throughput_{isa_kind(env)}", out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

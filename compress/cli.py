@@ -1,4 +1,4 @@
-"""``compress run | validate | predict | bench | report | analyze | list | schema``.
+"""``compress run | validate | predict | bench | report | analyze | env | list | schema``.
 
 User errors: one line on stderr, exit 2."""
 
@@ -96,7 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("--target-macs", type=float, default=None, help="derive per-layer ratios keeping this MACs share")
     sens.add_argument("--out", type=Path, default=None, help="output folder (default runs/sensitivity-<time>)")
     sens.add_argument("--quiet", action="store_true", help="no progress bar")
-    sub.add_parser("list", help="list registered stages, models, datasets, losses and importances")
+    env = sub.add_parser("env", help="this machine: versions, CPU instruction sets, which INT8 schemes are exact here")
+    env.add_argument("--json", action="store_true", help="print one JSON document")
+    sub.add_parser("list", help="list registered stages, models, datasets, losses, importances and INT8 schemes")
     sub.add_parser("schema", help="print the recipe's JSON Schema")
     return p
 
@@ -109,6 +111,7 @@ def _list() -> None:
     from compress.distill import LOSSES
     from compress.importance import IMPORTANCES
     from compress.models import MODELS
+    from compress.quantization.schemes import SCHEMES
     from compress.stages import STAGES
 
     console = Console()
@@ -118,6 +121,7 @@ def _list() -> None:
         ("datasets", DATASETS),
         ("distillation losses", LOSSES),
         ("pruning importances", IMPORTANCES),
+        ("INT8 schemes (quantize/qat scheme:, or auto)", SCHEMES),
     ):
         table = Table(title=title, title_justify="left")
         table.add_column("name")
@@ -127,6 +131,42 @@ def _list() -> None:
             table.add_row(name, doc[0] if doc else "")
         console.print(table)
     console.print("models also: torchvision:<name> (any torchvision classifier), package.module:function")
+
+
+def _env(as_json: bool) -> None:
+    """What decides this machine's numbers: library versions, CPU and instruction sets, training
+    precision ``auto``, and ONNX Runtime's INT8 kernels probed for every scheme."""
+    import torch
+
+    from compress.bench.env import environment
+    from compress.quantization.schemes import SCHEMES, choose, probe
+    from compress.training import autocast_dtype
+
+    doc = environment(None)
+    doc["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    cpu_auto = autocast_dtype("auto", torch.device("cpu"))
+    doc["training_precision_auto_cpu"] = "bf16" if cpu_auto is not None else "fp32"
+    doc["int8_schemes"] = {
+        name: {
+            "static": probe(name).exact,
+            "dynamic": probe(name, True).exact if SCHEMES.get(name).activation == "uint8" else None,
+            "exact_with": SCHEMES.get(name).exact_with,
+        }
+        for name in SCHEMES.names()
+    }
+    doc["int8_auto"] = {"static": choose("auto")[0].name, "dynamic": choose("auto", True)[0].name}
+    doc["int8_auto_reason"] = choose("auto")[1]
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    width = max(len(k) for k in doc)
+    for key, value in doc.items():
+        if key == "int8_schemes":
+            for name, r in value.items():
+                dyn = "" if r["dynamic"] is None else f", dynamic {'exact' if r['dynamic'] else 'NOT exact'}"
+                print(f"{'int8 ' + name:<{width}}  static {'exact' if r['static'] else 'NOT exact'}{dyn} here")
+        else:
+            print(f"{key:<{width}}  {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -190,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             _list()
+        elif args.command == "env":
+            _env(args.json)
         elif args.command == "bench":
             _bench(args)
         elif args.command == "report":

@@ -246,10 +246,10 @@ def int8_portability(props: dict[str, str], source: str = "model", isa: dict[str
     if needs == "any" or isa["arch"] != "x86_64" or isa["flags"] is None or set(needs.split("|")) & set(isa["flags"]):
         return None
     return (
-        f"{source}: INT8 scheme {props.get('int8_scheme', '?')} was chosen for {props.get('int8_isa', 'another CPU')}; "
-        f"this CPU ({isa_label(isa)}) has none of {needs.replace('|', ', ')}, so ONNX Runtime's INT8 kernels "
-        "saturate and its accuracy may differ from the report: re-quantize on this CPU (quantize stage, "
-        "scheme: auto) or with scheme: u8s8_reduce_range"
+        f"{source}: INT8 scheme {props.get('int8_scheme', '?')} (quantized on {props.get('int8_isa', 'another CPU')}) "
+        f"is exact only with {needs.replace('|', ', ')}, which this CPU ({isa_label(isa)}) lacks: ONNX Runtime's "
+        "INT8 kernels saturate here, so accuracy may differ from its report; re-quantize on this CPU "
+        "(quantize stage, scheme: auto) or with scheme: u8s8_reduce_range"
     )
 
 

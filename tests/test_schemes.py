@@ -97,8 +97,9 @@ def test_portability_line_for_a_vnni_file_on_an_avx2_cpu():
     props = SCHEMES.get("u8s8").metadata() | {"int8_isa": isa_label(cpu_isa(ZEN5))}
     line = int8_portability(props, "m.int8.onnx", cpu_isa(ZEN3))
     assert line is not None and "\n" not in line
-    assert line.startswith("m.int8.onnx: INT8 scheme u8s8 was chosen for x86_64 avx2 avx512f avx512_vnni")
-    assert "this CPU (x86_64 avx2)" in line and "re-quantize" in line and "u8s8_reduce_range" in line
+    assert line.startswith("m.int8.onnx: INT8 scheme u8s8 (quantized on x86_64 avx2 avx512f avx512_vnni")
+    assert "exact only with avx512_vnni, avx_vnni, amx_int8, which this CPU (x86_64 avx2) lacks" in line
+    assert "re-quantize" in line and "u8s8_reduce_range" in line
     for host in (ZEN5, SAPPHIRE_RAPIDS, NEOVERSE_V1):  # exact there, or not an x86 rule
         assert int8_portability(props, "m", cpu_isa(host)) is None
     for safe in ("u8s8_reduce_range", "u8u8", "s8s8_reduce_range"):
@@ -136,7 +137,7 @@ def test_predict_and_bench_warn_about_a_file_quantized_for_vnni_on_a_cpu_without
     with caplog.at_level(logging.WARNING, logger="compress.deploy"):
         p = Predictor(vnni_file)
     warned = [r.getMessage() for r in caplog.records if "INT8 scheme u8s8" in r.getMessage()]
-    assert len(warned) == 1 and "this CPU (x86_64 avx2)" in warned[0]
+    assert len(warned) == 1 and "this CPU (x86_64 avx2) lacks" in warned[0]
     assert p.predict(np.zeros((1, 8, 8, 1), np.uint8), top_k=1)  # a warning, not a refusal
     shutil.copy(vnni_file, tmp_path / "model.int8.onnx")
     assert main(["bench", str(tmp_path / "model.int8.onnx"), "--data", "digits", "--batch-sizes", "1",
@@ -145,3 +146,17 @@ def test_predict_and_bench_warn_about_a_file_quantized_for_vnni_on_a_cpu_without
     report = json.loads((tmp_path / "bench" / "report.json").read_text())
     assert any("INT8 scheme u8s8" in n for n in report["notes"])
     assert "INT8 scheme u8s8" in (tmp_path / "bench" / "report.md").read_text()
+
+
+def test_compress_env_says_what_is_exact_here(capsys):
+    assert main(["env", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["isa"] == isa_label() and doc["torch_cpu_capability"]
+    assert set(doc["int8_schemes"]) == set(SCHEMES.names())
+    for name, r in doc["int8_schemes"].items():
+        assert r["static"] == probe(name).exact and r["exact_with"] == SCHEMES.get(name).exact_with
+    assert doc["int8_auto"] == {"static": choose("auto")[0].name, "dynamic": choose("auto", True)[0].name}
+    assert doc["training_precision_auto_cpu"] in ("bf16", "fp32")
+    assert main(["env"]) == 0
+    text = capsys.readouterr().out
+    assert f"isa  {isa_label()}".replace("  ", " ") in " ".join(text.split()) and "int8 u8s8" in text
