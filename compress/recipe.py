@@ -197,7 +197,10 @@ def format_validation_error(exc: ValidationError, raw: Any, source: str) -> str:
                 import difflib
 
                 close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
-                if close:
+                renamed = getattr(model, "renamed", {}).get(str(err["loc"][-1]))  # a field that was replaced
+                if renamed:
+                    msg += f" ({renamed})"
+                elif close:
                     msg += f" (did you mean {close[0]!r}?)"
         elif (
             "input" in err

@@ -127,6 +127,14 @@ CASES = {
         ["stages.4", "qat distills from logits only; fitnets"],
     ),
     "unknown quantize mode": ("stages.4.mode", "int4", ["stages.4.mode", "'static', 'dynamic' or 'fp16'"]),
+    "unknown INT8 scheme": ("stages.4.scheme", "u8s9", ["stages.4.scheme", "'auto'", "'u8s8_reduce_range'"]),
+    "replaced quantize field": ("stages.4.activation_type", "int8", ["stages.4.activation_type", "replaced by scheme"]),
+    "dynamic with int8 activations": (
+        "stages.4",
+        {"kind": "quantize", "mode": "dynamic", "scheme": "s8s8"},
+        ["stages.4", "dynamic quantizes activations to uint8"],
+    ),
+    "qat with a scheme it cannot train": ("stages.4", {"kind": "qat", "scheme": "u8u8"}, ["stages.4.scheme", "'auto'"]),
     "head ratio out of range": ("stages.2.head_ratio", 1.0, ["stages.2.head_ratio", "less than 1"]),
 }
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -66,6 +66,9 @@ class Quantize(Stage):
 
     needs = frozenset({"onnx"})
     provides = frozenset({"int8"})
+    renamed: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("activation_type", "weight_type"), "replaced by scheme: u8s8, u8s8_reduce_range, s8s8, u8u8, ... or auto"
+    )
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Quantize:
