@@ -55,10 +55,15 @@ def save(stem: str, result: dict[str, Any], markdown: str) -> None:
 
 
 def side_by_side(
-    paths: dict[str, Path], threads: int, rounds: int = 5, configs: tuple[tuple[int, int, int, str], ...] | None = None
+    paths: dict[str, Path],
+    threads: int,
+    rounds: int = 5,
+    configs: tuple[tuple[int, int, int, str], ...] | None = None,
+    plain: frozenset[str] = frozenset(),
 ) -> dict[str, dict[str, float]]:
     """p50 latency of each ONNX file at batch 1 (``threads`` and 1 thread) and batch 32 (or at each
-    ``(batch, threads, iters, key)`` of ``configs``), measured
+    ``(batch, threads, iters, key)`` of ``configs``; the names in ``plain`` in a plain ORT session,
+    without the precision mode a file that saturates on this CPU otherwise gets), measured
     round-robin in one process (every round times every file), so drift on a shared machine hits all
     rows alike. Each turn opens a fresh session at ONNX Runtime's defaults (worker threads spin) and
     closes it before the next file's turn: no idle pool steals the timed one's cores, and no file
@@ -85,7 +90,7 @@ def side_by_side(
     for _ in range(rounds):
         for n, p in paths.items():
             for bs, t, iters, key in configs:
-                timed = time_ort(p, feeds[n, bs], "cpu", t, 5, iters)  # its own session, closed on return
+                timed = time_ort(p, feeds[n, bs], "cpu", t, 5, iters, n not in plain)  # own session, closed after
                 assert not isinstance(timed, str)  # only CUDA/TensorRT can fall back
                 samples[n][key] += timed[0]
     return {n: {k: float(np.median(v)) for k, v in d.items()} for n, d in samples.items()}

@@ -121,13 +121,13 @@ def _list() -> None:
         ("datasets", DATASETS),
         ("distillation losses", LOSSES),
         ("pruning importances", IMPORTANCES),
-        ("INT8 schemes (quantize/qat scheme:, or auto)", SCHEMES),
+        ("INT8 schemes (quantize's scheme:, default auto; qat takes u8s8 and u8s8_reduce_range)", SCHEMES),
     ):
         table = Table(title=title, title_justify="left")
         table.add_column("name")
         table.add_column("description")
         for name, obj in registry.items():
-            doc = (obj.__doc__ or "").strip().splitlines()
+            doc = (getattr(obj, "summary", None) or obj.__doc__ or "").strip().splitlines()
             table.add_row(name, doc[0] if doc else "")
         console.print(table)
     console.print("models also: torchvision:<name> (any torchvision classifier), package.module:function")
@@ -150,6 +150,7 @@ def _env(as_json: bool) -> None:
         name: {
             "static": probe(name).exact,
             "dynamic": probe(name, True).exact if SCHEMES.get(name).activation == "uint8" else None,
+            "static_in_precision_mode": probe(name, precision_mode=True).exact,  # session.x64quantprecision=1
             "exact_with": SCHEMES.get(name).exact_with,
         }
         for name in SCHEMES.names()
@@ -164,7 +165,12 @@ def _env(as_json: bool) -> None:
         if key == "int8_schemes":
             for name, r in value.items():
                 dyn = "" if r["dynamic"] is None else f", dynamic {'exact' if r['dynamic'] else 'NOT exact'}"
-                print(f"{'int8 ' + name:<{width}}  static {'exact' if r['static'] else 'NOT exact'}{dyn} here")
+                mode = (
+                    ""
+                    if r["static"]
+                    else f" (in ORT's precision mode: {'exact' if r['static_in_precision_mode'] else 'NOT exact'})"
+                )
+                print(f"{'int8 ' + name:<{width}}  static {'exact' if r['static'] else 'NOT exact'}{dyn} here{mode}")
         else:
             print(f"{key:<{width}}  {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
 

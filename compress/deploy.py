@@ -16,6 +16,7 @@ resize only when the size differs (what ``compress``'s data loaders do when deco
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import platform
@@ -32,6 +33,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 COLOR_MODES = {1: "L", 3: "RGB"}
 X86_ISA = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")  # /proc/cpuinfo names
 ARM_ISA = {"asimddp": "dotprod", "i8mm": "i8mm", "bf16": "bf16"}  # /proc/cpuinfo Features name -> ours
+#: ONNX Runtime's session option that converts int8 weights to uint8 at load time on x86 without
+#: VNNI, so its exact (widening) U8U8 kernels run instead of the saturating U8S8 ones
+PRECISION_MODE = ("session.x64quantprecision", "1")
 log = logging.getLogger("compress.deploy")
 
 
@@ -212,10 +216,7 @@ def cpu_isa(cpuinfo: str | None = None) -> dict[str, Any]:
     From /proc/cpuinfo (or the ``cpuinfo`` text given): x86 ``flags`` (avx2, avx512f, avx512_vnni,
     avx_vnni, amx_int8, avx512_bf16) or arm64 ``Features`` (asimddp as dotprod, i8mm, bf16)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            cpuinfo = ""
+        cpuinfo = _host_cpuinfo()
     fields: dict[str, set[str]] = {}
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
@@ -228,6 +229,14 @@ def cpu_isa(cpuinfo: str | None = None) -> dict[str, Any]:
     machine = platform.machine().lower()
     arch = {"amd64": "x86_64", "x86_64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
     return {"arch": arch, "flags": None}
+
+
+@functools.cache
+def _host_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def isa_label(isa: dict[str, Any] | None = None) -> str:
@@ -249,8 +258,20 @@ def int8_portability(props: dict[str, str], source: str = "model", isa: dict[str
         f"{source}: INT8 scheme {props.get('int8_scheme', '?')} (quantized on {props.get('int8_isa', 'another CPU')}) "
         f"is exact only with {needs.replace('|', ', ')}, which this CPU ({isa_label(isa)}) lacks: ONNX Runtime's "
         "INT8 kernels saturate here, so accuracy may differ from its report; re-quantize on this CPU "
-        "(quantize stage, scheme: auto) or with scheme: u8s8_reduce_range"
+        "(quantize stage, scheme: auto), or load it with the session option "
+        f"{'='.join(PRECISION_MODE)} (exact, slower)"
     )
+
+
+def int8_exact_session(open_session: Any, opts: Any, source: str) -> tuple[Any, str | None]:
+    """``open_session(opts)``, reopened with ORT's precision mode when the file's INT8 scheme would
+    saturate on this CPU (``int8_portability``); returns the session and that line (or None)."""
+    sess = open_session(opts)
+    line = int8_portability(read_metadata(sess), source)
+    if line is None:
+        return sess, None
+    opts.add_session_config_entry(*PRECISION_MODE)
+    return open_session(opts), f"{line}; loaded so (exact, slower)"
 
 
 # ---------------------------------------------------------------------- model
@@ -261,7 +282,15 @@ def read_metadata(session: Any) -> dict[str, str]:
 class Predictor:
     """An onnxruntime session plus the model's own description of its input."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, providers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        exact_int8: bool = True,
+    ) -> None:
+        """``exact_int8``: load an INT8 file whose scheme saturates on this CPU in ORT's precision
+        mode (exact, slower) instead of as it is, with a one-line warning either way."""
         import onnxruntime as ort
 
         path = Path(model)
@@ -273,10 +302,18 @@ class Predictor:
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=list(providers or ["CPUExecutionProvider"])
+
+        def open_session(o: Any) -> Any:
+            return ort.InferenceSession(
+                str(path), sess_options=o, providers=list(providers or ["CPUExecutionProvider"])
             )
+
+        try:
+            if exact_int8:
+                self.session, self.portability = int8_exact_session(open_session, opts, str(path))
+            else:
+                self.session = open_session(opts)
+                self.portability = int8_portability(read_metadata(self.session), str(path))
         except Exception as exc:  # noqa: BLE001 - ORT raises several types; the first line says enough
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DeployError(f"{path}: onnxruntime cannot load it: {first}") from None
@@ -284,8 +321,8 @@ class Predictor:
         self.metadata = read_metadata(self.session)
         self.info = ModelInfo.from_metadata(self.metadata, str(path))
         self._check_graph()
-        if warning := int8_portability(self.metadata, str(path)):
-            log.warning("warning: %s", warning)
+        if self.portability:
+            log.warning("warning: %s", self.portability)
 
     def _check_graph(self) -> None:
         """The graph's real input must be what the metadata promises, or every answer would be wrong."""

@@ -10,13 +10,22 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from compress.deploy import int8_exact_session
+
 
 def session(
-    path: Path, threads: int | None = None, device: str = "cpu", spin: bool = True, optimized_to: Path | None = None
+    path: Path,
+    threads: int | None = None,
+    device: str = "cpu",
+    spin: bool = True,
+    optimized_to: Path | None = None,
+    exact_int8: bool = True,
 ) -> ort.InferenceSession:
     """An ORT session at full graph optimization. ``spin=False`` stops idle worker threads spinning
     (needed when several sessions are timed in turn: a spinning pool steals the next one's cores);
-    ``optimized_to`` saves the graph ORT actually runs, after its fusions."""
+    ``optimized_to`` saves the graph ORT actually runs, after its fusions. ``exact_int8``: an INT8
+    file whose scheme saturates on this CPU runs in ORT's precision mode (``deploy.int8_exact_session``),
+    so every accuracy and latency measured is of what computes correctly here."""
     opts = ort.SessionOptions()
     if optimized_to is not None:
         opts.optimized_model_filepath = str(optimized_to)
@@ -32,7 +41,13 @@ def session(
         "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
         "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     }[device]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+    def open_session(o: ort.SessionOptions) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), sess_options=o, providers=providers)
+
+    if not exact_int8 or device != "cpu":
+        return open_session(opts)
+    return int8_exact_session(open_session, opts, str(path))[0]
 
 
 def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:

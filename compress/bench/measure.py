@@ -155,10 +155,10 @@ PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "ten
 
 
 def time_ort(
-    path, feed: np.ndarray, device: str, threads: int, warmup: int, iters: int
+    path, feed: np.ndarray, device: str, threads: int, warmup: int, iters: int, exact_int8: bool = True
 ) -> tuple[list[float], int] | str:
     """Samples and the thread count ORT reports, or why the requested provider is not the one running."""
-    sess = session(path, threads=threads, device=device)
+    sess = session(path, threads=threads, device=device, exact_int8=exact_int8)
     active = sess.get_providers()[0]
     if active != PROVIDER[device]:
         # onnxruntime-gpu lists providers whose libraries are missing and silently falls back.
@@ -286,7 +286,8 @@ def measure(
     if art.format == "onnx" or bench.torch_snapshots or art.role == "teacher":
         latency, notes = latency_rows(art, data, bench, feed)
     if art.format == "onnx" and (moved := int8_portability(read_metadata(sess), art.name)):
-        notes.append(moved)  # quantized for another CPU: why this top-1 may differ from its own run's
+        # quantized for another CPU: measured in ORT's precision mode (onnx_utils.session), and said so
+        notes.append(f"{moved}; measured so (exact, slower)")
     if device.type == "cuda" and art.format == "torch":
         cuda_peak = int(torch.cuda.max_memory_allocated(device))
     biggest = max(bench.batch_sizes)

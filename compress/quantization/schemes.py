@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compress.deploy import cpu_isa, isa_label
+from compress.deploy import PRECISION_MODE, cpu_isa, isa_label
 from compress.registry import Registry
 
 #: x86 instructions that accumulate uint8 × int8 products in int32 (no int16 saturation)
@@ -37,7 +37,7 @@ class Scheme:
     activation: str  # "uint8" | "int8"
     weight: str  # "int8" | "uint8"
     reduce_range: bool  # 7-bit weights, [-64, 64]
-    summary: str
+    summary: str  # one line for `compress list`
 
     @property
     def exact_with(self) -> str:
@@ -54,10 +54,6 @@ class Scheme:
         """ONNX metadata of a file quantized with this scheme on this CPU (read back by
         ``deploy.int8_portability`` wherever the file is loaded)."""
         return {"int8_scheme": self.name, "int8_isa": isa_label(cpu_isa()), "int8_exact_with": self.exact_with}
-
-    @property
-    def __doc__(self) -> str:  # type: ignore[override]  # `compress list` prints it
-        return self.summary
 
 
 SCHEMES: Registry[Scheme] = Registry("INT8 scheme")
@@ -80,8 +76,8 @@ class Probe:
 
     scheme: str
     exact: bool
-    worst_error: float  # largest |ORT - exact| / |exact| over the probe's outputs
-    failing: tuple[str, ...]  # probe ops that were off by more than one output step
+    worst_error: float  # per output, max |ORT - exact| / max |exact|; the largest over the outputs
+    failing: tuple[str, ...]  # probe ops off by more than one output step (1% of their range), or why it failed
 
 
 def _probe_model(scheme: Scheme, dynamic: bool) -> tuple[bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -104,7 +100,9 @@ def _probe_model(scheme: Scheme, dynamic: bool) -> tuple[bytes, dict[str, np.nda
         return name
 
     def weights(shape: tuple[int, ...]) -> np.ndarray:
-        w = np.empty(shape, np.int64)  # half the output channels at the top, half at the bottom
+        """Each filter all at the top of the weight range or all at the bottom: the pair sums that
+        saturate an int16 accumulator first."""
+        w = np.empty(shape, np.int64)
         w[: shape[0] // 2], w[shape[0] // 2 :] = whi, wlo
         return w
 
@@ -120,29 +118,36 @@ def _probe_model(scheme: Scheme, dynamic: bool) -> tuple[bytes, dict[str, np.nda
 
     ones = const("one", np.array(1.0, np.float32))
     levels = np.array([hi, lo], np.int64)  # batch of two: every activation at the top, then the bottom
-    for name, cin, k in (("conv3x3", 16, 3), ("conv1x1", 64, 1), ("gemm", 64, 0)):
+    # MLAS runs a convolution with >= 16 output channels (a multiple of 8) and input channels a
+    # multiple of 4 in its ConvSym kernels, others through im2col + QGEMM: both paths, and QGemm.
+    for name, cin, cout, k in (
+        ("conv3x3", 16, 16, 3),
+        ("conv1x1", 64, 32, 1),
+        ("conv3x3_gemm", 16, 8, 3),
+        ("gemm", 64, 8, 0),
+    ):
         spatial = (k + 5,) * 2 if k else ()  # 6x6 outputs: the kernels' usual, not a degenerate, shape
         x = levels.reshape(2, *[1] * (1 + len(spatial))) * np.ones((1, cin, *spatial), np.int64)
         feed[f"{name}_x"] = x.astype(np.float32)
-        w = weights((8, cin, k, k) if k else (8, cin))
+        w = weights((cout, cin, k, k) if k else (cout, cin))
         q_in = [ones, const(f"{name}_xz", np.array(0, adt))]
         nodes.append(helper.make_node("QuantizeLinear", [f"{name}_x", *q_in], [f"{name}_xq"]))
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}_xq", *q_in], [f"{name}_xd"]))
-        wq = [const(f"{name}_w", (w + wzp).astype(wdt)), const(f"{name}_ws", np.ones(8, np.float32))]
-        wq.append(const(f"{name}_wz", np.full(8, wzp, wdt)))
+        wq = [const(f"{name}_w", (w + wzp).astype(wdt)), const(f"{name}_ws", np.ones(cout, np.float32))]
+        wq.append(const(f"{name}_wz", np.full(cout, wzp, wdt)))
         nodes.append(helper.make_node("DequantizeLinear", wq, [f"{name}_wd"], axis=0))
         if k:
             nodes.append(helper.make_node("Conv", [f"{name}_xd", f"{name}_wd"], [f"{name}_f"], kernel_shape=[k, k]))
         else:
             nodes.append(helper.make_node("Gemm", [f"{name}_xd", f"{name}_wd"], [f"{name}_f"], transB=1))
-        y = levels[:, None] * w.reshape(8, -1).sum(1)[None, :]  # constant inputs: level x sum of a filter
-        qdq_out(name, y.reshape(2, 8, *[1] * len(spatial)) * np.ones((1, 1, 6, 6) if k else (1, 1), np.int64))
+        y = levels[:, None] * w.reshape(cout, -1).sum(1)[None, :]  # constant inputs: level x sum of a filter
+        qdq_out(name, y.reshape(2, cout, *[1] * len(spatial)) * np.ones((1, 1, 6, 6) if k else (1, 1), np.int64))
     if dynamic:  # quantize_dynamic's MatMulInteger on uint8 activations
         x = np.stack([np.full(64, v, np.uint8) for v in (255, 0)])
         w = weights((8, 64))
         feed["mmi_x"] = x
         args = ["mmi_x", const("mmi_w", (w.T + wzp).astype(wdt)), const("mmi_xz", np.array(0, np.uint8))]
-        args.append(const("mmi_wz", np.array(wzp, wdt)))
+        args.append(const("mmi_wz", np.full(8, wzp, wdt)))  # per column, as quantize_dynamic writes it
         nodes.append(helper.make_node("MatMulInteger", args, ["mmi"]))
         exact["mmi"] = x.astype(np.int64) @ w.T
         outputs.append(helper.make_tensor_value_info("mmi", TensorProto.INT32, exact["mmi"].shape))
@@ -158,17 +163,23 @@ def _probe_model(scheme: Scheme, dynamic: bool) -> tuple[bytes, dict[str, np.nda
 
 
 @functools.cache
-def probe(name: str, dynamic: bool = False) -> Probe:
+def probe(name: str, dynamic: bool = False, precision_mode: bool = False) -> Probe:
     """Run scheme ``name``'s probe graph on this CPU's ONNX Runtime (one thread, default
-    optimizations: the kernels a deployed file gets) and compare with integer arithmetic."""
+    optimizations: the kernels a deployed file gets) and compare with integer arithmetic;
+    ``precision_mode``: in a session with ORT's ``session.x64quantprecision=1``."""
     import onnxruntime as ort
 
     scheme = SCHEMES.get(name)
     model, feed, exact = _probe_model(scheme, dynamic)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+    if precision_mode:
+        opts.add_session_config_entry(*PRECISION_MODE)
+    try:
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed), strict=True))
+    except Exception as exc:  # noqa: BLE001 - a build without some INT8 kernel: not usable, so not exact
+        return Probe(name, False, float("inf"), (f"error: {str(exc).strip().splitlines()[0][:200]}",))
     worst, failing = 0.0, []
     for out, ref in exact.items():
         step = 1 if out == "mmi" else max(1.0, float(np.abs(ref).max())) / 100
@@ -185,7 +196,7 @@ def choose(requested: str, dynamic: bool = False) -> tuple[Scheme, str, Probe]:
     host = isa_label(cpu_isa())
     if requested != "auto":
         p = probe(requested, dynamic)
-        how = "exact" if p.exact else f"NOT exact (off by up to {p.worst_error:.0%} in ORT's probe)"
+        how = "exact" if p.exact else f"NOT exact (off by up to {p.worst_error:.0%} in ORT's probe{_failed(p)})"
         return SCHEMES.get(requested), f"{requested} as configured; {how} on this CPU ({host})", p
     tried = []
     for name in AUTO:
@@ -195,5 +206,9 @@ def choose(requested: str, dynamic: bool = False) -> tuple[Scheme, str, Probe]:
             if tried:
                 why += f"; {', '.join(tried)}"
             return SCHEMES.get(name), why, p
-        tried.append(f"{name} is not (ORT's kernels off by up to {p.worst_error:.0%}: int16 saturation)")
+        tried.append(f"{name} is not (ORT's kernels off by up to {p.worst_error:.0%}{_failed(p)})")
     return SCHEMES.get(AUTO[-1]), f"auto: no scheme is exact on this CPU ({host}); {'; '.join(tried)}", p
+
+
+def _failed(p: Probe) -> str:
+    return f": {p.failing[0]}" if p.failing and p.failing[0].startswith("error") else ""
