@@ -212,7 +212,7 @@ def main() -> int:
             "test_images": 1000,
             "batch_size": 128,
             "epochs": e,
-            "precision": str(autocast_dtype("auto", torch.device("cpu"))),
+            "precision": str(autocast_dtype("auto", torch.device("cpu")) or "fp32"),  # what auto picks here
             "channels_last": True,
             "student": "resnet20",
             "teacher": "resnet56",
