@@ -63,6 +63,11 @@ def subset(data: DataBundle, images: int, test_images: int) -> DataBundle:
     )
 
 
+def precision_label(precision: str) -> str:
+    name = precision.removeprefix("torch.")
+    return "fp32 (no autocast)" if name == "fp32" else f"{name} autocast"
+
+
 def plain_loop(data: DataBundle, epochs: int, teacher: torch.nn.Module | None) -> list[float]:
     """The hand-written baseline: per-epoch seconds (training steps + test evaluation)."""
     torch.manual_seed(0)
@@ -228,7 +233,7 @@ def main() -> int:
         f"Machine: {machine(env)}, {args.threads} threads, no GPU  ",
         f"Date: {started:%Y-%m-%d}  ",
         f"Setup: ResNet-20 student (KD: ResNet-56 teacher), {steps * 128} CIFAR-10 training images, batch 128, "
-        f"{out['setup']['precision'].removeprefix('torch.')} autocast + channels_last, 1,000 test images evaluated "
+        f"{precision_label(out['setup']['precision'])} + channels_last, 1,000 test images evaluated "
         f"after each epoch; {e} epochs, the first is warm-up (and fills the cache); median of the rest.",
         "",
         "| configuration | s / epoch | images / s | epoch seconds |",
