@@ -18,7 +18,6 @@ batch 32. Results: benchmarks/results/int8_isa_<kind>.{json,md}, one pair per cl
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import sys
 from pathlib import Path
@@ -57,7 +56,7 @@ def train(work: Path, models: list[str], root: str) -> dict[str, Path]:
     files = {}
     for m in models:
         raw = digits_recipe() if m == "digits" else cifar_recipe(m, root, EPOCHS[m])
-        run(work, m, copy.deepcopy(raw))
+        run(work, m, raw)
         files[m] = work / m / "model.onnx"
     return files
 

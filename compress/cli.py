@@ -155,8 +155,9 @@ def _env(as_json: bool) -> None:
         }
         for name in SCHEMES.names()
     }
-    doc["int8_auto"] = {"static": choose("auto")[0].name, "dynamic": choose("auto", True)[0].name}
-    doc["int8_auto_reason"] = choose("auto")[1]
+    auto = choose("auto")
+    doc["int8_auto"] = {"static": auto.scheme.name, "dynamic": choose("auto", True).scheme.name}
+    doc["int8_auto_reason"] = auto.reason
     if as_json:
         print(json.dumps(doc, indent=2))
         return

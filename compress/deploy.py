@@ -263,13 +263,13 @@ def int8_portability(props: dict[str, str], source: str = "model", isa: dict[str
     )
 
 
-def int8_exact_session(open_session: Any, opts: Any, source: str) -> tuple[Any, str | None]:
-    """``open_session(opts)``, reopened with ORT's precision mode when the file's INT8 scheme would
-    saturate on this CPU (``int8_portability``); returns the session and that line (or None)."""
+def int8_exact_session(open_session: Any, opts: Any, source: str, exact: bool = True) -> tuple[Any, str | None]:
+    """``open_session(opts)`` and ``int8_portability``'s line for it (or None); with ``exact``, such
+    a file is reopened in ORT's precision mode, which computes its scheme exactly on this CPU."""
     sess = open_session(opts)
     line = int8_portability(read_metadata(sess), source)
-    if line is None:
-        return sess, None
+    if line is None or not exact:
+        return sess, line
     opts.add_session_config_entry(*PRECISION_MODE)
     return open_session(opts), f"{line}; loaded so (exact, slower)"
 
@@ -309,11 +309,7 @@ class Predictor:
             )
 
         try:
-            if exact_int8:
-                self.session, self.portability = int8_exact_session(open_session, opts, str(path))
-            else:
-                self.session = open_session(opts)
-                self.portability = int8_portability(read_metadata(self.session), str(path))
+            self.session, self.portability = int8_exact_session(open_session, opts, str(path), exact_int8)
         except Exception as exc:  # noqa: BLE001 - ORT raises several types; the first line says enough
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DeployError(f"{path}: onnxruntime cannot load it: {first}") from None

@@ -45,9 +45,7 @@ def session(
     def open_session(o: ort.SessionOptions) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), sess_options=o, providers=providers)
 
-    if not exact_int8 or device != "cpu":
-        return open_session(opts)
-    return int8_exact_session(open_session, opts, str(path))[0]
+    return int8_exact_session(open_session, opts, str(path), exact_int8 and device == "cpu")[0]
 
 
 def run(sess: ort.InferenceSession, x: np.ndarray) -> np.ndarray:

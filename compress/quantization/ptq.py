@@ -57,7 +57,7 @@ def static(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if isinstance(scheme, str):
-        scheme = choose(scheme)[0]
+        scheme = choose(scheme).scheme
 
     extra: dict[str, Any] = {"ActivationSymmetric": symmetric_activations}
     if method == "percentile":
@@ -97,7 +97,7 @@ def dynamic(
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if isinstance(scheme, str):
-        scheme = choose(scheme, dynamic=True)[0]
+        scheme = choose(scheme, dynamic=True).scheme
 
     with quiet_stdout():
         quantize_dynamic(

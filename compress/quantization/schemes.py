@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -190,14 +191,26 @@ def probe(name: str, dynamic: bool = False, precision_mode: bool = False) -> Pro
     return Probe(name, not failing, worst, tuple(failing))
 
 
-def choose(requested: str, dynamic: bool = False) -> tuple[Scheme, str, Probe]:
+class Choice(NamedTuple):
+    """``choose``'s answer: the scheme, why it was taken, and its probe on this CPU."""
+
+    scheme: Scheme
+    reason: str
+    probe: Probe
+
+    def metrics(self) -> dict[str, Any]:
+        """What a stage reports about it (report.json; the report's Stages line shows the reason)."""
+        return {"scheme": self.scheme.name, "scheme_reason": self.reason, "scheme_exact_here": self.probe.exact}
+
+
+def choose(requested: str, dynamic: bool = False) -> Choice:
     """The scheme to quantize with, why, and its probe. ``auto``: the first of ``AUTO`` exact on
     this CPU (the last one if none is, which the reason says); an explicit name is used as given."""
     host = isa_label(cpu_isa())
     if requested != "auto":
         p = probe(requested, dynamic)
         how = "exact" if p.exact else f"NOT exact (off by up to {p.worst_error:.0%} in ORT's probe{_failed(p)})"
-        return SCHEMES.get(requested), f"{requested} as configured; {how} on this CPU ({host})", p
+        return Choice(SCHEMES.get(requested), f"{requested} as configured; {how} on this CPU ({host})", p)
     tried = []
     for name in AUTO:
         p = probe(name, dynamic)
@@ -205,9 +218,9 @@ def choose(requested: str, dynamic: bool = False) -> tuple[Scheme, str, Probe]:
             why = f"auto: {name} is exact on this CPU ({host})"
             if tried:
                 why += f"; {', '.join(tried)}"
-            return SCHEMES.get(name), why, p
+            return Choice(SCHEMES.get(name), why, p)
         tried.append(f"{name} is not (ORT's kernels off by up to {p.worst_error:.0%}{_failed(p)})")
-    return SCHEMES.get(AUTO[-1]), f"auto: no scheme is exact on this CPU ({host}); {'; '.join(tried)}", p
+    return Choice(SCHEMES.get(AUTO[-1]), f"auto: no scheme is exact on this CPU ({host}); {'; '.join(tried)}", p)
 
 
 def _failed(p: Probe) -> str:

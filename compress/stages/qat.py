@@ -186,8 +186,9 @@ class QAT(FineTuneStage):
         info = ModelInfo.from_metadata(metadata.read(fp32.path))
         student = copy.deepcopy(ctx.student).to("cpu")  # captured in train mode: BN folds in the loop
         example = ctx.data.normalize(ctx.data.train_x[:2]).cpu()
-        scheme, why, probe = choose(self.scheme)
-        (ctx.log.info if probe.exact else ctx.log.warning)("qat: scheme %s", why)
+        choice = choose(self.scheme)
+        (ctx.log.info if choice.probe.exact else ctx.log.warning)("qat: scheme %s", choice.reason)
+        scheme = choice.scheme
         try:
             prepared = fake_quantized(student, example, scheme.weight_range)
         except Exception as exc:  # noqa: BLE001 - torch.export / torchao raise many types
@@ -222,9 +223,7 @@ class QAT(FineTuneStage):
         ctx.add_artifact(Artifact(out.name, "student", "onnx", "int8", out, self.kind, source=fp32.source))
         ops = quantized_ops(out)
         return fit | {
-            "scheme": scheme.name,
-            "scheme_reason": why,
-            "scheme_exact_here": probe.exact,
+            **choice.metrics(),
             "argmax_agreement": check["argmax_agreement"],
             "relative_error": check["relative_error"],
             "max_abs_diff": check["max_abs_diff"],

@@ -101,19 +101,14 @@ class Quantize(Stage):
         with tempfile.TemporaryDirectory(prefix="compress-quant-") as tmp_name:
             tmp = Path(tmp_name)
             raw = tmp / "result.onnx"
+            scheme: Scheme | None = None  # FP16 has none
             if self.mode == "fp16":
                 ptq.fp16(fp32.path, raw, keep_io_types=self.keep_io_types)
-                props = {"precision": precision, "source": fp32.name, "quantization": self._describe(None)}
             else:
-                scheme, why, probe = choose(self.scheme, dynamic=self.mode == "dynamic")
-                (ctx.log.info if probe.exact else ctx.log.warning)("quantize: scheme %s", why)
-                metrics |= {"scheme": scheme.name, "scheme_reason": why, "scheme_exact_here": probe.exact}
-                props = {
-                    "precision": precision,
-                    "source": fp32.name,
-                    "quantization": self._describe(scheme),
-                    **scheme.metadata(),
-                }
+                choice = choose(self.scheme, dynamic=self.mode == "dynamic")
+                (ctx.log.info if choice.probe.exact else ctx.log.warning)("quantize: scheme %s", choice.reason)
+                metrics |= choice.metrics()
+                scheme = choice.scheme
                 pre = tmp / "pre.onnx"
                 ptq.preprocess(fp32.path, pre)
                 if self.mode == "dynamic":
@@ -122,7 +117,8 @@ class Quantize(Stage):
                     metrics |= self._static(ctx, scheme, fp32.path, pre, raw, tmp, sess.get_inputs()[0].name, feed, one)
             metrics |= self._speed(ctx, fp32.path, raw, tmp, one)
             # The result appears in the run directory only complete, with its metadata.
-            metadata.update(raw, metadata.read(fp32.path) | props, dest=out)
+            props = {"precision": precision, "source": fp32.name, "quantization": self._describe(scheme)}
+            metadata.update(raw, metadata.read(fp32.path) | props | (scheme.metadata() if scheme else {}), dest=out)
         ctx.add_artifact(Artifact(out.name, "student", "onnx", precision, out, self.kind, source=fp32.source))
         metrics[f"{precision}_bytes"] = out.stat().st_size
         metrics["ops"] = ptq.quantized_ops(out)
