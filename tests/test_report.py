@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import base64
+import copy
 import io
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from compress.bench.plots import cpu_p50, pareto_front
+from compress.bench import report as report_mod
+from compress.bench.plots import LABEL_GID, cpu_p50, pareto_front, points, scatter_figure
 from compress.cli import main
 
 
@@ -147,7 +151,7 @@ def test_report_compares_runs(digits_run, tmp_path, capsys):
     assert main(["report", str(out), str(other), "--out", str(dest)]) == 0
     capsys.readouterr()
     page = _parse(dest / "report.html")
-    assert page.h2 == ["run", "faster"] and len(page.images) == 2
+    assert page.h2 == ["Plots", "run", "faster"] and len(page.images) == 2  # a section per run
     md = (dest / "report.md").read_text()
     assert md.startswith("# Compression comparison: 2 runs")
     front_rows = [line for line in md.splitlines() if line.startswith("| faster | model.int8.onnx")]
@@ -187,3 +191,224 @@ def test_report_errors_are_one_line(case, needle, tmp_path, capsys):
     out = tmp_path / "elsewhere"
     assert main(["report", str(target), str(target), "--out", str(out)]) == 2
     assert not out.exists()  # nothing half-written
+
+
+# One source, two renderings ------------------------------------------------------------------------------
+
+
+class _Page(HTMLParser):
+    """Headings (level, text), tables (rows of cell text) with their wrapper's style, list items, CSS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headings: list[tuple[int, str]] = []
+        self.tables: list[list[list[str]]] = []
+        self.wrappers: list[dict[str, str]] = []  # the attributes of the element enclosing each table
+        self.items: list[str] = []
+        self.css = ""
+        self._open: list[tuple[str, dict[str, str]]] = []
+        self._text: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = {k: v or "" for k, v in attrs}
+        if tag == "table":
+            self.wrappers.append(self._open[-1][1] if self._open and self._open[-1][0] == "div" else {})
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        if tag in ("td", "th", "li", "style") or re.fullmatch(r"h[1-6]", tag):
+            self._text = []
+        self._open.append((tag, attrs))
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()[0] != tag:
+            pass
+        if self._text is None:
+            return
+        text = "".join(self._text)
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(text)
+        elif tag == "li":
+            self.items.append(text)
+        elif tag == "style":
+            self.css += text
+        elif re.fullmatch(r"h[1-6]", tag):
+            self.headings.append((int(tag[1]), text))
+        else:
+            return
+        self._text = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data)
+
+
+def _page(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    return page
+
+
+def _md_words(cell: str) -> str:
+    """A Markdown cell or item as the words a reader sees: no code ticks or emphasis stars, '|' unescaped."""
+    return re.sub(r"`+|\*", "", cell).replace("\\|", "|").strip()
+
+
+def _md_structure(md: str) -> tuple[list[tuple[int, str]], list[list[list[str]]], list[str]]:
+    headings, tables, items, in_table = [], [], [], False
+    for line in md.splitlines():
+        if m := re.match(r"(#+) (.*)", line):
+            headings.append((len(m[1]), m[2]))
+        if line.startswith("|"):
+            if not in_table:
+                tables.append([])
+            in_table = True
+            if not re.fullmatch(r"\|(---\|)+", line):
+                cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])
+                tables[-1].append([_md_words(c) for c in cells])
+        else:
+            in_table = False
+        if line.startswith("- "):
+            items.append(_md_words(line[2:]))
+    return headings, tables, items
+
+
+def _comparison(digits_run, tmp_path: Path) -> Path:
+    out, _, _ = digits_run
+    other = tmp_path / "again"
+    shutil.copytree(out, other)
+    dest = tmp_path / "cmp"
+    assert main(["report", str(out), str(other), "--out", str(dest)]) == 0
+    return dest
+
+
+def test_html_has_every_section_table_and_note_of_the_markdown(digits_run, tmp_path, capsys):
+    out, _, _ = digits_run
+    for folder, expected in (
+        (out, {(2, t) for t in ("Plots", "Latency", "Deploy", "Stages", "Notes")}),
+        (_comparison(digits_run, tmp_path), {(2, "run"), (2, "again"), (3, "Deploy"), (3, "Stages")}),
+    ):
+        md_headings, md_tables, md_items = _md_structure((folder / "report.md").read_text())
+        page = _page((folder / "report.html").read_text())
+        assert expected <= set(md_headings), md_headings  # the sections this run has, so the test means something
+        assert page.headings == md_headings  # the same sections, same levels, same order
+        assert page.tables == md_tables  # every table, cell for cell
+        assert [_md_words(i) for i in page.items] == md_items and md_items  # Deploy's files and the notes
+    capsys.readouterr()
+
+
+def test_html_tables_scroll_sideways_instead_of_overflowing(digits_run):
+    out, _, _ = digits_run
+    page = _page((out / "report.html").read_text())
+    assert len(page.tables) >= 3 and len(page.tables[0][0]) > 12  # the wide summary table is there
+    for wrapper in page.wrappers:
+        assert "overflow-x:auto" in wrapper.get("style", "").replace(" ", ""), wrapper
+        assert "table-wrap" in wrapper.get("class", "").split()
+    rule = re.search(r"\.table-wrap\s*\{([^}]*)\}", page.css)
+    assert rule and "overflow-x: auto" in rule[1]
+    width = re.search(r"body\s*\{[^}]*max-width:\s*(\d+)px", page.css)
+    assert width and int(width[1]) <= 1200  # the page itself fits a 1200-px window
+
+
+def test_the_report_and_html_modules_do_not_import_each_other():
+    """document <- html <- report: the renderers import the document model, never the report writer."""
+    import compress.bench.document as document
+    import compress.bench.html as html_mod
+
+    for module, forbidden in ((html_mod, {"compress.bench.report"}), (document, {"compress"})):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in imported if any(m == f or m.startswith(f + ".") for f in forbidden)}, module
+
+
+# Plots ------------------------------------------------------------------------------------------------------
+
+
+def _runs(report: dict, n: int, recipes: list[str], shift: float = 0.0) -> list[dict]:
+    """n copies of a real report, labelled a, b, ...; each shifted by `shift` (relative cost, top-1 points)."""
+    runs = []
+    for k in range(n):
+        rep = copy.deepcopy(report)
+        rep["label"], rep["recipe"]["name"] = "abcdefgh"[k], recipes[k % len(recipes)]
+        for art in rep["artifacts"]:
+            art["accuracy"] -= shift * k / 100
+            art["size_bytes"] *= (1 + shift) ** k
+            for row in art["latency"]:
+                row["p50_ms"] *= (1 + shift) ** k
+        runs.append(rep)
+    return runs
+
+
+@pytest.mark.parametrize("axis", ["latency", "size"])
+def test_plot_titles_name_the_recipe_not_the_folder(digits_run, axis):
+    _, report, _ = digits_run
+    assert report["label"] == "run" and report["recipe"]["name"] == "deploy"
+    title = scatter_figure([report], axis).axes[0].get_title()
+    assert title.endswith("— deploy") and "run" not in title.split("—")[1]
+    title = scatter_figure(_runs(report, 2, ["deploy", "tuned"]), axis).axes[0].get_title()
+    assert "deploy" in title and "tuned" in title and "2 runs" in title
+    fig = scatter_figure(_runs(report, 3, ["deploy"]), axis)
+    assert fig.axes[0].get_title().endswith("3 runs of deploy")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert {"[1] a (deploy)", "[2] b (deploy)", "[3] c (deploy)"} <= set(legend)  # which run is which
+
+
+def _label_boxes(fig):
+    """The drawn extent of every point label's text, the axes and every marker, in display pixels."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.texts if t.get_gid() == LABEL_GID]
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text alone, not its leader line
+    markers = []
+    for coll in ax.collections:
+        r = (coll.get_sizes()[0] ** 0.5) / 2 * fig.dpi / 72
+        for x, y in coll.get_offset_transform().transform(coll.get_offsets()):
+            markers.append((x - r, y - r, x + r, y + r))
+    return labels, boxes, ax.get_window_extent(renderer), markers
+
+
+def _overlap(a, b) -> float:
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+@pytest.mark.parametrize("axis", ["latency", "size"])
+@pytest.mark.parametrize(
+    "runs, shift",
+    [(2, 0.0), (2, 0.03), (4, 0.04)],
+    ids=["two runs coincide", "two runs a marker apart", "four runs side by side"],
+)
+def test_point_labels_never_print_over_each_other(digits_run, axis, runs, shift):
+    _, report, _ = digits_run
+    reps = _runs(report, runs, ["deploy", "tuned"], shift)
+    fig = scatter_figure(reps, axis)
+    labels, boxes, frame, markers = _label_boxes(fig)
+    extents = [(b.x0, b.y0, b.x1, b.y1) for b in boxes]
+    for i, a in enumerate(extents):
+        assert frame.x0 <= a[0] and a[2] <= frame.x1 and frame.y0 <= a[1] and a[3] <= frame.y1, labels[i]
+        for j, b in enumerate(extents[:i]):
+            assert _overlap(a, b) == 0, (labels[i].get_text(), labels[j].get_text())
+        for m in markers:
+            assert _overlap(a, m) == 0, labels[i].get_text()
+    # Every artifact of every run is named, with its run's number (a marker on top hides the one below).
+    named = {line for t in labels for line in t.get_text().splitlines()}
+    plotted = [p["name"] for p in points([report], axis)]
+    for k in range(runs):
+        for name in plotted:
+            assert any(line.startswith(name + " [") and str(k + 1) in line.split("[")[1] for line in named)
+    if shift == 0:  # coinciding points share one label that names both runs
+        assert all(line.endswith("[1, 2]") for line in named) and len(labels) < len(plotted) * runs
+
+
+def test_report_render_uses_the_recipe_titled_plots(digits_run, tmp_path):
+    """The PNGs report.render writes are these figures (same size), so the titles above reach the files."""
+    _, report, _ = digits_run
+    written = report_mod.render(tmp_path, [report])
+    png = Image.open(tmp_path / "accuracy_vs_size.png")
+    fig = scatter_figure([report], "size")
+    assert png.size == tuple(round(v) for v in fig.get_size_inches() * fig.dpi)
+    assert tmp_path / "report.html" in written and tmp_path / "report.md" in written

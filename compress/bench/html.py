@@ -1,95 +1,107 @@
-"""A self-contained report.html (tables + plots embedded as base64 PNG), rendered from report.json."""
+"""A self-contained report.html (plots embedded as base64 PNG) rendered from the report's document model.
+
+The same `Document` that report.md is rendered from (compress.bench.document), so both carry the same
+sections. Wide tables sit in a wrapper that scrolls sideways instead of overflowing the page.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 from collections.abc import Sequence
-from typing import Any
 
-from compress.bench.plots import front_names
+from compress.bench.document import (
+    Block,
+    BulletList,
+    Code,
+    Document,
+    Emph,
+    Image,
+    Paragraph,
+    Section,
+    Table,
+    Text,
+    nothing_to_plot,
+    spans,
+)
+
+# The wrapper's overflow is also set inline, so the page scrolls its tables even where the <style> is stripped.
+TABLE_WRAP = "overflow-x:auto"
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1100px; color: #222; }
+.table-wrap { overflow-x: auto; max-width: 100%; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }
+th:first-child, td:first-child { text-align: left; white-space: nowrap; }
 tr.front td { background: #fff3f3; }
-img { max-width: 100%; border: 1px solid #eee; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+code { font-size: 0.95em; }
 .note { color: #a00; }
 """
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def _inline(text: Text) -> str:
+    out = []
+    for s in spans(text):
+        if isinstance(s, Code):
+            out.append(f"<code>{html.escape(s.text)}</code>")
+        elif isinstance(s, Emph):
+            out.append(f"<em>{html.escape(s.text)}</em>")
+        else:
+            out.append(html.escape(s))
+    return "".join(out)
+
+
+def _table(t: Table) -> str:
+    head = "".join(f"<th>{_inline(h)}</th>" for h in t.header)
     body = []
-    for i, row in enumerate(rows):
-        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _img(png: bytes | None, alt: str) -> str:
-    if png is None:
-        return f"<p>({html.escape(alt)}: nothing to plot)</p>"
-    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>'
-
-
-def render(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -> str:
-    from compress.bench.report import accuracy_steps, int8_notes, summary_rows, threads_label
-
-    title = (
-        f"Compression report: {reports[0]['recipe']['name']}"
-        if len(reports) == 1
-        else f"Compression comparison: {len(reports)} runs"
+    for i, row in enumerate(t.rows):
+        cls = ' class="front"' if t.highlight and t.highlight[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>")
+    return (
+        f'<div class="table-wrap" style="{TABLE_WRAP}"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
     )
-    on_lat, on_size = front_names(reports, "latency"), front_names(reports, "size")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
-    parts.append(f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
-    parts.append(
-        "<p>One point per artifact; the dashed line is the Pareto front (no other model is both at least "
-        "as accurate and at most as slow / as large). Rows on either front are shaded.</p>"
-    )
-    parts.append(_img(pngs.get("accuracy_vs_latency"), "accuracy vs latency"))
-    parts.append(_img(pngs.get("accuracy_vs_size"), "accuracy vs size"))
-    for rep in reports:
-        label = rep.get("label") or rep["recipe"]["name"]
-        env = rep["environment"]
-        parts.append(f"<h2>{html.escape(label)}</h2>")
-        parts.append(
-            f"<p>Recipe <code>{html.escape(rep['recipe']['name'])}</code>, finished {html.escape(rep['finished'])} "
-            f"on {html.escape(str(env.get('cpu')))}{', ' + html.escape(env['isa']) if env.get('isa') else ''} "
-            f"({threads_label(env.get('threads'))} threads"
-            f"{', GPU ' + html.escape(env['gpu']) if env.get('gpu') else ', no GPU'}); torch "
-            f"{html.escape(env['torch'])}, onnxruntime {html.escape(env['onnxruntime'])}; top-1 on "
-            f"{rep['data']['test_images']} test images.</p>"
-        )
-        header, rows = summary_rows(rep)
-        marks = [
-            ("latency" if (label, a["name"]) in on_lat else "") + (" size" if (label, a["name"]) in on_size else "")
-            for a in rep["artifacts"]
-        ]
-        header = [*header, "Pareto front"]
-        rows = [[*r, m.strip() or "–"] for r, m in zip(rows, marks, strict=True)]
-        parts.append(_table(header, rows, ["front" if m.strip() else "" for m in marks]))
-        lat_rows = [
-            [a["name"], r["device"], r["runtime"], str(r["batch_size"]), str(r["threads"])]
-            + [f"{r[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms")]
-            + [f"{r['throughput']:.0f}"]
-            for a in rep["artifacts"]
-            for r in a["latency"]
-        ]
-        if lat_rows:
-            parts.append("<h3>Latency</h3>")
-            lat_header = ["artifact", "device", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "img/s"]
-            parts.append(_table(lat_header, lat_rows))
-        steps_header, steps = accuracy_steps(rep)
-        if steps:
-            parts.append("<h3>Accuracy-aware quantization</h3>")
-            parts.append(_table(steps_header, [[c.replace("`", "") for c in r] for r in steps]))
-        notes = int8_notes(rep) + rep.get("notes", [])
-        if notes:
-            parts.append("<h3>Notes</h3><ul>" + "".join(f"<li class='note'>{html.escape(n)}</li>" for n in notes))
-            parts.append("</ul>")
-    parts.append("</body></html>")
+
+
+def _img(image: Image) -> str:
+    if image.png is None:
+        return f"<p>{html.escape(nothing_to_plot(image))}</p>"
+    data = base64.b64encode(image.png).decode()
+    return f'<p><img alt="{html.escape(image.alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _blocks(blocks: Sequence[Block], level: int) -> list[str]:
+    parts = []
+    for b in blocks:
+        if isinstance(b, Section):
+            h = min(level, 6)
+            parts.append(f"<section><h{h}>{html.escape(b.title)}</h{h}>")
+            parts.extend(_blocks(b.blocks, level + 1))
+            parts.append("</section>")
+        elif isinstance(b, Paragraph):
+            parts.append(f"<p>{_inline(b.text)}</p>")
+        elif isinstance(b, Table):
+            parts.append(_table(b))
+        elif isinstance(b, BulletList):
+            cls = f' class="{html.escape(b.css_class)}"' if b.css_class else ""
+            parts.append("<ul>" + "".join(f"<li{cls}>{_inline(item)}</li>" for item in b.items) + "</ul>")
+        elif isinstance(b, Image):
+            parts.append(_img(b))
+        else:  # pragma: no cover - the Block union is closed
+            raise TypeError(f"not a document block: {b!r}")
+    return parts
+
+
+def render(doc: Document) -> str:
+    """The document as one HTML page with nothing external (styles inline, images as data: URLs)."""
+    title = html.escape(doc.title)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{title}</title><style>{STYLE}</style></head><body><h1>{title}</h1>",
+        *_blocks(doc.blocks, 2),
+        "</body></html>",
+    ]
     return "\n".join(parts) + "\n"

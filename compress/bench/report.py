@@ -1,13 +1,35 @@
-"""report.json is the source of truth; report.md and the console table are rendered from it."""
+"""report.json is the source of truth; report.md, report.html, the plots and the console table are rendered from it.
+
+One document model (compress.bench.document) is built from the report(s) and rendered to Markdown and to
+HTML, so both files have the same sections. Dependencies go one way: document <- html <- report.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Table as RichTable
+
+from compress.bench import html
+from compress.bench.document import (
+    Block,
+    BulletList,
+    Code,
+    Document,
+    Emph,
+    Image,
+    Paragraph,
+    Section,
+    Span,
+    Table,
+    Text,
+    markdown,
+)
+from compress.bench.plots import common_batch_size, cpu_p50, front_names, scatter_png
 
 
 def human_bytes(n: float | None) -> str:
@@ -31,8 +53,6 @@ def human_count(n: float | None) -> str:
 
 def _p50(art: dict[str, Any], device: str, bs: int) -> float | None:
     if device == "cpu":
-        from compress.bench.plots import cpu_p50
-
         return cpu_p50(art, bs)
     return next((r["p50_ms"] for r in art["latency"] if r["device"] == device and r["batch_size"] == bs), None)
 
@@ -127,32 +147,26 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
     return notes
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A Markdown table's lines."""
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
-
-
-def accuracy_steps(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def accuracy_steps(report: dict[str, Any]) -> tuple[list[str], list[list[Text]]]:
     """The accuracy-aware quantization loop of every quantize stage that ran it, one row per step:
     the nodes moved to float, top-1, drop and batch-1 latency; the step the stage kept is marked."""
     header = ["stage", "step", "nodes in float", "moved to float", "top-1", "drop", "p50 ms bs=1", "kept"]
-    rows = []
+    rows: list[list[Text]] = []
     for st in report.get("stages", []):
         m = st["metrics"]
         before: list[str] = []
         for i, step in enumerate(m.get("accuracy_steps", [])):
             added = [n for n in step["excluded"] if n not in before]
             before = step["excluded"]
+            moved: list[Span] = []
+            for n in added:
+                moved += [", ", Code(n)] if moved else [Code(n)]
             rows.append(
                 [
                     str(st["index"]),
                     str(i),
                     str(len(step["excluded"])),
-                    ", ".join(f"`{n}`" for n in added) or "–",
+                    tuple(moved) or "–",
                     f"{100 * step['top1']:.2f}%",
                     f"{100 * step['drop']:.2f} pt",
                     f"{step['p50_ms_bs1']:.3f}",
@@ -164,63 +178,170 @@ def accuracy_steps(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def markdown(report: dict[str, Any]) -> str:
-    env = report["environment"]
-    header, rows = summary_rows(report)
-    lines = [
-        f"# Compression report: {report['recipe']['name']}",
-        "",
-        f"Run {report['finished']} on {env['cpu']}{', ' + env['isa'] if env.get('isa') else ''} "
+PLOTS = {"accuracy_vs_latency": "latency", "accuracy_vs_size": "size"}
+
+
+def _label(rep: dict[str, Any]) -> str:
+    return rep.get("label") or rep["recipe"]["name"]
+
+
+def _environment(rep: dict[str, Any]) -> str:
+    env = rep["environment"]
+    return (
+        f"Run {rep['finished']} on {env['cpu']}{', ' + env['isa'] if env.get('isa') else ''} "
         f"({threads_label(env['threads'])} threads"
         f"{', GPU ' + env['gpu'] if env.get('gpu') else ', no GPU'}); torch {env['torch']}, "
-        f"onnxruntime {env['onnxruntime']}. Top-1 on the {report['data']['test_images']}-image test split.",
-        "",
-        *md_table(header, rows),
-        "",
-        "## Latency",
-        "",
-        "| artifact | device | runtime | batch | threads | p50 ms | p90 ms | p99 ms | images/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"onnxruntime {env['onnxruntime']}. Top-1 on the {rep['data']['test_images']}-image test split."
+    )
+
+
+def _summary(rep: dict[str, Any], fronts: dict[str, set[tuple[str, str]]]) -> Table:
+    """The summary table plus a Pareto front column (the front over every run in the document)."""
+    header, rows = summary_rows(rep)
+    marks = [", ".join(k for k, front in fronts.items() if (_label(rep), a["name"]) in front) for a in rep["artifacts"]]
+    return Table(
+        [*header, "Pareto front"],
+        [[*r, m or "–"] for r, m in zip(rows, marks, strict=True)],
+        highlight=[bool(m) for m in marks],
+    )
+
+
+def _latency(rep: dict[str, Any]) -> Section | None:
+    rows: list[list[Text]] = [
+        [a["name"], r["device"], r["runtime"], str(r["batch_size"]), str(r["threads"])]
+        + [f"{r[k]:.3f}" for k in ("p50_ms", "p90_ms", "p99_ms")]
+        + [f"{r['throughput']:.0f}"]
+        for a in rep["artifacts"]
+        for r in a["latency"]
     ]
-    for art in report["artifacts"]:
-        for r in art["latency"]:
-            lines.append(
-                f"| {art['name']} | {r['device']} | {r['runtime']} | {r['batch_size']} | {r['threads']} | "
-                f"{r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput']:.0f} |"
+    if not rows:
+        return None
+    header = ["artifact", "device", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "images/s"]
+    return Section("Latency", [Table(header, rows)])
+
+
+def _deploy(rep: dict[str, Any]) -> Section | None:
+    onnx_rows = [a for a in rep["artifacts"] if a.get("input")]
+    if not onnx_rows:
+        return None
+    return Section(
+        "Deploy",
+        [
+            Paragraph(
+                "Each ONNX file describes itself in its metadata (class names, input layout, normalization, "
+                "recipe hash, measured top-1); ONNX latency above includes any preprocessing done in the graph."
+            ),
+            BulletList([(Code(a["name"]), f" takes {a['input']}") for a in onnx_rows]),
+            Paragraph(
+                (
+                    "Top-k for image files or folders, needing only onnxruntime, numpy and Pillow: ",
+                    Code("compress predict model.onnx IMAGE_OR_FOLDER ... --top-k 5"),
+                    " (or ",
+                    Code("python compress/deploy.py ..."),
+                    ").",
+                )
+            ),
+        ],
+    )
+
+
+def _stages(rep: dict[str, Any]) -> Section | None:
+    if not rep.get("stages"):
+        return None
+    rows: list[list[Text]] = [
+        [str(st["index"]), st["kind"], f"{st['seconds']:.1f}", _stage_summary(st["metrics"])] for st in rep["stages"]
+    ]
+    return Section("Stages", [Table(["#", "stage", "seconds", "result"], rows)])
+
+
+def _accuracy_loop(rep: dict[str, Any]) -> Section | None:
+    header, steps = accuracy_steps(rep)
+    if not steps:
+        return None
+    intro = (
+        "Each step keeps the nodes with the worst quantization error in float and re-quantizes; the stage "
+        "keeps the first step within ",
+        Code("max_accuracy_drop"),
+        " (top-1 and drop on its ",
+        Code("accuracy_images"),
+        ").",
+    )
+    return Section("Accuracy-aware quantization", [Paragraph(intro), Table(header, steps)])
+
+
+def _notes(rep: dict[str, Any]) -> Section | None:
+    notes = int8_notes(rep) + rep.get("notes", [])
+    return Section("Notes", [BulletList(list(notes), css_class="note")]) if notes else None
+
+
+def _plots(pngs: dict[str, bytes | None]) -> Section:
+    intro = (
+        "One point per artifact; the dashed line is the Pareto front: the artifacts no other one beats on both "
+        "accuracy and latency / size (the ",
+        Emph("Pareto front"),
+        " column; report.html shades those rows and has the plots embedded).",
+    )
+    images = [Image(name.replace("_", " "), f"{name}.png", pngs.get(name)) for name in PLOTS]
+    return Section("Plots", [Paragraph(intro), *images])
+
+
+def _run_sections(rep: dict[str, Any]) -> list[Block]:
+    return [s for s in (_latency(rep), _deploy(rep), _stages(rep), _accuracy_loop(rep), _notes(rep)) if s]
+
+
+def _fronts(reports: Sequence[dict[str, Any]]) -> dict[str, set[tuple[str, str]]]:
+    return {axis: front_names(reports, axis) for axis in ("latency", "size")}
+
+
+def _comparison_table(reports: Sequence[dict[str, Any]], fronts: dict[str, set[tuple[str, str]]]) -> Table:
+    bs = common_batch_size(reports)
+    header = ["run", "artifact", "format", "precision", "top-1", "size", "MACs", f"CPU p50 ms (bs={bs})", "Pareto"]
+    rows: list[list[Text]] = []
+    marked = []
+    for rep in reports:
+        label = _label(rep)
+        for art in rep["artifacts"]:
+            p50 = cpu_p50(art, bs) if bs is not None else None
+            front = [k for k, s in fronts.items() if (label, art["name"]) in s]
+            rows.append(
+                [
+                    label,
+                    art["name"],
+                    art["format"],
+                    art["precision"],
+                    f"{100 * art['accuracy']:.2f}%" if art.get("accuracy") is not None else "–",
+                    human_bytes(art["size_bytes"]),
+                    human_count(art.get("macs")),
+                    f"{p50:.3f}" if p50 is not None else "–",
+                    ", ".join(front) or "–",
+                ]
             )
-    onnx_rows = [a for a in report["artifacts"] if a.get("input")]
-    if onnx_rows:
-        lines += [
-            "",
-            "## Deploy",
-            "",
-            "Each ONNX file describes itself in its metadata (class names, input layout, normalization, "
-            "recipe hash, measured top-1); ONNX latency above includes any preprocessing done in the graph.",
-            "",
-            *(f"- `{a['name']}` takes {a['input']}" for a in onnx_rows),
-            "",
-            "Top-k for image files or folders, needing only onnxruntime, numpy and Pillow: "
-            "`compress predict model.onnx IMAGE_OR_FOLDER ... --top-k 5` (or `python compress/deploy.py ...`).",
-        ]
-    if report.get("stages"):
-        lines += ["", "## Stages", "", "| # | stage | seconds | result |", "|---|---|---|---|"]
-        for st in report["stages"]:
-            lines.append(f"| {st['index']} | {st['kind']} | {st['seconds']:.1f} | {_stage_summary(st['metrics'])} |")
-    steps_header, steps = accuracy_steps(report)
-    if steps:
-        lines += [
-            "",
-            "## Accuracy-aware quantization",
-            "",
-            "Each step keeps the nodes with the worst quantization error in float and re-quantizes; the stage "
-            "keeps the first step within `max_accuracy_drop` (top-1 and drop on its `accuracy_images`).",
-            "",
-            *md_table(steps_header, steps),
-        ]
-    notes = int8_notes(report) + report.get("notes", [])
-    if notes:
-        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
-    return "\n".join(lines) + "\n"
+            marked.append(bool(front))
+    return Table(header, rows, highlight=marked)
+
+
+def document(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -> Document:
+    """The report of one run, or the comparison of several, as one document both renderers walk."""
+    fronts = _fronts(reports)
+    if len(reports) == 1:
+        rep = reports[0]
+        blocks: list[Block] = [Paragraph(_environment(rep)), _summary(rep, fronts), _plots(pngs)]
+        return Document(f"Compression report: {rep['recipe']['name']}", blocks + _run_sections(rep))
+    blocks = [
+        Paragraph(
+            (
+                "Top-1 is each run's own test split; compare runs on the same dataset. ",
+                Emph("Pareto"),
+                " marks the artifacts no other one beats on both accuracy and latency / size.",
+            )
+        ),
+        _comparison_table(reports, fronts),
+        _plots(pngs),
+    ]
+    for rep in reports:
+        intro = Paragraph(("Recipe ", Code(rep["recipe"]["name"]), ". ", _environment(rep)))
+        blocks.append(Section(_label(rep), [intro, _summary(rep, fronts), *_run_sections(rep)]))
+    return Document(f"Compression comparison: {len(reports)} runs", blocks)
 
 
 def _stage_summary(metrics: dict[str, Any]) -> str:
@@ -263,9 +384,6 @@ def _stage_summary(metrics: dict[str, Any]) -> str:
     return "; ".join(bits) or "–"
 
 
-PLOTS = {"accuracy_vs_latency": "latency", "accuracy_vs_size": "size"}
-
-
 def write(run_dir: Path, report: dict[str, Any]) -> None:
     """report.json (the source of truth), then everything rendered from it."""
     _atomic_write(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
@@ -274,21 +392,14 @@ def write(run_dir: Path, report: dict[str, Any]) -> None:
 
 def render(out_dir: Path, reports: list[dict[str, Any]]) -> list[Path]:
     """report.md, report.html and the two PNG plots for one run or a comparison of several."""
-    from compress.bench import html
-    from compress.bench.plots import scatter_png
-
     pngs = {name: scatter_png(reports, axis) for name, axis in PLOTS.items()}
     written = []
     for name, png in pngs.items():
         if png is not None:
             written.append(_atomic_write(out_dir / f"{name}.png", png))
-    md = markdown(reports[0]) if len(reports) == 1 else comparison_markdown(reports)
-    pictures = [f"![{name.replace('_', ' ')}]({name}.png)" for name, png in pngs.items() if png is not None]
-    if pictures:
-        md += "\n## Plots\n\nThe dashed line is the Pareto front (report.html has them embedded).\n\n"
-        md += "\n\n".join(pictures) + "\n"
-    written.append(_atomic_write(out_dir / "report.md", md))
-    written.append(_atomic_write(out_dir / "report.html", html.render(reports, pngs)))
+    doc = document(reports, pngs)
+    written.append(_atomic_write(out_dir / "report.md", markdown(doc)))
+    written.append(_atomic_write(out_dir / "report.html", html.render(doc)))
     return written
 
 
@@ -346,33 +457,6 @@ def _missing_fields(rep: dict[str, Any]) -> list[str]:
     return missing
 
 
-def comparison_markdown(reports: list[dict[str, Any]]) -> str:
-    from compress.bench.plots import common_batch_size, cpu_p50, front_names
-
-    bs = common_batch_size(reports)
-    on_lat, on_size = front_names(reports, "latency"), front_names(reports, "size")
-    header = ["run", "artifact", "format", "precision", "top-1", "size", "MACs", f"CPU p50 ms (bs={bs})", "Pareto"]
-    lines = [
-        f"# Compression comparison: {len(reports)} runs",
-        "",
-        "Top-1 is each run's own test split; compare runs on the same dataset. *Pareto* marks the artifacts "
-        "no other one beats on both accuracy and latency / size.",
-        "",
-        *md_table(header, []),
-    ]
-    for rep in reports:
-        label = rep.get("label") or rep["recipe"]["name"]
-        for art in rep["artifacts"]:
-            p50 = cpu_p50(art, bs) if bs is not None else None
-            front = [k for k, s in (("latency", on_lat), ("size", on_size)) if (label, art["name"]) in s]
-            lines.append(
-                f"| {label} | {art['name']} | {art['format']} | {art['precision']} | {100 * art['accuracy']:.2f}% | "
-                f"{human_bytes(art['size_bytes'])} | {human_count(art.get('macs'))} | "
-                f"{f'{p50:.3f}' if p50 is not None else '–'} | {', '.join(front) or '–'} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
 def _atomic_write(path: Path, data: str | bytes) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     if isinstance(data, bytes):
@@ -408,7 +492,7 @@ def print_table(report: dict[str, Any], console: Console) -> None:
             short[h] = "speed-up"
         elif h.startswith("smaller"):
             short[h] = "smaller"
-    table = Table(title=f"compress: {report['recipe']['name']} (full table: report.md)", show_lines=False)
+    table = RichTable(title=f"compress: {report['recipe']['name']} (full table: report.md)", show_lines=False)
     for i in keep:
         table.add_column(short[header[i]], justify="left" if i < 3 else "right", no_wrap=i == 0)
     for r in rows:
