@@ -21,7 +21,7 @@ from common import ROOT, machine, save
 OVERRIDES = [
     "stages.0.epochs=15",
     "stages.1.epochs=15",
-    "stages.2.finetune_epochs=5",
+    "stages.2.finetune.epochs=5",
     "benchmark.iters=100",
     "benchmark.warmup=10",
 ]

@@ -22,7 +22,7 @@ def command() -> str:
 
 def stamp(started: dt.datetime, threads: int) -> dict[str, Any]:
     """The head of a result: the command, when it started, and the machine at ``threads`` threads."""
-    from compress.bench.env import environment
+    from compress.env import environment
 
     return {"command": command(), "date": started.isoformat(timespec="seconds"), "environment": environment(threads)}
 

@@ -36,24 +36,36 @@ def variants(epochs: int) -> dict[str, dict[str, Any]]:
     scaled to this schedule; its α, β, T are the paper's CIFAR values."""
     dkd_warmup = round(max(epochs * 20 / 240, 1.0), 2)
     return {
-        "vanilla": {"kind": "train", "target": "student", "epochs": epochs, **OPTIM},
+        "vanilla": {"kind": "train", "target": "student", "epochs": epochs, "optim": OPTIM},
         # the same, without bf16 autocast: does bf16 (the CPU default) cost accuracy?
-        "vanilla_fp32": {"kind": "train", "target": "student", "epochs": epochs, **OPTIM, "precision": "fp32"},
-        "kd": {"kind": "distill", "epochs": epochs, **OPTIM, "loss": "hinton", "temperature": 4.0, "alpha": 0.9},
+        "vanilla_fp32": {
+            "kind": "train",
+            "target": "student",
+            "epochs": epochs,
+            "optim": {**OPTIM, "precision": "fp32"},
+        },
+        "kd": {
+            "kind": "distill",
+            "epochs": epochs,
+            "optim": OPTIM,
+            "kd": {"loss": "hinton", "temperature": 4.0, "alpha": 0.9},
+        },
         "dkd": {
             "kind": "distill",
             "epochs": epochs,
-            **OPTIM,
-            "losses": [
-                {"name": "ce"},
-                {"name": "dkd", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": dkd_warmup},
-            ],
+            "optim": OPTIM,
+            "kd": {
+                "losses": [
+                    {"name": "ce"},
+                    {"name": "dkd", "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": dkd_warmup},
+                ]
+            },
         },
         "at": {
             "kind": "distill",
             "epochs": epochs,
-            **OPTIM,
-            "losses": [{"name": "ce"}, {"name": "attention", "pairs": GROUPS, "weight": 500.0}],
+            "optim": OPTIM,
+            "kd": {"losses": [{"name": "ce"}, {"name": "attention", "pairs": GROUPS, "weight": 500.0}]},
         },
     }
 

@@ -39,7 +39,7 @@ def cifar_recipe(model: str, root: str, epochs: int) -> dict[str, Any]:
         "seed": 0,
         "data": {"name": "cifar10", "root": root, "batch_size": 128, "eval_batch_size": 500},
         "student": {"model": model},
-        "stages": [{"kind": "train", "epochs": epochs, **OPTIM}, {"kind": "export", "opset": 18}],
+        "stages": [{"kind": "train", "epochs": epochs, "optim": OPTIM}, {"kind": "export", "opset": 18}],
         "benchmark": BENCH,
     }
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from common import ROOT, command, machine, save
 
-from compress.bench.env import environment
 from compress.bench.measure import batch_of, onnx_accuracy, percentiles, time_calls
 from compress.checkpoint import load_weights, read_checkpoint
 from compress.context import Artifact, Context
+from compress.env import environment
 from compress.models import build_model
 from compress.onnx_utils import run, session
 from compress.pipeline import load_data

@@ -66,7 +66,7 @@ def train(root: str, epochs: int, out: Path) -> Path:
         "compress", "run", "recipes/cifar_resnet.yaml", "--out", str(out), "--overwrite", "--quiet",
         "--set", f"data.root={root}", "--set", "teacher=null", "--set", "benchmark.iters=5",
         "--set", "benchmark.warmup=1", "--set", "benchmark.batch_sizes=[1]",
-        "--set", f"stages=[{{kind: train, target: student, epochs: {epochs}, lr: 0.1}}]",
+        "--set", f"stages=[{{kind: train, target: student, epochs: {epochs}, optim: {{lr: 0.1}}}}]",
     ]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True)
     return out / "checkpoints" / "01-train" / "student.pt"

@@ -57,23 +57,22 @@ def main() -> int:
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
-    structured = {"kind": "prune", "method": "l1", "target_macs": 0.5, "finetune_epochs": args.epochs, **FT}
+    tune = {"epochs": args.epochs, "optim": FT}
+    structured = {"kind": "prune", "method": "l1", "target_macs": 0.5, "finetune": tune}
+    structured_kd = {**structured, "finetune": {**tune, "kd": True}}
     raws = {
         "unpruned": recipe("prune_cifar_unpruned", args.root, teacher, []),
-        "structured_kd": recipe("prune_cifar_kd", args.root, teacher, [{**structured, "distill": True}]),
+        "structured_kd": recipe("prune_cifar_kd", args.root, teacher, [structured_kd]),
         "structured": recipe("prune_cifar_nokd", args.root, teacher, [structured]),
         # the same with widths rounded to multiples of 8: odd widths fall off the CPU kernels' fast paths
-        "structured_kd_round8": recipe(
-            "prune_cifar_kd_r8", args.root, teacher, [{**structured, "distill": True, "round_to": 8}]
-        ),
+        "structured_kd_round8": recipe("prune_cifar_kd_r8", args.root, teacher, [{**structured_kd, "round_to": 8}]),
     }
     reports = {name: run(work, name, raw) for name, raw in raws.items()}
     # Unstructured at the structured model's parameter count: the same number of non-zero weights.
     dense = art(reports["structured_kd"], "student@input")
     keep = art(reports["structured_kd"], "student@prune")["params"] / dense["params"]
     sparsity = round(1 - keep, 4)
-    sparse = {"kind": "sparsify", "sparsity": sparsity, "sparsity_schedule": "agp", "finetune_epochs": args.epochs,
-              "distill": True, **FT}  # fmt: skip
+    sparse = {"kind": "sparsify", "sparsity": sparsity, "sparsity_schedule": "agp", "finetune": {**tune, "kd": True}}
     raws["unstructured_kd"] = recipe("prune_cifar_sparse", args.root, teacher, [sparse])
     reports["unstructured_kd"] = run(work, "unstructured_kd", raws["unstructured_kd"])
     rows = {}

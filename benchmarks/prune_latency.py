@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from common import command, machine, save
 
-from compress.bench.env import environment
 from compress.bench.measure import percentiles, time_calls
+from compress.env import environment
 from compress.models import build_model
 from compress.onnx_utils import run, session
 from compress.pruning.structured import StructuredOptions, count, prune_step

@@ -50,7 +50,7 @@ def recipe(name: str, args: argparse.Namespace, model: str, checkpoint: Path | N
     }
     if model == "resnet20" and args.qat_epochs:
         raw["teacher"] = {"model": "resnet56", "checkpoint": str(args.teacher)}
-        stages.append({"kind": "qat", "finetune_epochs": args.qat_epochs, "distill": True, "lr": args.qat_lr})
+        stages.append({"kind": "qat", "epochs": args.qat_epochs, "kd": True, "optim": {"lr": args.qat_lr}})
     return raw
 
 
@@ -58,7 +58,11 @@ def control(args: argparse.Namespace) -> dict[str, Any]:
     """The KD ResNet-20 fine-tuned as QAT is (epochs, lr, KD, fp32) without fake quantization, then our PTQ."""
     raw = recipe("quant_peers_resnet20_ft", args, "resnet20", args.student)
     raw["stages"] = [
-        {"kind": "distill", "epochs": args.qat_epochs, "lr": args.qat_lr, "precision": "fp32", "channels_last": False},
+        {
+            "kind": "distill",
+            "epochs": args.qat_epochs,
+            "optim": {"lr": args.qat_lr, "precision": "fp32", "channels_last": False},
+        },
         *raw["stages"][:2],
     ]
     return raw

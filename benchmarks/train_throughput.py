@@ -36,10 +36,10 @@ from common import ROOT, command, isa_kind, machine, save
 
 sys.path.insert(0, str(ROOT))
 
-from compress.bench.env import environment  # noqa: E402
 from compress.context import Context  # noqa: E402
 from compress.data.base import DataBundle, augment_batch  # noqa: E402
-from compress.distill.hinton import hinton_loss  # noqa: E402
+from compress.distill.losses.hinton import hinton_loss  # noqa: E402
+from compress.env import environment  # noqa: E402
 from compress.models import build_model  # noqa: E402
 from compress.recipe import validate_recipe  # noqa: E402
 from compress.stages import STAGES  # noqa: E402
@@ -157,8 +157,9 @@ def main() -> int:
     data = subset(full, args.images, 1000)
     assert "distill" in STAGES
     e = args.epochs
-    train = {"kind": "train", "epochs": e, "lr": 0.1, "warmup_epochs": 0}
-    distill = {"kind": "distill", "epochs": e, "lr": 0.1, "loss": "hinton", "temperature": T, "alpha": ALPHA}
+    train = {"kind": "train", "epochs": e, "optim": {"lr": 0.1, "warmup_epochs": 0}}
+    kd = {"loss": "hinton", "temperature": T, "alpha": ALPHA}
+    distill = {"kind": "distill", "epochs": e, "optim": {"lr": 0.1}, "kd": kd}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         teacher = build_model("resnet56", 10, 3)
@@ -168,17 +169,23 @@ def main() -> int:
             "plain loop, KD (live teacher)": plain_loop(data, e, teacher),
             "compress distill, live teacher": ours(data, e, distill, teacher, work / "b"),
             "compress distill, cached teacher (augment_views: 1)": ours(
-                data, e, {**distill, "cache_teacher": True, "augment_views": 1}, teacher, work / "c"
+                data, e, {**distill, "kd": {**kd, "cache_teacher": True, "augment_views": 1}}, teacher, work / "c"
             ),
             "compress distill, live teacher (augment_views: 1)": ours(
-                data, e, {**distill, "augment_views": 1}, teacher, work / "d"
+                data, e, {**distill, "kd": {**kd, "augment_views": 1}}, teacher, work / "d"
             ),
         }
         if args.compare_precision:
             for precision in ("fp32", "bf16"):
                 for what, stage, t in (("train", train, None), ("distill, live teacher", distill, teacher)):
                     name = f"compress {what}, precision: {precision}"
-                    rows[name] = ours(data, e, {**stage, "precision": precision}, t, work / name.replace(" ", "_"))
+                    rows[name] = ours(
+                        data,
+                        e,
+                        {**stage, "optim": {**stage["optim"], "precision": precision}},
+                        t,
+                        work / name.replace(" ", "_"),
+                    )
     steps = args.images // 128
     result = {
         name: {

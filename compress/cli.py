@@ -1,4 +1,4 @@
-"""``compress run | validate | predict | bench | report | analyze | env | list | schema``.
+"""``compress run | validate | predict | bench | report | analyze | env | list | schema`` (and ``--version``).
 
 User errors: one line on stderr, exit 2."""
 
@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from compress import __version__
 from compress.errors import CompressError, StageFailed
 
 
@@ -38,6 +39,7 @@ def _words(text: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="compress", description="Distill, prune, export and quantize a PyTorch model from one recipe.")
+    p.add_argument("--version", action="version", version=f"compress {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def recipe_args(sp: argparse.ArgumentParser) -> None:
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override a field, e.g. --set stages.1.temperature=2 (repeatable)",
+            help="override a field, e.g. --set stages.1.kd.temperature=2 (repeatable)",
         )
 
     run = sub.add_parser("run", help="run a recipe end to end")
@@ -138,7 +140,7 @@ def _env(as_json: bool) -> None:
     precision ``auto``, and ONNX Runtime's INT8 kernels probed for every scheme."""
     import torch
 
-    from compress.bench.env import environment
+    from compress.env import environment
     from compress.quantization.schemes import SCHEMES, choose, probe
     from compress.training import autocast_dtype
 
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             _report(args.runs, args.out)
         elif args.command == "analyze":
-            from compress.pruning.sensitivity import analyze
+            from compress.commands.analyze import analyze
 
             analyze(args)
         elif args.command == "schema":

@@ -18,7 +18,8 @@ from compress.checkpoint import save_model
 from compress.data import DataBundle
 
 if TYPE_CHECKING:
-    from compress.recipe import ModelSpec, RecipeBase
+    from compress.config import RecipeBase
+    from compress.models import ModelSpec
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch_pruning as tp
 
 from compress.registry import Registry
 
-IMPORTANCES: Registry[type[tp.importance.Importance]] = Registry("importance criterion")
+IMPORTANCES: Registry[type[tp.importance.Importance]] = Registry("importance criterion", group="compress.importances")
 
 
 def needs_gradients(name: str) -> bool:

@@ -20,13 +20,15 @@ import numpy as np
 import onnx
 import torch
 
+from compress.config import dump_recipe
 from compress.data import DataBundle
 from compress.deploy import ModelInfo, read_metadata
+from compress.env import library_versions
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-    from compress.recipe import RecipeBase
+    from compress.config import RecipeBase
 
 
 def model_info(data: DataBundle, *, preprocess_in_graph: bool, layout: str) -> ModelInfo:
@@ -47,14 +49,10 @@ def model_info(data: DataBundle, *, preprocess_in_graph: bool, layout: str) -> M
 
 def recipe_sha256(recipe: RecipeBase) -> str:
     """The hash of exactly the text written to ``recipe.resolved.yaml``."""
-    from compress.recipe import dump_recipe
-
     return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()
 
 
 def provenance(recipe: RecipeBase, *, role: str, model: str, precision: str, source: str | None) -> dict[str, str]:
-    from compress.bench.env import library_versions
-
     versions = library_versions()
     return {
         "producer": f"compress {versions['compress']}",

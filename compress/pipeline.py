@@ -26,10 +26,10 @@ from compress import distributed, metadata
 from compress import resume as resume_mod
 from compress.bench import measure as bench
 from compress.bench import report as report_mod
-from compress.bench.env import environment
 from compress.bench.size import gzip_bytes
 from compress.context import Context
 from compress.data import DataBundle
+from compress.env import environment
 from compress.errors import CompressError, StageFailed, out_of_memory
 from compress.models import build_from_spec
 from compress.recipe import RecipeBase, dump_recipe

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from compress import distributed
@@ -43,6 +43,8 @@ LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]  # (model, batch) -
 
 class OptimConfig(BaseModel):
     """Optimizer, schedule and numerics shared by every stage that trains."""
+
+    model_config = ConfigDict(extra="forbid")
 
     lr: float = Field(0.1, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)

@@ -20,9 +20,9 @@ TINY: dict[str, Any] = {
     "teacher": {"model": "resnet8x4"},
     "student": {"model": "resnet20"},
     "stages": [
-        {"kind": "train", "target": "teacher", "epochs": 1, "lr": 0.05},
-        {"kind": "distill", "epochs": 1, "lr": 0.05},
-        {"kind": "prune", "ratio": 0.5, "finetune_epochs": 1, "distill": True},
+        {"kind": "train", "target": "teacher", "epochs": 1, "optim": {"lr": 0.05}},
+        {"kind": "distill", "epochs": 1, "optim": {"lr": 0.05}},
+        {"kind": "prune", "ratio": 0.5, "finetune": {"epochs": 1, "kd": True}},
         {"kind": "export"},
         {"kind": "quantize", "calibration_batches": 2},
     ],
@@ -58,20 +58,12 @@ def digits_recipe(
 ) -> dict[str, Any]:
     """A real digits pipeline (teacher -> KD student -> [prune + KD fine-tune] -> ONNX -> INT8), fp32, fast."""
     stages: list[dict[str, Any]] = [
-        {"kind": "train", "target": "teacher", "epochs": teacher, "lr": 0.05, "precision": "fp32"},
-        {"kind": "distill", "epochs": distill, "lr": 0.05, "precision": "fp32"},
+        {"kind": "train", "target": "teacher", "epochs": teacher, "optim": {"lr": 0.05, "precision": "fp32"}},
+        {"kind": "distill", "epochs": distill, "optim": {"lr": 0.05, "precision": "fp32"}},
     ]
     if finetune is not None:
-        stages.append(
-            {
-                "kind": "prune",
-                "ratio": 0.5,
-                "finetune_epochs": finetune,
-                "distill": True,
-                "lr": 0.01,
-                "precision": "fp32",
-            }
-        )
+        tune = {"epochs": finetune, "optim": {"lr": 0.01, "precision": "fp32"}, "kd": True}
+        stages.append({"kind": "prune", "ratio": 0.5, "finetune": tune})
     stages += [{"kind": "export"}, {"kind": "quantize", "calibration_batches": calibration_batches}]
     return {
         "name": name,

@@ -46,56 +46,74 @@ CASES = {
     "unknown stage kind": ("stages.1", {"kind": "distil", "epochs": 1}, ["stages.1", "distil", "'distill'"]),
     "typo'd field": (
         "stages.1",
-        {"kind": "distill", "epochs": 1, "temprature": 2},
-        ["stages.1.temprature", "unknown field", "did you mean 'temperature'"],
+        {"kind": "distill", "epochs": 1, "optim": {"lrr": 2}},
+        ["stages.1.optim.lrr", "unknown field", "did you mean 'lr'"],
     ),
     "out of range ratio": ("stages.2.ratio", 1.5, ["stages.2.ratio", "less than 1", "1.5"]),
     "negative epochs": ("stages.0.epochs", -3, ["stages.0.epochs", "greater than or equal to 1"]),
-    "zero temperature": ("stages.1.temperature", 0, ["stages.1.temperature", "greater than 0"]),
+    "zero temperature": ("stages.1.kd", {"temperature": 0}, ["stages.1.kd.temperature", "greater than 0"]),
+    "old flat spelling": ("stages.1.lr", 0.1, ["stages.1.lr", "unknown field", "moved to optim.lr"]),
+    "old prune fine-tune spelling": (
+        "stages.2",
+        {"kind": "prune", "finetune_epochs": 2, "distill": True},
+        ["stages.2.finetune_epochs", "moved to finetune.epochs", "stages.2.distill", "replaced by finetune.kd"],
+    ),
+    "KD setting without KD": (
+        "stages.2",
+        {"kind": "prune", "finetune": {"epochs": 1, "temperature": 2}},
+        ["stages.2.finetune.temperature", "unknown field"],
+    ),
+    "shorthand setting a loss lacks": (
+        "stages.1.kd",
+        {"loss": "ce", "alpha": 0.5},
+        ["stages.1.kd", "alpha has no effect"],
+    ),
     "wrong type": ("stages.0.epochs", "many", ["stages.0.epochs", "valid integer"]),
     "unknown model": ("student.model", "resnet21", ["student.model", "unknown model 'resnet21'"]),
     "unknown dataset": ("data", {"name": "cifar100"}, ["data", "cifar100"]),
     "missing data root": ("data", {"name": "cifar10", "root": "/nonexistent/cifar"}, ["data", "does not exist"]),
     "missing checkpoint": ("teacher.checkpoint", "/nonexistent/t.pt", ["teacher.checkpoint", "does not exist"]),
     "unknown top-level key": ("benchmarks", {}, ["benchmarks", "unknown field", "did you mean 'benchmark'"]),
-    "unknown loss": ("stages.1.loss", "hintn", ["stages.1.loss", "did you mean hinton"]),
+    "unknown loss": ("stages.1.kd", {"loss": "hintn"}, ["stages.1.kd", "did you mean hinton"]),
     "unknown loss term": (
         "stages.1",
-        {"kind": "distill", "epochs": 1, "losses": [{"name": "dkdd"}]},
-        ["stages.1.losses.0", "'dkdd'", "'dkd'"],
+        {"kind": "distill", "epochs": 1, "kd": {"losses": [{"name": "dkdd"}]}},
+        ["stages.1.kd.losses.0", "'dkdd'", "'dkd'"],
     ),
     "typo'd loss term field": (
         "stages.1",
-        {"kind": "distill", "epochs": 1, "losses": [{"name": "dkd", "betta": 8}]},
-        ["stages.1.losses.0.betta", "unknown field", "did you mean 'beta'"],
+        {"kind": "distill", "epochs": 1, "kd": {"losses": [{"name": "dkd", "betta": 8}]}},
+        ["stages.1.kd.losses.0.betta", "unknown field", "did you mean 'beta'"],
     ),
     "loss and losses": (
         "stages.1",
-        {"kind": "distill", "epochs": 1, "temperature": 2, "losses": [{"name": "ce"}]},
-        ["stages.1", "either losses: or temperature"],
+        {"kind": "distill", "epochs": 1, "kd": {"temperature": 2, "losses": [{"name": "ce"}]}},
+        ["stages.1.kd", "give losses: or the shorthand temperature, not both"],
     ),
-    "feature loss as shorthand": ("stages.1.loss", "attention", ["stages.1.loss", "names layers", "losses:"]),
+    "feature loss as shorthand": ("stages.1.kd", {"loss": "attention"}, ["stages.1.kd", "names layers", "losses:"]),
     "layer pairs missing": (
         "stages.1",
-        {"kind": "distill", "epochs": 1, "losses": [{"name": "fitnets"}]},
-        ["stages.1.losses.0.pairs", "required"],
+        {"kind": "distill", "epochs": 1, "kd": {"losses": [{"name": "fitnets"}]}},
+        ["stages.1.kd.losses.0.pairs", "required"],
     ),
     "cached teacher features": (
         "stages.1",
         {
             "kind": "distill",
             "epochs": 1,
-            "cache_teacher": True,
-            "losses": [{"name": "attention", "pairs": [{"student": "layer1", "teacher": "layer1"}]}],
+            "kd": {
+                "cache_teacher": True,
+                "losses": [{"name": "attention", "pairs": [{"student": "layer1", "teacher": "layer1"}]}],
+            },
         },
-        ["stages.1", "cache_teacher", "attention needs teacher features"],
+        ["stages.1.kd", "cache_teacher", "attention needs teacher features"],
     ),
     "extra teacher without weights": (
         "stages.1",
-        {"kind": "distill", "epochs": 1, "teachers": [{"model": "teacher"}, {"model": "resnet20"}]},
-        ["stages.1.teachers.1", "needs a checkpoint"],
+        {"kind": "distill", "epochs": 1, "kd": {"teachers": [{"model": "teacher"}, {"model": "resnet20"}]}},
+        ["stages.1.kd.teachers.1", "needs a checkpoint"],
     ),
-    "zero teacher weight": ("stages.1", {"kind": "distill", "epochs": 1, "teachers": [{"weight": 0}]}, ["weight"]),
+    "zero teacher weight": ("stages.1.kd", {"teachers": [{"weight": 0}]}, ["stages.1.kd.teachers.0.weight"]),
     "quantize before export": ("stages", [{"kind": "quantize"}], ["stages.0 (quantize) needs onnx"]),
     "two pruning targets": ("stages.2.target_macs", 0.5, ["stages.2", "give one of ratio, target_macs"]),
     "typo'd pruning target": ("stages.2.target_mac", 0.5, ["stages.2.target_mac", "did you mean 'target_macs'"]),
@@ -104,7 +122,12 @@ CASES = {
     "agp without fine-tuning": (
         "stages.2",
         {"kind": "sparsify", "sparsity_schedule": "agp"},
-        ["stages.2", "set finetune_epochs >= 1"],
+        ["stages.2", "add finetune: {epochs: N}"],
+    ),
+    "agp setting without agp": (
+        "stages.2",
+        {"kind": "sparsify", "begin_epoch": 1, "finetune": {"epochs": 2}},
+        ["stages.2", "begin_epoch has no effect without sparsity_schedule: agp"],
     ),
     "sparsity out of range": ("stages.2", {"kind": "sparsify", "sparsity": 1}, ["stages.2.sparsity", "less than 1"]),
     "distribution calibration, asymmetric": (
@@ -121,8 +144,7 @@ CASES = {
         "stages.4",
         {
             "kind": "qat",
-            "distill": True,
-            "losses": [{"name": "fitnets", "pairs": [{"student": "layer1", "teacher": "layer1"}]}],
+            "kd": {"losses": [{"name": "fitnets", "pairs": [{"student": "layer1", "teacher": "layer1"}]}]},
         },
         ["stages.4", "qat distills from logits only; fitnets"],
     ),
@@ -172,9 +194,13 @@ def test_missing_recipe_file(tmp_path, capsys):
 
 def test_bad_set_override(tiny, write_recipe, tmp_path, capsys):
     recipe = str(write_recipe(tiny))
-    check_fails_cleanly(capsys, ["run", recipe, "--set", "stages.7.lr=1"], tmp_path / "out", "index 7 out of range")
+    check_fails_cleanly(capsys, ["run", recipe, "--set", "stages.7.epochs=1"], tmp_path / "out", "index 7 out of range")
     check_fails_cleanly(
-        capsys, ["run", recipe, "--set", "stages.0.lr=-1"], tmp_path / "out", "stages.0.lr", "greater than 0"
+        capsys,
+        ["run", recipe, "--set", "stages.0.optim.lr=-1"],
+        tmp_path / "out",
+        "stages.0.optim.lr",
+        "greater than 0",
     )
 
 
@@ -264,9 +290,11 @@ def test_existing_out_dir_is_not_overwritten(tiny, write_recipe, tmp_path, capsy
 
 
 def test_validate_prints_the_resolved_recipe(tiny, write_recipe, capsys):
-    assert main(["validate", str(write_recipe(tiny)), "--set", "stages.1.temperature=2.5"]) == 0
+    assert main(["validate", str(write_recipe(tiny)), "--set", "stages.1.kd.temperature=2.5"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    (term,) = resolved["stages"][1]["losses"]  # the loss: shorthand, spelled out
+    kd = resolved["stages"][1]["kd"]
+    assert not {"loss", "temperature", "alpha"} & set(kd)  # one spelling in the resolved recipe
+    (term,) = kd["losses"]  # the shorthand, spelled out
     assert term == {"name": "hinton", "weight": 1.0, "temperature": 2.5, "alpha": 0.9}  # defaults filled in
 
 
@@ -311,3 +339,14 @@ def test_more_hostile_inputs_through_the_cli(tiny, write_recipe, tmp_path, capsy
         (tmp_path / "imgs" / split).mkdir(parents=True)
     bad = _bad(json.loads(json.dumps(tiny)), "data", {"name": "imagefolder", "root": str(tmp_path / "imgs")})
     check_fails_cleanly(capsys, ["run", str(write_recipe(bad))], tmp_path / "out", "data.root", "no images")
+
+
+def test_version_prints_it_and_exits_0(capsys):
+    from compress import __version__
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"compress {__version__}"
+    for cmd in ([sys.executable, "-m", "compress"], [str(Path(sys.executable).parent / "compress")]):
+        proc = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.strip() == f"compress {__version__}", proc.stderr

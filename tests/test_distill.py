@@ -16,12 +16,12 @@ from tests.conftest import digits_recipe
 from tests.test_cli import check_fails_cleanly
 
 
-def _distill_only(name: str, teacher_ckpt, **distill) -> dict:
+def _distill_only(name: str, teacher_ckpt, **kd) -> dict:
     """Student distilled from a trained digits teacher (from the shared digits run), then ONNX."""
     recipe = digits_recipe(name, 1, 3)
     recipe["teacher"]["checkpoint"] = str(teacher_ckpt)
     recipe["stages"] = [
-        {"kind": "distill", "epochs": 3, "lr": 0.05, "precision": "fp32", **distill},
+        {"kind": "distill", "epochs": 3, "optim": {"lr": 0.05, "precision": "fp32"}, "kd": kd},
         {"kind": "export"},
     ]
     return recipe
@@ -85,7 +85,7 @@ def test_cached_teacher_logits_train_the_same_student(teacher_ckpt, tmp_path):
 
 def test_dkd_shorthand_spells_out_ce_plus_dkd(teacher_ckpt):
     recipe = validate_recipe(_distill_only("short", teacher_ckpt, loss="dkd", temperature=2.0))
-    terms = [t.model_dump() for t in recipe.stages[0].loss_terms()]
+    terms = [t.model_dump() for t in recipe.stages[0].kd.loss_terms()]
     assert terms == [
         {"name": "ce", "weight": 1.0},
         {"name": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 2.0, "warmup_epochs": 20.0},
@@ -95,15 +95,15 @@ def test_dkd_shorthand_spells_out_ce_plus_dkd(teacher_ckpt):
 PREFLIGHT = {
     "layer typo": (
         {"losses": [{"name": "attention", "pairs": [{"student": "layer1", "teacher": "layer1.0.conv3"}]}]},
-        ["stages.1.losses.0.pairs.0.teacher", "no module 'layer1.0.conv3'", "close matches: layer1.0.conv"],
+        ["stages.1.kd.losses.0.pairs.0.teacher", "no module 'layer1.0.conv3'", "close matches: layer1.0.conv"],
     ),
     "wrong output rank": (
         {"losses": [{"name": "attention", "pairs": [{"student": "fc", "teacher": "layer1"}]}]},
-        ["stages.1.losses", "attention needs 4-D", "'fc' outputs shape (2, 10)"],
+        ["stages.1.kd.losses", "attention needs 4-D", "'fc' outputs shape (2, 10)"],
     ),
     "cache with fresh augmentation": (
         {"cache_teacher": True},
-        ["stages.1.cache_teacher", "augmented anew every epoch", "augment_views"],
+        ["stages.1.kd.cache_teacher", "augmented anew every epoch", "augment_views"],
     ),
 }
 
@@ -112,13 +112,13 @@ PREFLIGHT = {
 def test_preflight_errors_are_one_line_and_write_nothing(case, tiny, write_recipe, tmp_path, capsys):
     fields, needles = PREFLIGHT[case]
     tiny["data"]["augment"] = True
-    tiny["stages"][1].update(fields)
+    tiny["stages"][1]["kd"] = fields
     check_fails_cleanly(capsys, ["run", str(write_recipe(tiny))], tmp_path / "out", *needles)
 
 
 def test_cache_with_replayed_views_passes_preflight(tiny, write_recipe, capsys):
     tiny["data"]["augment"] = True
-    tiny["stages"][1].update(cache_teacher=True, augment_views=4)
+    tiny["stages"][1]["kd"] = {"cache_teacher": True, "augment_views": 4}
     assert main(["validate", str(write_recipe(tiny))]) == 0
 
 
@@ -127,11 +127,11 @@ def test_extra_teacher_checkpoint_that_does_not_fit(tiny, write_recipe, tmp_path
     from compress.models import build_model
 
     torch.save(build_model("resnet20", 10, 3).state_dict(), ckpt)
-    tiny["stages"][1]["teachers"] = [{"model": "resnet32", "checkpoint": str(ckpt)}]
+    tiny["stages"][1]["kd"] = {"teachers": [{"model": "resnet32", "checkpoint": str(ckpt)}]}
     check_fails_cleanly(
         capsys,
         ["run", str(write_recipe(copy.deepcopy(tiny)))],
         tmp_path / "out",
-        "stages.1.teachers.0.checkpoint",
+        "stages.1.kd.teachers.0.checkpoint",
         "does not match",
     )

@@ -20,10 +20,12 @@ from tests.conftest import digits_recipe
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = digits_recipe("ddp", 3, 4, 2)
 # KD + a FitNets hint (16 -> 64 channels: a 1x1 regressor that DDP does not manage, averaged by hand)
-RECIPE["stages"][1]["losses"] = [
-    {"name": "hinton"},
-    {"name": "fitnets", "weight": 0.1, "pairs": [{"student": "5", "teacher": "5"}]},
-]
+RECIPE["stages"][1]["kd"] = {
+    "losses": [
+        {"name": "hinton"},
+        {"name": "fitnets", "weight": 0.1, "pairs": [{"student": "5", "teacher": "5"}]},
+    ]
+}
 
 
 def _free_port() -> int:

@@ -15,10 +15,10 @@ from torch import nn
 
 from compress.data.base import DataBundle
 from compress.distill import LOSSES, LayerPair, Outputs
-from compress.distill.attention import at_loss, attention_map
-from compress.distill.dkd import DKD, dkd_loss, dkd_parts
-from compress.distill.fitnets import FitNets, fitnets_loss
-from compress.distill.hinton import Hinton, hinton_loss
+from compress.distill.losses.attention import at_loss, attention_map
+from compress.distill.losses.dkd import DKD, dkd_loss, dkd_parts
+from compress.distill.losses.fitnets import FitNets, fitnets_loss
+from compress.distill.losses.hinton import Hinton, hinton_loss
 from compress.distill.objective import DistillObjective, TeacherCache
 from compress.distill.taps import FeatureTaps, find_module
 from compress.models import build_model

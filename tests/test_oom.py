@@ -37,13 +37,13 @@ BASE = {
 CASES = {
     "training batch": (
         {"data": {"name": "synthetic", "image_size": 64, "train_size": 4096, "test_size": 64, "batch_size": 4096},
-         "stages": [{"kind": "train", "epochs": 1, "lr": 0.05, "precision": "fp32"}]},
+         "stages": [{"kind": "train", "epochs": 1, "optim": {"lr": 0.05, "precision": "fp32"}}]},
         "stages.0 (train): out of memory (tried to allocate",
         "lower data.batch_size",
     ),
     "calibration batch": (
         {"data": {"name": "synthetic", "image_size": 96, "train_size": 256, "test_size": 32, "batch_size": 32},
-         "stages": [{"kind": "train", "epochs": 1, "lr": 0.05, "precision": "fp32"}, {"kind": "export"},
+         "stages": [{"kind": "train", "epochs": 1, "optim": {"lr": 0.05, "precision": "fp32"}}, {"kind": "export"},
                     {"kind": "quantize", "calibration_batches": 1, "calibration_batch_size": 4096}]},
         "stages.2 (quantize): out of memory (tried to allocate",
         "lower stages.2.calibration_batch_size (now 4096)",

@@ -84,7 +84,7 @@ def test_overrides_round_to_and_ignore(tiny, tmp_path):
 
 def test_iterative_steps_with_finetune_reach_the_one_shot_size(tiny, tmp_path):
     _, one = _run(tiny, tmp_path / "a", {"kind": "prune", "ratio": 0.5})
-    _, it = _run(tiny, tmp_path / "b", {"kind": "prune", "ratio": 0.5, "steps": 3, "finetune_epochs": 1})
+    _, it = _run(tiny, tmp_path / "b", {"kind": "prune", "ratio": 0.5, "steps": 3, "finetune": {"epochs": 1}})
     m1, m3 = one["stages"][0]["metrics"], it["stages"][0]["metrics"]
     assert [r["step"] for r in m3["steps"]] == [1, 2, 3]
     params = [r["params"] for r in m3["steps"]]
@@ -118,7 +118,7 @@ def test_taylor_uses_gradients_and_leaves_none_behind(tiny, tmp_path):
 
 
 def test_target_in_steps_meets_each_steps_budget(tiny, tmp_path):
-    _, report = _run(tiny, tmp_path, {"kind": "prune", "target_macs": 0.4, "steps": 2, "finetune_epochs": 1})
+    _, report = _run(tiny, tmp_path, {"kind": "prune", "target_macs": 0.4, "steps": 2, "finetune": {"epochs": 1}})
     m = report["stages"][0]["metrics"]
     first, second = (r["macs"] / m["macs_before"] for r in m["steps"])
     assert 0.66 <= first <= 0.7 and 0.36 <= second <= 0.4  # linear in MACs: 70% then 40%
@@ -182,7 +182,13 @@ def test_oneshot_sparsity_is_exact_and_masks_become_permanent(scope):
 
 
 def test_agp_finetune_keeps_masks_and_shrinks_the_compressed_file(tiny, tmp_path):
-    stage = {"kind": "sparsify", "sparsity": 0.8, "sparsity_schedule": "agp", "finetune_epochs": 2, "update_every": 0.5}
+    stage = {
+        "kind": "sparsify",
+        "sparsity": 0.8,
+        "sparsity_schedule": "agp",
+        "finetune": {"epochs": 2},
+        "update_every": 0.5,
+    }
     out, report = _run(tiny, tmp_path, stage, {"kind": "export"})
     m = report["stages"][0]["metrics"]
     assert m["sparsity"] == pytest.approx(0.8, abs=2e-3)  # reached, and training did not refill the zeros
@@ -199,7 +205,7 @@ def test_agp_finetune_keeps_masks_and_shrinks_the_compressed_file(tiny, tmp_path
 
 
 def test_agp_needs_finetuning():
-    with pytest.raises(Exception, match="set finetune_epochs >= 1"):
+    with pytest.raises(Exception, match="add finetune: {epochs: N}"):
         validate_recipe({"name": "x", "data": {"name": "synthetic"}, "student": {"model": "resnet20"},
                          "stages": [{"kind": "sparsify", "sparsity_schedule": "agp"}]})  # fmt: skip
 
@@ -207,7 +213,7 @@ def test_agp_needs_finetuning():
 def test_vit_loses_whole_heads_to_a_macs_target_in_steps(tiny, tmp_path):
     tiny["data"]["image_size"] = 32
     tiny["student"] = {"model": "tests.test_prune_zoo:tiny_vit"}
-    stage = {"kind": "prune", "target_macs": 0.6, "head_ratio": 0.5, "steps": 2, "finetune_epochs": 1}
+    stage = {"kind": "prune", "target_macs": 0.6, "head_ratio": 0.5, "steps": 2, "finetune": {"epochs": 1}}
     out, report = _run(tiny, tmp_path, stage, {"kind": "export"})
     m = report["stages"][0]["metrics"]
     assert (m["heads_before"], [r["heads"] for r in m["steps"]], m["heads_after"]) == (8, [6, 4], 4)

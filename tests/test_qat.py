@@ -26,12 +26,12 @@ def qat_run(tmp_path_factory):
         "teacher": {"model": "digits_teacher"},
         "student": {"model": "digits_student"},
         "stages": [
-            {"kind": "train", "target": "teacher", "epochs": 3, "lr": 0.05, "precision": "fp32"},
-            {"kind": "train", "epochs": 3, "lr": 0.05, "precision": "fp32"},
+            {"kind": "train", "target": "teacher", "epochs": 3, "optim": {"lr": 0.05, "precision": "fp32"}},
+            {"kind": "train", "epochs": 3, "optim": {"lr": 0.05, "precision": "fp32"}},
             {"kind": "export"},
             {"kind": "quantize", "calibration_batches": 4},
             # the scheme auto picks on x86 without VNNI, forced so every host tests it (auto: test_pipeline)
-            {"kind": "qat", "finetune_epochs": 2, "distill": True, "lr": 0.005, "scheme": "u8s8_reduce_range"},
+            {"kind": "qat", "epochs": 2, "kd": True, "optim": {"lr": 0.005}, "scheme": "u8s8_reduce_range"},
         ],
         "benchmark": {"batch_sizes": [1], "iters": 3, "warmup": 1, "devices": ["cpu"], "torch_snapshots": False},
     }

@@ -23,7 +23,7 @@ RECIPE = {
     "device": "cpu",
     "data": {"name": "digits"},
     "student": {"model": "digits_student"},
-    "stages": [{"kind": "train", "epochs": 4, "lr": 0.05, "precision": "fp32"}, {"kind": "export"}],
+    "stages": [{"kind": "train", "epochs": 4, "optim": {"lr": 0.05, "precision": "fp32"}}, {"kind": "export"}],
     "benchmark": {"batch_sizes": [1], "iters": 1, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
 }
 

@@ -60,3 +60,21 @@ def test_schema_is_a_discriminated_union_over_every_stage():
         assert f"'{kind}'" in text
     assert "discriminator" in text
     assert schema["properties"]["stages"]["type"] == "array"
+
+
+def test_every_block_of_the_schema_rejects_unknown_fields():
+    """A typo anywhere (a stage, its optim:/kd:/finetune: block, a loss term) is an error, never ignored."""
+    from compress.config import _models_in
+    from compress.recipe import recipe_model
+
+    seen, todo = set(), [recipe_model()]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        assert cls.model_config.get("extra") == "forbid", f"{cls.__name__} accepts unknown fields"
+        for field in cls.model_fields.values():
+            todo += _models_in(field.annotation)
+    names = {c.__name__ for c in seen}
+    assert {"OptimConfig", "KD", "FineTune", "Hinton", "Prune", "BenchmarkConfig"} <= names

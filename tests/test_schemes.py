@@ -49,7 +49,7 @@ def test_cpu_isa_reads_the_flags_that_decide_int8_and_bf16(text, arch, flags):
 def test_this_hosts_isa_is_known_and_reported():
     isa = cpu_isa()
     assert isa["arch"] and (isa["flags"] is None or isinstance(isa["flags"], list))
-    from compress.bench.env import environment
+    from compress.env import environment
 
     assert environment(1)["isa"] == isa_label(isa)
 
@@ -119,7 +119,7 @@ def vnni_file(tmp_path_factory):
         "data": {"name": "digits"},
         "student": {"model": "digits_student"},
         "stages": [
-            {"kind": "train", "epochs": 2, "lr": 0.05, "precision": "fp32"},
+            {"kind": "train", "epochs": 2, "optim": {"lr": 0.05, "precision": "fp32"}},
             {"kind": "export"},
             {"kind": "quantize", "scheme": "u8s8", "calibration_batches": 2},
         ],

@@ -42,7 +42,7 @@ def test_keep_best_restores_the_best_epoch(tmp_path):
         "device": "cpu",
         "data": {"name": "digits"},
         "student": {"model": "digits_student"},
-        "stages": [{"kind": "train", "epochs": 4, "lr": 0.05, "keep": "best", "precision": "fp32"}],
+        "stages": [{"kind": "train", "epochs": 4, "optim": {"lr": 0.05, "keep": "best", "precision": "fp32"}}],
         "benchmark": {"batch_sizes": [1], "iters": 1, "warmup": 0, "devices": ["cpu"]},
     }
     out = run(validate_recipe(recipe), tmp_path / "run", quiet=True)

@@ -20,11 +20,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from compress import metadata
 from compress.bench import report as report_mod
-from compress.bench.env import environment
 from compress.bench.measure import measure
 from compress.checkpoint import checkpoint_info, load_weights, read_checkpoint
 from compress.context import Artifact
 from compress.data import DataBundle
+from compress.env import environment
 from compress.errors import CompressError, first_line
 from compress.models import build_model
 from compress.onnx_utils import session

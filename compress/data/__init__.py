@@ -6,8 +6,8 @@ from __future__ import annotations
 from compress.data.base import DataBundle, DatasetConfig, TensorLoader
 from compress.registry import Registry
 
-DATASETS: Registry[type[DatasetConfig]] = Registry("dataset")
-
-from compress.data import cifar10, digits, imagefolder, synthetic  # noqa: E402,F401
+#: every module of this package is imported on first use (a new dataset is one new file), plus
+#: installed plugins of the entry-point group ``compress.datasets``
+DATASETS: Registry[type[DatasetConfig]] = Registry("dataset", package=__name__, group="compress.datasets")
 
 __all__ = ["DATASETS", "DataBundle", "DatasetConfig", "TensorLoader"]

@@ -101,6 +101,5 @@ class LossTerm(BaseModel):
         raise NotImplementedError
 
 
-LOSSES: Registry[type[LossTerm]] = Registry("distillation loss")
-
-from compress.distill import attention, ce, dkd, fitnets, hinton  # noqa: E402,F401
+#: discovered: every module of this package, plus installed plugins of the group ``compress.losses``
+LOSSES: Registry[type[LossTerm]] = Registry("distillation loss", package=f"{__name__}.losses", group="compress.losses")

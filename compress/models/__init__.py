@@ -27,10 +27,8 @@ if TYPE_CHECKING:
 from compress.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
-MODELS: Registry[ModelFactory] = Registry("model")
-
-# Registration happens on import of these modules.
-from compress.models import cifar_resnet, digits  # noqa: E402,F401
+#: discovered: every module of this package, plus installed plugins of the group ``compress.models``
+MODELS: Registry[ModelFactory] = Registry("model", package=__name__, group="compress.models")
 
 
 def check_model_name(name: str) -> str:

@@ -1,292 +1,46 @@
-"""Knowledge distillation teacher(s) -> student with weighted, registered loss terms.
+"""Knowledge distillation from the teacher(s) into the student with registered loss terms.
 
-``loss: hinton`` (the default) is Hinton KD; ``losses: [...]`` combines any registered terms
-(``compress list``), e.g. ``[{name: ce}, {name: dkd, beta: 8}]`` or CE + attention transfer on
-named layer pairs. ``teachers: [...]`` distils from several teachers with weights. ``cache_teacher``
-computes each teacher logit once and reuses it where that is provably the same value (see
-``KDConfig``). Prune's KD fine-tune shares all of this through :class:`KDConfig`.
+``kd:`` holds the distillation settings (:class:`compress.distill.kd.KD`): ``loss: hinton`` (the
+default) is Hinton KD, ``losses: [...]`` combines any registered terms (``compress list``), e.g.
+``[{name: ce}, {name: dkd, beta: 8}]`` or CE + attention transfer on named layer pairs;
+``teachers: [...]`` distils from several teachers with weights; ``cache_teacher`` computes each
+teacher logit once. ``optim:`` holds the optimizer and schedule.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, Union
+from typing import Any, ClassVar, Literal
 
-import torch
-from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field
 from torch import nn
 
 from compress.context import Context
 from compress.data import DataBundle
-from compress.distill import LOSSES, LossTerm
-from compress.distill.objective import DistillObjective, TeacherCache
-from compress.distill.taps import find_module
-from compress.errors import CompressError
-from compress.models import ModelSpec, build_from_spec, check_model_name
+from compress.distill.kd import KD, SHORTHAND, moved
 from compress.stages.base import STAGES, Stage
-from compress.training import OptimConfig, autocast_dtype, cross_entropy, fit
-
-# The recipe's `losses:` entries: a union of the registered terms, told apart by `name`.
-LossUnion = Annotated[Union[tuple(LOSSES.get(n) for n in LOSSES.names())], Field(discriminator="name")]  # noqa: UP007
-
-
-class TeacherRef(ModelSpec):
-    """One teacher of a multi-teacher stage: the recipe's ``teacher`` or a model with a checkpoint."""
-
-    model: str = Field(
-        "teacher",
-        description="'teacher' = the recipe's teacher as trained so far; else a model name (needs checkpoint)",
-    )
-    weight: float = Field(1.0, gt=0, le=1e6, description="relative weight; weights are normalized to sum to 1")
-
-    @field_validator("model")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return v if v == "teacher" else check_model_name(v)
-
-    @model_validator(mode="after")
-    def _weights_needed(self) -> TeacherRef:
-        if self.model != "teacher" and self.checkpoint is None:
-            raise ValueError(
-                f"teacher {self.model!r} needs a checkpoint: a randomly initialized teacher teaches nothing"
-            )
-        if self.model == "teacher" and (self.checkpoint is not None or self.kwargs):
-            raise ValueError("model 'teacher' is the recipe's teacher; set its checkpoint/kwargs under teacher:")
-        return self
-
-
-class KDConfig(BaseModel):
-    """Distillation settings; shared by the distill stage and prune's KD fine-tune."""
-
-    loss: str | None = Field(
-        None, description="shorthand for one logit loss (hinton, dkd); default hinton. Use losses: for more"
-    )
-    temperature: float | None = Field(None, gt=0, le=100, description="with loss:, its temperature (default 4)")
-    alpha: float | None = Field(None, ge=0, le=1, description="with loss:, its alpha (hinton: soft-target weight, 0.9)")
-    losses: list[LossUnion] = Field(default_factory=list, description="weighted loss terms, summed (replaces loss:)")
-    teachers: list[TeacherRef] = Field(
-        default_factory=list, description="several teachers with weights; default: the recipe's teacher alone"
-    )
-    combine: Literal["average", "per_teacher"] = Field(
-        "average", description="average: one soft target = weighted mean of the teachers'; per_teacher: one loss each"
-    )
-    teacher_precision: Literal["same", "fp32", "bf16", "fp16"] = Field(
-        "same", description="autocast for the teachers' forward; same = the stage's precision"
-    )
-    cache_teacher: bool = Field(
-        False,
-        description="compute each teacher logit once and reuse it; needs un-augmented data or augment_views",
-    )
-    augment_views: int | None = Field(
-        None, ge=1, le=1000, description="replay K fixed augmentations per image (epoch e shows view e mod K)"
-    )
-
-    _extra_teachers: dict[int, nn.Module] = PrivateAttr(default_factory=dict)
-
-    @field_validator("loss")
-    @classmethod
-    def _known(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if v not in LOSSES:
-            raise ValueError(LOSSES.unknown_message(v))
-        if not LOSSES.get(v).logits_only:
-            raise ValueError(f"{v!r} names layers: write it under losses: [{{name: {v}, pairs: [...]}}]")
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> KDConfig:
-        shorthand = [k for k in ("loss", "temperature", "alpha") if getattr(self, k) is not None]
-        if self.losses and shorthand:
-            raise ValueError(f"set either losses: or {'/'.join(shorthand)}, not both")
-        if not self.losses:  # spell the shorthand out, so the resolved recipe shows every setting
-            cls = LOSSES.get(self.loss or "hinton")
-            given = {k: getattr(self, k) for k in ("temperature", "alpha") if getattr(self, k) is not None}
-            term = cls(**{k: v for k, v in given.items() if k in cls.model_fields})
-            self.losses = [term] if cls.includes_ce else [LOSSES.get("ce")(), term]
-            self.loss = self.temperature = self.alpha = None
-        if self.cache_teacher:
-            needs_features = [t.name for t in self.losses if not t.logits_only]
-            if needs_features:
-                raise ValueError(
-                    f"cache_teacher: caches teacher logits only, but {', '.join(needs_features)} needs teacher "
-                    "features at every step; turn cache_teacher off"
-                )
-        return self
-
-    def loss_terms(self) -> list[LossTerm]:
-        return list(self.losses)
-
-    def kd_requirements(self) -> frozenset[str]:
-        uses_recipe_teacher = not self.teachers or any(t.model == "teacher" for t in self.teachers)
-        return frozenset({"teacher"}) if uses_recipe_teacher else frozenset()
-
-    def kd_label(self) -> str:
-        names = "+".join(t.name for t in self.loss_terms() if t.name != "ce" or len(self.loss_terms()) == 1)
-        extra = f", {len(self.teachers)} teachers ({self.combine})" if len(self.teachers) > 1 else ""
-        return f"{names}{extra}{', cached teacher' if self.cache_teacher else ''}"
-
-    # ------------------------------------------------------------------ preflight: before anything is written
-    def kd_preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        """Build extra teachers (their checkpoints must fit), check every layer name and output rank
-        with one dry forward, and check that caching teacher logits is correct for this data."""
-        self._extra_teachers = {
-            i: build_from_spec(ref, data, f"{field}.teachers.{i}", "teacher")
-            for i, ref in enumerate(self.teachers)
-            if ref.model != "teacher"
-        }
-        teachers = self.teacher_list(models.get("teacher"))
-        for i, term in enumerate(self.losses):
-            for j, pair in enumerate(term.layer_pairs()):
-                where = f"{field}.losses.{i}.pairs.{j}"
-                try:
-                    find_module(models["student"], pair.student, "student")
-                except ValueError as exc:
-                    raise CompressError(f"{where}.student: {exc}") from None
-                for k, (teacher, _) in enumerate(teachers):
-                    try:
-                        find_module(teacher, pair.teacher, f"teacher {k}" if len(teachers) > 1 else "teacher")
-                    except ValueError as exc:
-                        raise CompressError(f"{where}.teacher: {exc}") from None
-        if self.cache_teacher and data.augment and self.augment_views is None:
-            raise CompressError(
-                f"{field}.cache_teacher: the training images are randomly augmented anew every epoch, so cached "
-                "teacher logits would belong to other images; set augment_views: K (replay K fixed "
-                "augmentations per image) or data.augment: false, or turn cache_teacher off"
-            )
-        if self.cache_teacher:
-            views = self.augment_views if data.augment else 1
-            need = TeacherCache.nbytes(views or 1, len(self.teachers) or 1, len(data.train_x), data.num_classes)
-            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            if need > have // 4:
-                raise CompressError(
-                    f"{field}.cache_teacher: the logit cache would need {need / 2**30:.1f} GiB (views × teachers × "
-                    f"images × classes × 4 B), over a quarter of this machine's {have / 2**30:.0f} GiB; lower "
-                    "augment_views or turn cache_teacher off"
-                )
-        self.objective(models["student"], models.get("teacher"), data.example_input(2), field, "fp32", 0.0)
-
-    def teacher_list(self, recipe_teacher: nn.Module | None) -> list[tuple[nn.Module, float]]:
-        if not self.teachers:
-            assert recipe_teacher is not None
-            return [(recipe_teacher, 1.0)]
-        out = []
-        for i, ref in enumerate(self.teachers):
-            model = recipe_teacher if ref.model == "teacher" else self._extra_teachers[i]
-            assert model is not None
-            out.append((model, ref.weight))
-        return out
-
-    def objective(
-        self,
-        student: nn.Module,
-        recipe_teacher: nn.Module | None,
-        example: torch.Tensor,
-        field: str,
-        precision: str,
-        label_smoothing: float,
-        cache: TeacherCache | None = None,
-    ) -> DistillObjective:
-        device = example.device
-        teacher_precision = precision if self.teacher_precision == "same" else self.teacher_precision
-        try:
-            return DistillObjective(
-                student,
-                self.teacher_list(recipe_teacher),
-                self.loss_terms(),
-                example=example,
-                combine=self.combine,
-                label_smoothing=label_smoothing,
-                teacher_dtype=autocast_dtype(teacher_precision, device),
-                cache=cache,
-            )
-        except ValueError as exc:
-            raise CompressError(f"{field}.losses: {exc}") from None
-
-    def distill_fit(
-        self,
-        ctx: Context,
-        student: nn.Module,
-        epochs: int,
-        cfg: OptimConfig,
-        field: str,
-        what: str = "distill",
-        after_step: Callable[[float], None] | None = None,
-    ) -> dict[str, Any]:
-        """Fit ``student`` against the teachers with this config's loss terms; hooks removed after."""
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        teachers = [t for t, _ in self.teacher_list(ctx.teacher)]
-        for t in teachers:
-            t.to(device=ctx.device, memory_format=fmt)
-        student.to(ctx.device)
-        cache = None
-        if self.cache_teacher:
-            views = (self.augment_views or 1) if ctx.data.augment else 1
-            cache = TeacherCache(views, len(teachers), len(ctx.data.train_x), ctx.data.num_classes, ctx.device)
-        objective = self.objective(
-            student, ctx.teacher, ctx.example_input(2), field, cfg.precision, cfg.label_smoothing, cache
-        )
-        try:
-            with objective:
-                label = f"{what} ({self.kd_label()})"
-                metrics = fit(
-                    ctx, student, objective, epochs, cfg, label, after_step, aux=objective.aux, views=self.augment_views
-                )
-        finally:
-            for t in teachers:
-                t.to(memory_format=torch.contiguous_format)
-        metrics["loss_terms"] = [t.model_dump() for t in self.loss_terms()]
-        if len(teachers) > 1:
-            metrics["teacher_weights"] = objective.weights
-        if cache is not None:
-            metrics["teacher_cache"] = {"hits": cache.hits, "misses": cache.misses}
-        return metrics
-
-
-class FineTuneStage(Stage, OptimConfig, KDConfig):
-    """Base of stages that change the student and then fine-tune it, with KD from the teacher(s)
-    when ``distill: true`` (prune, sparsify): the fields, requirements and the fine-tuning call.
-    Not registered itself."""
-
-    finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tuning epochs")
-    distill: bool = Field(False, description="fine-tune with KD from the teacher")
-    lr: float = Field(0.01, gt=0, le=10)
-
-    def requirements(self) -> frozenset[str]:
-        return self.kd_requirements() if self.distill else frozenset()
-
-    def changes(self) -> tuple[str, ...]:
-        return ("student",)
-
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        if self.distill:
-            self.kd_preflight(models, data, field)
-
-    def finetune(
-        self, ctx: Context, model: nn.Module, label: str, after_step: Callable[[float], None] | None = None
-    ) -> dict[str, Any]:
-        field = f"stages.{ctx.stage_index - 1}"
-        if self.distill:
-            return self.distill_fit(ctx, model, self.finetune_epochs, self, field, f"{label} + KD", after_step)
-        return fit(ctx, model, cross_entropy(self.label_smoothing), self.finetune_epochs, self, label, after_step)
+from compress.training import OptimConfig
 
 
 @STAGES.register("distill")
-class Distill(Stage, OptimConfig, KDConfig):
+class Distill(Stage):
     """Knowledge distillation from the teacher(s) into the student with registered loss terms."""
 
     kind: Literal["distill"] = "distill"
     epochs: int = Field(ge=1, le=10_000)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    kd: KD = Field(default_factory=KD)
+
+    renamed: ClassVar[dict[str, str]] = moved("optim", OptimConfig) | moved("kd", KD, extra=SHORTHAND)
+    example: ClassVar[dict[str, Any]] = {"kind": "distill", "epochs": 1, "kd": {"loss": "hinton", "temperature": 4}}
 
     def requirements(self) -> frozenset[str]:
-        return self.kd_requirements()
+        return self.kd.requirements()
 
     def changes(self) -> tuple[str, ...]:
         return ("student",)
 
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        self.kd_preflight(models, data, field)
+        self.kd.preflight(models, data, f"{field}.kd")
 
     def apply(self, ctx: Context) -> dict[str, Any]:
-        return self.distill_fit(ctx, ctx.student, self.epochs, self, f"stages.{ctx.stage_index - 1}")
+        return self.kd.fit(ctx, ctx.student, self.epochs, self.optim, f"stages.{ctx.stage_index - 1}.kd")

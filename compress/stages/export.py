@@ -13,7 +13,7 @@ directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import onnx
@@ -130,6 +130,7 @@ class Export(Stage):
     )
 
     provides = frozenset({"onnx"})
+    example: ClassVar[dict[str, Any]] = {"kind": "export"}
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         roles = ["student"] + (["teacher"] if self.teacher and ctx.teacher is not None else [])

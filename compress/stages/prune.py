@@ -5,7 +5,7 @@ budget, in one shot or in N steps of prune → fine-tune (with KD from the teach
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -13,6 +13,7 @@ from torch import nn
 
 from compress.context import Context
 from compress.data import DataBundle
+from compress.distill.kd import FINETUNE_MOVES, FineTune
 from compress.errors import StageFailed
 from compress.importance import needs_gradients
 from compress.pruning.structured import (
@@ -24,8 +25,7 @@ from compress.pruning.structured import (
     prune_step,
     search_ratio,
 )
-from compress.stages.base import STAGES
-from compress.stages.distill import FineTuneStage
+from compress.stages.base import STAGES, Stage
 from compress.training import evaluate
 
 __all__ = ["Prune", "count"]
@@ -39,16 +39,19 @@ def step_share(total: float, step: int, steps: int) -> float:
 
 
 @STAGES.register("prune")
-class Prune(FineTuneStage, StructuredOptions):
+class Prune(Stage, StructuredOptions):
     """Structured channel pruning (torch-pruning DepGraph) to a ratio or MACs/params target,
-    one-shot or iterative, with optional (KD) fine-tuning after each step."""
+    one-shot or iterative, with optional fine-tuning (``finetune:``, KD with ``finetune.kd``) after each step."""
 
     kind: Literal["prune"] = "prune"
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of channels removed (default 0.5)")
     target_macs: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the MACs, e.g. 0.5")
     target_params: float | None = Field(None, gt=0, lt=1, description="keep this fraction of the parameters")
     steps: int = Field(1, ge=1, le=100, description="prune in this many steps, fine-tuning after each")
-    finetune_epochs: int = Field(0, ge=0, le=10_000, description="fine-tuning epochs after each step")
+    finetune: FineTune | None = Field(None, description="fine-tune after each step (with kd: from the teacher)")
+
+    renamed: ClassVar[dict[str, str]] = FINETUNE_MOVES
+    example: ClassVar[dict[str, Any]] = {"kind": "prune", "ratio": 0.5, "finetune": {"epochs": 1, "kd": True}}
 
     @model_validator(mode="after")
     def _one_target(self) -> Prune:
@@ -63,8 +66,15 @@ class Prune(FineTuneStage, StructuredOptions):
             raise ValueError(f"ratio {value} ({name}) exceeds max_ratio {self.max_ratio}; raise max_ratio")
         return self
 
+    def requirements(self) -> frozenset[str]:
+        return self.finetune.requirements() if self.finetune is not None else frozenset()
+
+    def changes(self) -> tuple[str, ...]:
+        return ("student",)
+
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        super().preflight(models, data, field)
+        if self.finetune is not None:
+            self.finetune.preflight(models, data, f"{field}.finetune")
         self.check_patterns(models["student"], field)
         student = models["student"].eval()
         example = data.example_input(2)
@@ -118,8 +128,9 @@ class Prune(FineTuneStage, StructuredOptions):
                 step, self.steps, self.method, ratio, params0, params, macs0, macs, row["test_acc_pruned"],
             )  # fmt: skip
             ctx.pruned["student"] = True
-            if self.finetune_epochs:
-                fits.append(self.finetune(ctx, model, f"prune fine-tune{f' {step}/{self.steps}' * (self.steps > 1)}"))
+            if self.finetune is not None:
+                label = f"prune fine-tune{f' {step}/{self.steps}' * (self.steps > 1)}"
+                fits.append(self.finetune.run(ctx, model, label, f"stages.{ctx.stage_index - 1}.finetune"))
                 row["test_acc_finetuned"] = fits[-1]["test_acc"]
             history.append(row)
         macs1, params1 = history[-1]["macs"], history[-1]["params"]

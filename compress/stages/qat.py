@@ -15,20 +15,22 @@ export's), checked against the converted PyTorch graph on test images.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from compress import metadata
 from compress.context import Artifact, Context
+from compress.data import DataBundle
 from compress.deploy import ModelInfo
+from compress.distill.kd import KD, SHORTHAND, moved, tune
 from compress.errors import StageFailed, first_line
 from compress.quantization.ptq import quantized_ops
 from compress.quantization.schemes import Scheme, choose
-from compress.stages.base import STAGES
-from compress.stages.distill import FineTuneStage
+from compress.stages.base import STAGES, Stage
 from compress.stages.export import InGraphPreprocess, export_onnx, parity
+from compress.training import OptimConfig
 
 
 class _PerCall(torch.nn.Module):
@@ -150,15 +152,22 @@ def converted(prepared: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
-@STAGES.register("qat")
-class QAT(FineTuneStage):
-    """INT8 quantization-aware fine-tuning (torchao PT2E), exported as a QDQ ONNX model."""
+class QATOptim(OptimConfig):
+    """``optim:`` of QAT: a small learning rate on a trained student, in fp32 (fake quantization)."""
 
-    kind: Literal["qat"] = "qat"
-    finetune_epochs: int = Field(1, ge=1, le=10_000, description="fake-quantized fine-tuning epochs")
     lr: float = Field(0.001, gt=0, le=10)
     precision: Literal["fp32"] = Field("fp32", description="fake quantization trains in fp32")
     channels_last: bool = False
+
+
+@STAGES.register("qat")
+class QAT(Stage):
+    """INT8 quantization-aware fine-tuning (torchao PT2E), exported as a QDQ ONNX model."""
+
+    kind: Literal["qat"] = "qat"
+    epochs: int = Field(1, ge=1, le=10_000, description="fake-quantized fine-tuning epochs")
+    optim: QATOptim = Field(default_factory=QATOptim)
+    kd: KD | None = Field(None, description="distill from the teacher's logits while fine-tuning; kd: true = defaults")
     opset: int = Field(18, ge=17, le=23)
     max_relative_error: float = Field(
         0.1, gt=0, le=10, description="max ‖ORT − PyTorch‖ / ‖PyTorch‖ of the (centred) test logits"
@@ -169,13 +178,31 @@ class QAT(FineTuneStage):
 
     needs = frozenset({"onnx"})
     provides = frozenset({"int8"})
+    renamed: ClassVar[dict[str, str]] = (
+        moved("optim", QATOptim)
+        | moved("kd", KD, extra=SHORTHAND)
+        | {"finetune_epochs": "renamed to epochs", "distill": "replaced by kd (kd: true = KD with defaults)"}
+    )
+    example: ClassVar[dict[str, Any]] = {"kind": "qat", "epochs": 1}
+
+    @field_validator("kd", mode="before")
+    @classmethod
+    def _kd_flag(cls, v: Any) -> Any:
+        return None if v is False else v
 
     @model_validator(mode="after")
     def _logit_losses(self) -> QAT:
-        features = [t.name for t in self.losses if not t.logits_only] if self.distill else []
+        features = [t.name for t in self.kd.losses if not t.logits_only] if self.kd is not None else []
         if features:  # the captured graph has no module paths to hook
             raise ValueError(f"qat distills from logits only; {', '.join(features)} needs student features")
         return self
+
+    def requirements(self) -> frozenset[str]:
+        return self.needs | (self.kd.requirements() if self.kd is not None else frozenset())
+
+    def preflight(self, models: dict[str, torch.nn.Module], data: DataBundle, field: str) -> None:
+        if self.kd is not None:
+            self.kd.preflight(models, data, f"{field}.kd")
 
     def changes(self) -> tuple[str, ...]:
         return ()  # the student's float weights are not changed; the result is the ONNX file
@@ -194,7 +221,8 @@ class QAT(FineTuneStage):
         except Exception as exc:  # noqa: BLE001 - torch.export / torchao raise many types
             raise StageFailed(f"qat: cannot insert fake quantization into the student: {first_line(exc)}") from exc
         prepared.to(ctx.device)
-        fit = self.finetune(ctx, prepared, "qat fine-tune")
+        field = f"stages.{ctx.stage_index - 1}"
+        fit = tune(ctx, prepared, self.epochs, self.optim, self.kd, "qat fine-tune", field)
         model = converted(prepared.to("cpu"))
         out = fp32.path.with_name(f"{fp32.path.stem}.qat.onnx")
         tmp = out.with_name(f".{out.stem}.unchecked.onnx")
@@ -233,8 +261,8 @@ class QAT(FineTuneStage):
         }
 
     def _describe(self, scheme: Scheme) -> str:
-        kd = " + KD" if self.distill else ""
+        kd = " + KD" if self.kd is not None else ""
         return (
-            f"QAT{kd}, {self.finetune_epochs} epochs (torchao PT2E, X86 quantizer, {scheme.name}: uint8 "
+            f"QAT{kd}, {self.epochs} epochs (torchao PT2E, X86 quantizer, {scheme.name}: uint8 "
             f"activations, int8{' 7-bit' * scheme.reduce_range} per-channel weights), QDQ"
         )

@@ -66,6 +66,7 @@ class Quantize(Stage):
 
     needs = frozenset({"onnx"})
     provides = frozenset({"int8"})
+    example: ClassVar[dict[str, Any]] = {"kind": "quantize", "calibration_batches": 2}
     renamed: ClassVar[dict[str, str]] = dict.fromkeys(
         ("activation_type", "weight_type"), "replaced by scheme: u8s8, u8s8_reduce_range, s8s8, u8u8, ... or auto"
     )

@@ -6,22 +6,22 @@ file is smaller (the report's gzip column). For speed, use the structured ``prun
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import Context
 from compress.data import DataBundle
+from compress.distill.kd import FINETUNE_MOVES, FineTune
 from compress.errors import CompressError
 from compress.pruning import unstructured as U
-from compress.stages.base import STAGES
-from compress.stages.distill import FineTuneStage
+from compress.stages.base import STAGES, Stage
 from compress.training import evaluate
 
 
 @STAGES.register("sparsify")
-class Sparsify(FineTuneStage):
+class Sparsify(Stage):
     """Unstructured magnitude pruning (torch.nn.utils.prune): global or per layer, one-shot or AGP."""
 
     kind: Literal["sparsify"] = "sparsify"
@@ -30,30 +30,45 @@ class Sparsify(FineTuneStage):
     sparsity_schedule: Literal["oneshot", "agp"] = Field("oneshot", description="agp: cubic ramp during fine-tuning")
     initial_sparsity: float = Field(0.0, ge=0, lt=1, description="agp: sparsity at begin_epoch")
     begin_epoch: float = Field(0.0, ge=0, description="agp: fine-tuning epoch where the ramp starts")
-    end_epoch: float | None = Field(None, gt=0, description="agp: where it ends (default: 3/4 of finetune_epochs)")
+    end_epoch: float | None = Field(None, gt=0, description="agp: where it ends (default: 3/4 of finetune.epochs)")
     update_every: float = Field(0.25, gt=0, le=100, description="agp: epochs between mask updates")
     ignore: list[str] = Field(default_factory=list, description="module-name patterns left dense (fnmatch)")
+    finetune: FineTune | None = Field(None, description="fine-tune with the masks held (with kd: from the teacher)")
+
+    renamed: ClassVar[dict[str, str]] = FINETUNE_MOVES
+    example: ClassVar[dict[str, Any]] = {"kind": "sparsify", "sparsity": 0.5, "finetune": {"epochs": 1}}
 
     @model_validator(mode="after")
     def _schedule(self) -> Sparsify:
+        agp_only = ("initial_sparsity", "begin_epoch", "end_epoch", "update_every")
+        agp_fields = [k for k in agp_only if k in self.model_fields_set]
+        if agp_fields and self.sparsity_schedule != "agp":
+            raise ValueError(f"{'/'.join(agp_fields)} has no effect without sparsity_schedule: agp")
         if self.sparsity_schedule == "agp":
-            if self.finetune_epochs == 0:
-                raise ValueError("sparsity_schedule 'agp' prunes during fine-tuning: set finetune_epochs >= 1")
-            end = self.end_epoch if self.end_epoch is not None else 0.75 * self.finetune_epochs
-            if not self.begin_epoch < end <= self.finetune_epochs:
+            if self.finetune is None:
+                raise ValueError("sparsity_schedule 'agp' prunes during fine-tuning: add finetune: {epochs: N}")
+            epochs = self.finetune.epochs
+            end = self.end_epoch if self.end_epoch is not None else 0.75 * epochs
+            if not self.begin_epoch < end <= epochs:
                 raise ValueError(
-                    f"agp needs begin_epoch < end_epoch <= finetune_epochs (got {self.begin_epoch}, {end}, "
-                    f"{self.finetune_epochs})"
+                    f"agp needs begin_epoch < end_epoch <= finetune.epochs (got {self.begin_epoch}, {end}, {epochs})"
                 )
-            if self.keep == "best":
+            if self.finetune.optim.keep == "best":
                 raise ValueError("keep: best could restore an epoch before the masks reached sparsity; use keep: last")
             if self.initial_sparsity >= self.sparsity:
                 raise ValueError(f"initial_sparsity {self.initial_sparsity} must be below sparsity {self.sparsity}")
             self.end_epoch = end
         return self
 
+    def requirements(self) -> frozenset[str]:
+        return self.finetune.requirements() if self.finetune is not None else frozenset()
+
+    def changes(self) -> tuple[str, ...]:
+        return ("student",)
+
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        super().preflight(models, data, field)
+        if self.finetune is not None:
+            self.finetune.preflight(models, data, f"{field}.finetune")
         if not U.prunable(models["student"], self.ignore):
             raise CompressError(f"{field}.ignore: no Conv/Linear layer of the student is left to sparsify")
 
@@ -64,8 +79,10 @@ class Sparsify(FineTuneStage):
         agp = self.sparsity_schedule == "agp"
         U.sparsify_to(layers, self.initial_sparsity if agp else self.sparsity, self.scope)
         metrics: dict[str, Any] = {"test_acc_pruned": evaluate(model, ctx.data.eval_loader("test"), ctx.device)}
-        if self.finetune_epochs:
-            metrics.update(self.finetune(ctx, model, "sparsify fine-tune", self._agp_callback(layers) if agp else None))
+        if self.finetune is not None:
+            grow = self._agp_callback(layers) if agp else None
+            field = f"stages.{ctx.stage_index - 1}.finetune"
+            metrics.update(self.finetune.run(ctx, model, "sparsify fine-tune", field, grow))
         U.finish(layers)
         raw1, gz1 = U.state_dict_bytes(model)
         per_layer = U.layer_sparsity(layers)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from compress.context import Context
+from compress.distill.kd import moved
 from compress.stages.base import STAGES, Stage
 from compress.training import OptimConfig, cross_entropy, fit
 
 
 @STAGES.register("train")
-class Train(Stage, OptimConfig):
+class Train(Stage):
     """Supervised training of the teacher or the student (SGD + nesterov, cosine/one-cycle, warm-up)."""
 
     kind: Literal["train"] = "train"
     target: Literal["teacher", "student"] = "student"
     epochs: int = Field(ge=1, le=10_000)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    renamed: ClassVar[dict[str, str]] = moved("optim", OptimConfig)
+    example: ClassVar[dict[str, Any]] = {"kind": "train", "target": "student", "epochs": 1}
 
     def requirements(self) -> frozenset[str]:
         return frozenset({"teacher"}) if self.target == "teacher" else frozenset()
@@ -27,4 +32,5 @@ class Train(Stage, OptimConfig):
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         model = ctx.models[self.target]
-        return fit(ctx, model, cross_entropy(self.label_smoothing), self.epochs, self, f"train {self.target}")
+        loss = cross_entropy(self.optim.label_smoothing)
+        return fit(ctx, model, loss, self.epochs, self.optim, f"train {self.target}")

@@ -44,7 +44,7 @@ def library_versions() -> dict[str, str]:
     import torch_pruning
     import torchvision
 
-    from compress import __version__
+    from compress._version import __version__
 
     return {
         "compress": __version__,

@@ -1,0 +1,1 @@
+"""Distillation loss terms, one file each, discovered by :data:`compress.distill.LOSSES`."""
