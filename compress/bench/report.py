@@ -346,11 +346,11 @@ def document(reports: Sequence[dict[str, Any]], pngs: dict[str, bytes | None]) -
 
 def _stage_summary(metrics: dict[str, Any]) -> str:
     bits = []
-    if metrics.get("test_acc") is not None:
-        bits.append(
-            f"test top-1 {100 * metrics['test_acc']:.2f}% after {metrics['epochs']} epochs "
-            f"({metrics.get('precision', 'fp32')})"
+    if metrics.get("test_acc") is not None:  # a training stage says after how long; any stage may report it
+        trained = (
+            f" after {metrics['epochs']} epochs ({metrics.get('precision', 'fp32')})" if "epochs" in metrics else ""
         )
+        bits.append(f"test top-1 {100 * metrics['test_acc']:.2f}%{trained}")
     if "params_before" in metrics:
         bits.append(
             f"params {human_count(metrics['params_before'])} → {human_count(metrics['params_after'])}, "
