@@ -1,15 +1,50 @@
-"""Saving and loading model weights safely (``torch.load(weights_only=True)`` only).
+"""Saving and loading models safely: ``torch.load(weights_only=True)`` only, never a pickled module.
 
-Our file format is a plain dict: ``{"format": "compress/1", "model": name, "kwargs": {...},
-"num_classes": int, "in_channels": int, "pruned": bool, "state_dict": {...}}``. A pruned model's
-tensors are smaller than its architecture's defaults; ``load_weights`` rebuilds those shapes (a
-layer may only shrink, and only when the file says it was pruned), so no pickled module is needed.
-A user's plain state_dict must match the architecture exactly.
+A checkpoint is a plain dict of plain data and tensors (format ``compress/2``)::
+
+    {"format": "compress/2", "model": NAME, "kwargs": {...}, "num_classes": int, "in_channels": int,
+     "structure": [ENTRY, ...], "state_dict": {name: tensor}}
+
+``structure`` is the model's module tree as data, one ENTRY per module in pre-order::
+
+    {"path": "features.1", "type": "torch.nn.modules.linear.Identity",
+     "attrs": {...},             # the module's own plain attributes (numbers, strings, tuples, tensors)
+     "opaque": [...],            # names of attributes that are not plain data (functions, objects)
+     "params": [{"name": "weight", "shape": [...], "dtype": "float32", "grad": True}, ...],
+     "buffers": [{"name": "running_mean", "shape": [...], "dtype": "float32", "persistent": True}, ...],
+     "children": ["0", "1"]}
+    # shared modules and tied tensors: {"path": ..., "same_as": PATH}; a None child: {"path": ..., "type": None}
+
+Rebuilding (``Checkpoint.load_into``) starts from the model as its factory builds it (NAME, kwargs)
+and reconciles it with the record: a module whose class matches the factory's at the same path is
+reused (so code-level attributes such as activation functions survive), any other is created from
+its class without running ``__init__`` and given the recorded attributes, parameters, buffers and
+children; then the state_dict is loaded strictly. Classes come only from an allow-list: torch.nn's
+own, those of the model's own modules (the classes in the factory-built model and their modules),
+and any registered with :func:`allow_module_type`. Nothing in a file is ever imported or executed.
+
+The contract for a stage that changes a model's structure (shrinks widths, folds BatchNorm, removes
+a block, swaps a layer): nothing to declare. Every snapshot records the live module tree, so reload,
+``--resume``, ``compress bench`` and the memory measurement rebuild exactly what the stage left,
+provided that (1) every module is of an allowed class and (2) a module the factory would not build
+at that path keeps its settings in plain attributes. ``Context.snapshot`` checks both when it saves
+(see :func:`rebuild_problem`), so a stage that breaks them fails at its own checkpoint, not later.
+
+Older files still load: ``compress/1`` (widths only, with a ``pruned`` flag) and plain state_dicts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import pickle
+import pkgutil
+import sys
+import warnings
+from dataclasses import dataclass, field
+from errno import EINVAL
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +54,67 @@ from torch import nn
 from compress.errors import CompressError, first_line
 from compress.models.attention import SelfAttention, decouple_attention
 
-FORMAT = "compress/1"
+FORMAT = "compress/2"
+LEGACY = "compress/1"  # no structure record; ``pruned: true`` meant "tensors may be narrower"
+FORMATS = (FORMAT, LEGACY)
+
+
+# --------------------------------------------------------------------------- writing
+def atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temp file, fsync, rename: a kill leaves the old file or the new one, never half.
+
+    A write that fails (disk full, file too large, no permission) removes the temp file and is one
+    CompressError line naming ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = write_failure(exc)
+        if reason is None:
+            raise  # not an I/O failure (a bug, or Ctrl-C): keep it as it is
+        raise CompressError(f"cannot write {path}: {reason}; {WRITE_HINT}") from None
+
+
+WRITE_HINT = "nothing was left half-written; free disk space and run again (`compress run --resume RUN_DIR` continues)"
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed, if ``exc`` is an I/O failure: the OSError's text (torch.save wraps it in a
+    RuntimeError whose own message is an internal assertion); None for anything else."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            return cur.strerror or first_line(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+        return f"the write failed ({first_line(exc)})"
+    return None
 
 
 def save_model(
-    model: nn.Module, path: Path, *, name: str, kwargs: dict, num_classes: int, in_channels: int, pruned: bool
+    model: nn.Module,
+    path: Path,
+    *,
+    name: str,
+    kwargs: dict,
+    num_classes: int,
+    in_channels: int,
+    pruned: bool | None = None,  # ignored: the structure record says everything compress/1's flag said
+    structure: list[dict[str, Any]] | None = None,
 ) -> None:
+    """Save ``model`` as a compress/2 checkpoint (its structure recorded, see the module docstring)."""
+    del pruned
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -32,46 +122,384 @@ def save_model(
         "kwargs": kwargs,
         "num_classes": num_classes,
         "in_channels": in_channels,
-        "pruned": pruned,
+        "structure": structure if structure is not None else describe(model),
         "state_dict": state,
     }
     atomic_save(payload, path)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temp file, fsync, rename: a kill leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+# --------------------------------------------------------------------------- the structure record
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # _parameters, _modules, hooks, training, ...
+_PLAIN = (type(None), bool, int, float, str)
 
 
-def _load(path: Path, field: str) -> Any:
+def _as_data(value: Any) -> tuple[bool, Any]:
+    """(True, a copy made of plain data) for what a weights-only load can read back; (False, None) else.
+
+    Exact types only: an IntEnum or a namedtuple would be pickled by class, which a weights-only
+    load refuses (and which would not be data).
+    """
+    kind = type(value)
+    if kind in _PLAIN or kind is torch.dtype:
+        return True, value
+    if kind is torch.Tensor:
+        return True, value.detach().cpu().clone()
+    if kind in (tuple, list, torch.Size):
+        items = [_as_data(v) for v in value]
+        if all(ok for ok, _ in items):
+            return True, (list if kind is list else tuple)(v for _, v in items)
+        return False, None
+    if kind is dict and all(type(k) is str for k in value):
+        items = {k: _as_data(v) for k, v in value.items()}
+        if all(ok for ok, _ in items.values()):
+            return True, {k: v for k, (_, v) in items.items()}
+    return False, None
+
+
+def type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe(model: nn.Module) -> list[dict[str, Any]]:
+    """The module tree of ``model`` as plain data (see the module docstring)."""
+    entries: list[dict[str, Any]] = []
+    modules: dict[int, str] = {}
+    tensors: dict[int, str] = {}
+
+    def tensor(name: str, t: torch.Tensor | None, key: str, **extra: Any) -> dict[str, Any]:
+        if t is None:
+            return {"name": name}
+        if id(t) in tensors:  # tied weights stay tied
+            return {"name": name, "same_as": tensors[id(t)]}
+        tensors[id(t)] = key
+        return {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), **extra}
+
+    def visit(path: str, module: nn.Module | None) -> None:
+        if module is None:
+            entries.append({"path": path, "type": None})
+            return
+        if id(module) in modules:
+            entries.append({"path": path, "same_as": modules[id(module)]})
+            return
+        modules[id(module)] = path
+        attrs, opaque = {}, []
+        for key, value in vars(module).items():
+            if key in _MODULE_INTERNALS:
+                continue
+            ok, plain = _as_data(value)
+            if ok:
+                attrs[key] = plain
+            else:
+                opaque.append(key)
+        prefix = f"{path}." if path else ""
+        params = [
+            tensor(n, p, prefix + n, **({"grad": p.requires_grad} if p is not None else {}))
+            for n, p in module._parameters.items()
+        ]
+        buffers = []
+        for n, b in module._buffers.items():
+            persistent = n not in module._non_persistent_buffers_set
+            extra: dict[str, Any] = {"persistent": persistent}
+            if b is not None and not persistent:  # not in the state_dict: its value travels here
+                extra["value"] = b.detach().cpu().clone()
+            buffers.append(tensor(n, b, prefix + n, **(extra if b is not None else {})))
+        entries.append(
+            {
+                "path": path,
+                "type": type_name(type(module)),
+                "attrs": attrs,
+                "opaque": sorted(opaque),
+                "params": params,
+                "buffers": buffers,
+                "children": list(module._modules),
+            }
+        )
+        for n, child in module._modules.items():
+            visit(prefix + n, child)
+
+    visit("", model)
+    return entries
+
+
+# --------------------------------------------------------------------------- allowed classes
+_REGISTERED: dict[str, type[nn.Module]] = {}
+
+
+def allow_module_type(cls: type[nn.Module]) -> type[nn.Module]:
+    """Let checkpoints rebuild modules of ``cls`` (a class decorator) even where the model's factory
+    does not build one: for a stage that swaps in a module class of its own."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"allow_module_type takes an nn.Module subclass, got {cls!r}")
+    _REGISTERED[type_name(cls)] = cls
+    return cls
+
+
+allow_module_type(SelfAttention)  # prune's head removal swaps it in for nn.MultiheadAttention
+
+
+@lru_cache(maxsize=1)
+def _torch_nn_types() -> dict[str, type[nn.Module]]:
+    import torch.nn.modules as pkg
+
+    out: dict[str, type[nn.Module]] = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for obj in vars(mod).values():
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__.startswith(pkg.__name__):
+                out[type_name(obj)] = obj
+    return out
+
+
+def allowed_types(reference: nn.Module) -> dict[str, type[nn.Module]]:
+    """torch.nn's classes, registered ones, and the model's own: every nn.Module class defined in a
+    module that defines one of the classes its factory builds (already imported, already trusted)."""
+    out = dict(_torch_nn_types())
+    for cls in {type(m) for m in reference.modules()}:
+        out[type_name(cls)] = cls
+        home = sys.modules.get(cls.__module__)
+        for obj in vars(home).values() if home is not None else ():
+            if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == cls.__module__:
+                out.setdefault(type_name(obj), obj)
+    out.update(_REGISTERED)
+    return out
+
+
+class _Bad(Exception):
+    """A structure record that cannot be rebuilt (the message says why)."""
+
+
+def _plan(entries: Any, reference: nn.Module) -> list[tuple[dict[str, Any], type[nn.Module] | None, Any]]:
+    """For each entry: (entry, class or None, the reference's module to reuse or None); _Bad if impossible."""
+    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict) or entries[0].get("path"):
+        raise _Bad("the structure record is not a list of modules starting at the root")
+    allowed = allowed_types(reference)
+    fresh: dict[str, nn.Module] = {}
+    for p, m in reference.named_modules(remove_duplicate=False):
+        fresh.setdefault(p, m)
+    used: set[int] = set()
+    plan = []
+    for e in entries:
+        path = e["path"]
+        if not isinstance(path, str):
+            raise _Bad(f"module path {path!r} is not a string")
+        if "same_as" in e or e.get("type") is None:
+            plan.append((e, None, None))
+            continue
+        where = repr(path) if path else "the model itself"
+        cls = allowed.get(e["type"])
+        if cls is None:
+            raise _Bad(
+                f"module {where} is a {e['type']}, which is neither a torch.nn class nor one of the model's "
+                "own (a stage that adds its own module class registers it with "
+                "compress.checkpoint.allow_module_type)"
+            )
+        cand = fresh.get(path)
+        reuse = cand if cand is not None and type(cand) is cls and id(cand) not in used else None
+        if reuse is not None:
+            used.add(id(reuse))
+        elif not path:
+            raise _Bad(f"the file holds a {e['type']}, but the model is a {type_name(type(reference))}")
+        elif e.get("opaque"):
+            raise _Bad(
+                f"module {where} ({e['type']}) is not one its model's factory builds there, and its "
+                f"attribute(s) {', '.join(map(str, e['opaque']))} are not plain data (numbers, strings, tuples, "
+                "tensors), so it cannot be rebuilt"
+            )
+        plan.append((e, cls, reuse))
+    return plan
+
+
+def rebuild_problem(structure: list[dict[str, Any]], reference: nn.Module) -> str | None:
+    """Why ``structure`` (from :func:`describe`) could not be rebuilt on ``reference`` (the model as its
+    factory builds it, e.g. on the meta device), or None when it can."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        first = first_line(exc, "")
-        if len(first) < 12:  # e.g. "101" from the unpickler on a text file: say what it means instead
-            first = f"not a PyTorch checkpoint file ({type(exc).__name__})"
-        raise CompressError(f"{field}: cannot load {path} as a weights-only checkpoint: {first}") from None
-
-
-def checkpoint_info(path: Path) -> dict[str, Any] | None:
-    """A compress checkpoint's architecture (model, kwargs, num_classes, in_channels); None for a plain state_dict."""
-    obj = _load(path, str(path))
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return {k: obj[k] for k in ("model", "kwargs", "num_classes", "in_channels") if k in obj}
+        _plan(structure, reference)
+    except _Bad as exc:
+        return str(exc)
     return None
 
 
-def read_checkpoint(path: Path, role: str, field: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """Return (state_dict, pruned) from a compress file, a plain state_dict or {"state_dict": ...}."""
-    obj = _load(path, field)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return obj["state_dict"], bool(obj.get("pruned"))
+def _blank(cls: type[nn.Module]) -> nn.Module:
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    return module
+
+
+def _new_tensor(t: dict[str, Any], tensors: dict[str, torch.Tensor], key: str, param: bool) -> Any:
+    if "same_as" in t:
+        return tensors[t["same_as"]]
+    if "shape" not in t:
+        return None
+    dtype = getattr(torch, str(t["dtype"]), None)
+    shape = t["shape"]
+    if not isinstance(dtype, torch.dtype) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _Bad(f"tensor {key!r} has a malformed shape or dtype")
+    if param:
+        value: torch.Tensor = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=bool(t.get("grad", True)))
+    elif "value" in t:
+        value = t["value"]
+        if not isinstance(value, torch.Tensor) or list(value.shape) != list(shape):
+            raise _Bad(f"buffer {key!r}'s recorded value does not have its recorded shape")
+    else:
+        value = torch.empty(shape, dtype=dtype)
+    tensors[key] = value
+    return value
+
+
+def rebuild(model: nn.Module, structure: list[dict[str, Any]]) -> None:
+    """Give ``model`` (as its factory built it) the module tree ``structure`` records, in place.
+    Tensors are allocated, not filled: load the state_dict afterwards. Raises _Bad."""
+    plan = _plan(structure, model)
+    built: dict[str, nn.Module | None] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for e, cls, reuse in plan:
+        path = e["path"]
+        module: nn.Module | None
+        if "same_as" in e:
+            module = built[e["same_as"]]
+        elif cls is None:
+            module = None
+        else:
+            module = reuse if reuse is not None else _blank(cls)
+            for key, value in e["attrs"].items():
+                if (
+                    not isinstance(key, str)
+                    or not key.isidentifier()
+                    or key.startswith("__")
+                    or key in _MODULE_INTERNALS
+                ):
+                    raise _Bad(f"module {path!r} records an attribute named {key!r}")
+                module.__dict__[key] = value
+            prefix = f"{path}." if path else ""
+            module._parameters.clear()
+            for t in e["params"]:
+                module.register_parameter(t["name"], _new_tensor(t, tensors, prefix + t["name"], param=True))
+            module._buffers.clear()
+            module._non_persistent_buffers_set.clear()
+            for t in e["buffers"]:
+                value = _new_tensor(t, tensors, prefix + t["name"], param=False)
+                module.register_buffer(t["name"], value, persistent=bool(t.get("persistent", True)))
+            module._modules.clear()  # the children's entries follow and attach themselves
+        if path:
+            parent, _, name = path.rpartition(".")
+            owner = built[parent]
+            if owner is None or "." in name:
+                raise _Bad(f"module {path!r} has no parent in the record")
+            owner._modules[name] = module
+        built[path] = module
+    for e, cls, _ in plan:
+        if cls is not None:
+            module = built[e["path"]]
+            assert module is not None
+            if list(module._modules) != list(e["children"]):
+                raise _Bad(f"module {e['path']!r}'s children do not match the record")
+
+
+# --------------------------------------------------------------------------- reading
+def _why(exc: BaseException) -> str:
+    """What is wrong with a file torch.load refused, in words (never 'use weights_only=False')."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        for line in text.splitlines():
+            if "Unsupported global:" in line:
+                what = line.split("Unsupported global:", 1)[1].split(" was not", 1)[0].replace("GLOBAL", "").strip()
+                return f"it holds a {what} object, and only tensors and plain data are read (never code)"
+        if "Unsupported operand" in text:
+            return "it is a plain pickle, not a file of tensors written by torch.save; only tensors are read"
+        return "it holds objects other than tensors and plain data, which are never read"
+    if "PytorchStreamReader" in text or "zip archive" in text or (isinstance(exc, OSError) and exc.errno == EINVAL):
+        return "it is truncated or damaged (not a complete torch.save archive)"  # EINVAL: a seek past its end
+    if isinstance(exc, OSError):
+        return exc.strerror or first_line(exc)
+    first = first_line(exc, "")
+    if len(first) < 12 or isinstance(exc, (EOFError, KeyError)):  # e.g. "101" from the unpickler on a text file
+        return f"not a PyTorch checkpoint file ({type(exc).__name__})"
+    return first
+
+
+def safe_load(path: Path, field: str, *, device: Any = "cpu", mmap: bool = False, hint: str = "") -> Any:
+    """``torch.load(weights_only=True)``; a bad file is one CompressError line naming it and why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": two more lines on stderr
+            if mmap:  # cheap (tensors mapped, not read); a file it cannot map is read plainly, to say why
+                with contextlib.suppress(Exception):
+                    return torch.load(path, map_location=device, weights_only=True, mmap=True)
+            return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CompressError(
+            f"{field}: cannot load {path} as a weights-only checkpoint: {_why(exc)}{f'; {hint}' if hint else ''}"
+        ) from None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint file: its tensors and whatever it says about its model."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    model: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    in_channels: int | None = None
+    structure: list[dict[str, Any]] | None = None  # compress/2
+    pruned: bool = False  # compress/1's flag: tensors may be narrower than the factory's
+
+    def build(
+        self, field: str, *, model: str | None = None, num_classes: int | None = None, in_channels: int | None = None
+    ) -> nn.Module:
+        """The model this file holds, in eval mode (``model`` etc. name it for a plain state_dict)."""
+        from compress.models import build_model
+
+        name = model or self.model
+        classes = num_classes if num_classes is not None else self.num_classes
+        if name is None or classes is None:
+            raise CompressError(f"{field}: {self.path} is a plain state_dict and does not name its model")
+        channels = in_channels if in_channels is not None else (self.in_channels or 3)
+        net = build_model(name, classes, channels, **self.kwargs)
+        self.load_into(net, field)
+        return net.eval()
+
+    def load_into(self, model: nn.Module, field: str) -> None:
+        """Give ``model`` (as its factory built it) this file's structure and weights."""
+        if self.structure is not None:
+            try:
+                rebuild(model, self.structure)
+            except _Bad as exc:
+                raise CompressError(f"{field}: cannot rebuild the model {self.path} records: {exc}") from None
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                raise CompressError(
+                    f"{field}: {self.path} has a malformed structure record ({type(exc).__name__}: {first_line(exc)})"
+                ) from None
+            _check_keys(model, self.state, field, exact=True)
+            _load_state(model, self.state, field)
+            return
+        load_weights(model, self.state, pruned=self.pruned, field=field)
+
+
+def open_checkpoint(path: Path, field: str) -> Checkpoint:
+    """Read a compress checkpoint (compress/2 or compress/1), a plain state_dict or {"state_dict": ...}."""
+    obj = safe_load(path, field)
+    if isinstance(obj, dict) and obj.get("format") in FORMATS:
+        state = obj.get("state_dict")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CompressError(f"{field}: {path} is a damaged compress checkpoint (no state_dict of tensors)")
+        structure = obj.get("structure") if obj["format"] == FORMAT else None
+        if obj["format"] == FORMAT and not isinstance(structure, list):
+            raise CompressError(f"{field}: {path} is a damaged compress checkpoint (no structure record)")
+        kwargs = obj.get("kwargs") or {}
+        if not isinstance(kwargs, dict) or not isinstance(obj.get("model"), str):
+            raise CompressError(f"{field}: {path} is a damaged compress checkpoint (model name or kwargs)")
+        return Checkpoint(
+            path=Path(path),
+            state=state,
+            model=obj["model"],
+            kwargs=kwargs,
+            num_classes=obj.get("num_classes"),
+            in_channels=obj.get("in_channels"),
+            structure=structure,
+            pruned=bool(obj.get("pruned")),
+        )
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -80,12 +508,53 @@ def read_checkpoint(path: Path, role: str, field: str) -> tuple[dict[str, torch.
     for prefix in ("module.", "_orig_mod."):
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix) :]: v for k, v in obj.items()}
-    return obj, False
+    return Checkpoint(path=Path(path), state=obj)
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, pruned: bool, field: str) -> None:
+def load_model(path: Path, field: str, **names: Any) -> nn.Module:
+    """Open ``path`` and rebuild its model (see :meth:`Checkpoint.build`)."""
+    return open_checkpoint(path, field).build(field, **names)
+
+
+# --------------------------------------------------------------------------- the two-step API (older callers)
+def checkpoint_info(path: Path) -> dict[str, Any] | None:
+    """A compress checkpoint's architecture (model, kwargs, num_classes, in_channels); None for a plain state_dict."""
+    ck = open_checkpoint(path, str(path))
+    if ck.model is None:
+        return None
+    return {"model": ck.model, "kwargs": ck.kwargs, "num_classes": ck.num_classes, "in_channels": ck.in_channels}
+
+
+def read_checkpoint(path: Path, role: str, field: str) -> tuple[dict[str, torch.Tensor], Any]:
+    """(state_dict, layout) for :func:`load_weights`: the structure record (compress/2), compress/1's
+    pruned flag, or False for a plain state_dict. Prefer :func:`open_checkpoint`."""
+    del role
+    ck = open_checkpoint(path, field)
+    return ck.state, (_Layout(ck.structure) if ck.structure is not None else ck.pruned)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """read_checkpoint's second value for a compress/2 file (truthy, like compress/1's pruned flag)."""
+
+    structure: list[dict[str, Any]]
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, pruned: Any, field: str) -> None:
+    """Load ``state`` into ``model``: ``pruned`` is read_checkpoint's layout (a structure record, or
+    True for tensors that may be narrower than the model's: compress/1 files), False for exact shapes."""
+    if isinstance(pruned, _Layout):
+        Checkpoint(path=Path(field), state=state, structure=pruned.structure).load_into(model, field)
+        return
     if pruned:  # attention that lost whole heads was saved as SelfAttention (….qkv.weight): convert to match
         decouple_attention(model, {k.removesuffix(".qkv.weight") for k in state if k.endswith(".qkv.weight")})
+    _check_keys(model, state, field, exact=not pruned)
+    if pruned:
+        _resize_to(model, state)
+    _load_state(model, state, field)
+
+
+def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], field: str, *, exact: bool) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -99,7 +568,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, pruned: bo
     for key, tensor in state.items():
         if own[key].shape != tensor.shape:
             shrinks = (
-                pruned
+                not exact
                 and tensor.ndim == own[key].ndim
                 and all(a <= b for a, b in zip(tensor.shape, own[key].shape, strict=True))
             )
@@ -108,13 +577,18 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, pruned: bo
                     f"{field}: checkpoint does not match the model: {key} has shape {tuple(tensor.shape)} "
                     f"in the file but {tuple(own[key].shape)} in the model"
                 )
-    if pruned:
-        _resize_to(model, state)
-    model.load_state_dict(state)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], field: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # e.g. a dtype a parameter cannot take; the detail is on the second line
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise CompressError(f"{field}: checkpoint does not load into the model: {' '.join(lines[:2])}") from None
 
 
 def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Give every module the (smaller) tensor shapes recorded by a pruned checkpoint."""
+    """Give every module the (smaller) tensor shapes recorded by a compress/1 pruned checkpoint."""
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         for attr, current in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

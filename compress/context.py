@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from compress.checkpoint import save_model
+from compress.checkpoint import describe, rebuild_problem, save_model
 from compress.data import DataBundle
+from compress.errors import StageFailed
 
 if TYPE_CHECKING:
     from compress.config import RecipeBase
@@ -44,7 +45,6 @@ class Context:
     data: DataBundle
     models: dict[str, nn.Module]
     specs: dict[str, ModelSpec]
-    pruned: dict[str, bool] = field(default_factory=dict)
     artifacts: list[Artifact] = field(default_factory=list)
     quiet: bool = False
     console: Console = field(default_factory=lambda: Console(stderr=True))
@@ -54,6 +54,8 @@ class Context:
     fit_calls: int = 0  # training loops started in the current stage (names their resume files)
     world: int = 1  # processes training together under torchrun (DDP); rank 0 writes everything
     rank: int = 0
+    #: each role's model as its factory builds it (on the meta device): what a checkpoint is rebuilt from
+    _references: dict[str, nn.Module] = field(default_factory=dict, repr=False, init=False)
 
     @property
     def is_main(self) -> bool:
@@ -82,10 +84,19 @@ class Context:
         return art
 
     def snapshot(self, role: str, label: str) -> Artifact:
-        """Checkpoint ``role``'s current weights and record a frozen copy for the report."""
+        """Checkpoint ``role``'s current model and record a frozen copy for the report.
+
+        The checkpoint records the model's structure as it is now (see compress.checkpoint), so a
+        stage that changed it needs to declare nothing; one that left a module no checkpoint can
+        rebuild fails here, naming the module, instead of at a later --resume or bench.
+        """
         model = self.models[role]
         spec = self.specs[role]
         path = self.run_dir / "checkpoints" / f"{self.stage_index:02d}-{label}" / f"{role}.pt"
+        structure = describe(model)
+        problem = rebuild_problem(structure, self.reference(role))
+        if problem is not None:
+            raise StageFailed(f"stage {self.stage_index} ({label}) left a {role} no checkpoint can rebuild: {problem}")
         save_model(
             model,
             path,
@@ -93,7 +104,7 @@ class Context:
             kwargs=spec.kwargs,
             num_classes=self.data.num_classes,
             in_channels=self.data.channels,
-            pruned=self.pruned.get(role, False),
+            structure=structure,
         )
         frozen = copy.deepcopy(model).eval()
         return self.add_artifact(
@@ -107,6 +118,20 @@ class Context:
                 model=frozen,
             )
         )
+
+    def reference(self, role: str) -> nn.Module:
+        """``role``'s model as its factory builds it, without weights (meta device; built once)."""
+        if role not in self._references:
+            from compress.models import build_model
+
+            spec = self.specs[role]
+            args = (spec.model, self.data.num_classes, self.data.channels)
+            try:
+                with torch.device("meta"):
+                    self._references[role] = build_model(*args, **spec.kwargs)
+            except Exception:  # noqa: BLE001 - a factory that needs real tensors: build it for real
+                self._references[role] = build_model(*args, **spec.kwargs)
+        return self._references[role]
 
     def next_resume_file(self) -> Path:
         """Where the current stage's next training loop keeps its per-epoch state."""

@@ -3,9 +3,14 @@
 Two kinds of state, both written atomically (temp file, fsync, rename), so a ``kill -9`` at any
 moment leaves either the old file or the new one:
 - after every stage, ``resume/progress.pt``: which stages are done, their metrics, every artifact
-  recorded so far (torch snapshots by checkpoint path), pruning flags and the RNG states;
+  recorded so far (torch snapshots by checkpoint path) and the RNG states;
 - after every training epoch, ``resume/NN-K.pt`` (training.fit): model, optimizer, scheduler,
   history and RNG, so a long stage resumes at its last finished epoch.
+
+The models come back from their stage checkpoints, which record their structure (see
+compress.checkpoint), so whatever a stage did to a model (pruned widths, folded BatchNorm, a removed
+block) is what the resumed run continues with. Every file here is read weights-only, and one that
+cannot be read is one CompressError line naming it and what to do, before any stage runs again.
 
 ``compress run RECIPE --resume RUN_DIR`` refuses a different recipe, skips finished stages,
 restores the models from their stage checkpoints and continues; the ``resume/`` folder is removed
@@ -14,12 +19,14 @@ once the run is complete.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +34,9 @@ import numpy as np
 import torch
 import yaml
 
-from compress.checkpoint import atomic_save, load_weights, read_checkpoint
+from compress.checkpoint import atomic_save, open_checkpoint, safe_load
 from compress.context import Artifact, Context
-from compress.errors import CompressError
-from compress.models import build_model
+from compress.errors import CompressError, first_line
 
 PROGRESS = Path("resume") / "progress.pt"
 
@@ -63,7 +69,11 @@ def check_resumable(run_dir: Path, recipe_dump: str) -> None:
             f"--resume: {run_dir} is still being written by process {status['pid']}; stop it first "
             "(after kill -9 of torchrun, also kill its workers)"
         )
-    old, new = _flatten(yaml.safe_load(resolved.read_text())), _flatten(yaml.safe_load(recipe_dump))
+    try:
+        started_with = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CompressError(f"--resume: cannot read {resolved}: {first_line(exc)}") from None
+    old, new = _flatten(started_with), _flatten(yaml.safe_load(recipe_dump))
     diffs = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
     ]
@@ -123,40 +133,84 @@ def save_progress(ctx: Context, completed: int, stages_out: list[dict[str, Any]]
         "completed": completed,
         "stages_out": json.dumps(stages_out),
         "artifacts": json.dumps(arts),
-        "pruned": json.dumps(ctx.pruned),
         "rng": _rng_state(),
     }
     atomic_save(state, ctx.run_dir / PROGRESS)
     for stale in (ctx.run_dir / "resume").glob(f"{completed:02d}-*.pt"):
-        stale.unlink()  # the stage's checkpoint now holds what its epoch files held
+        with contextlib.suppress(OSError):  # never read again: the stage is done
+            stale.unlink()  # the stage's checkpoint now holds what its epoch files held
+
+
+RESTART = "start the run over with --overwrite"
+REDO_EPOCHS = "delete it to redo that training from its first epoch"
 
 
 def restore(ctx: Context) -> tuple[int, list[dict[str, Any]]]:
-    """Bring ``ctx`` to the state after the last finished stage; return (stages done, their outputs)."""
+    """Bring ``ctx`` to the state after the last finished stage; return (stages done, their outputs).
+
+    Every per-epoch file is checked first, so a bad one stops the resume here, not after the
+    finished stages' work has been set up again.
+    """
+    for epoch_file in sorted((ctx.run_dir / "resume").glob("*-*.pt")):
+        read_epoch(epoch_file, "cpu", mmap=True)
     path = ctx.run_dir / PROGRESS
     if not path.is_file():
         return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    ctx.pruned = json.loads(state["pruned"])
-    ctx.artifacts = []
-    for a in json.loads(state["artifacts"]):
-        model = _load_snapshot(ctx, a["role"], Path(a["path"])) if a["format"] == "torch" else None
-        ctx.artifacts.append(Artifact(**{**a, "path": Path(a["path"])}, model=model))
+    state = safe_load(path, "--resume", hint=RESTART)
+    try:
+        completed, stages_out = int(state["completed"]), json.loads(state["stages_out"])
+        saved = json.loads(state["artifacts"])
+        rng = state["rng"]
+        keys = ("name", "role", "format", "precision", "stage", "source")
+        artifacts = [Artifact(**{k: a[k] for k in keys}, path=Path(a["path"])) for a in saved]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CompressError(
+            f"--resume: {path} is damaged ({type(exc).__name__}: {first_line(exc)}); {RESTART}"
+        ) from None
+    for art in artifacts:
+        if art.format == "torch":
+            art.model = _load_snapshot(ctx, art.role, art.path)
+    ctx.artifacts = artifacts
     for role in ctx.models:
         latest = ctx.latest(role, "torch")
         if latest is not None and latest.model is not None:
             ctx.models[role] = copy.deepcopy(latest.model).to(ctx.device)
-    _set_rng_state(state["rng"])
-    ctx.log.info("resumed after stage %d", state["completed"])
-    return int(state["completed"]), json.loads(state["stages_out"])
+    try:
+        _set_rng_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CompressError(f"--resume: {path} has damaged RNG states ({first_line(exc)}); {RESTART}") from None
+    ctx.log.info("resumed after stage %d", completed)
+    return completed, stages_out
 
 
 def _load_snapshot(ctx: Context, role: str, path: Path) -> torch.nn.Module:
-    spec = ctx.specs[role]
-    model = build_model(spec.model, ctx.data.num_classes, ctx.data.channels, **spec.kwargs)
-    state, pruned = read_checkpoint(path, role, f"--resume ({path})")
-    load_weights(model, state, pruned=pruned, field=f"--resume ({path})")
-    return model.eval()
+    """A stage checkpoint's model, rebuilt from its file (its structure included). The factory is the
+    recipe's (the file's model name is not what chooses code to import)."""
+    field = f"--resume ({path})"
+    if not path.is_file():
+        raise CompressError(f"{field}: the checkpoint is missing; {RESTART}")
+    return open_checkpoint(path, field).build(field, model=ctx.specs[role].model)
+
+
+def read_epoch(path: Path, device: Any, *, mmap: bool = False) -> dict[str, Any]:
+    """A per-epoch training state (training.fit's resume file), read weights-only."""
+    state = safe_load(path, "--resume", device=device, mmap=mmap, hint=REDO_EPOCHS)
+    if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
+        raise CompressError(f"--resume: {path} is not a training state compress wrote; {REDO_EPOCHS}")
+    return state
+
+
+def load_epoch(path: Path, device: Any, apply: Callable[[dict[str, Any]], None]) -> None:
+    """Read ``path`` (see :func:`read_epoch`) into ``apply`` (the training loop's load_state_dict); a
+    state that does not fit the loop is one CompressError line too."""
+    state = read_epoch(path, device)
+    try:
+        apply(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        raise CompressError(
+            f"--resume: {path} does not fit this stage's training ({' '.join(lines[:2])}); {REDO_EPOCHS}"
+        ) from None
 
 
 def finish(run_dir: Path) -> None:

@@ -20,13 +20,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from compress import metadata
 from compress.bench import report as report_mod
+from compress.env import environment
 from compress.bench.measure import measure
-from compress.checkpoint import checkpoint_info, load_weights, read_checkpoint
+from compress.checkpoint import open_checkpoint
 from compress.context import Artifact
 from compress.data import DataBundle
-from compress.env import environment
 from compress.errors import CompressError, first_line
-from compress.models import build_model
 from compress.onnx_utils import session
 from compress.recipe import BenchmarkConfig, format_validation_error, load_recipe, recipe_model
 
@@ -119,18 +118,18 @@ def _data_config(plan: Plan, name: str | None, root: str | None) -> tuple[Any, s
 
 
 def _load_torch(name: str, ckpt: Path, override: str | None, data: DataBundle) -> Artifact:
-    info = checkpoint_info(ckpt)
-    model_name = override or (info or {}).get("model")
+    """A checkpoint's model, rebuilt as the file records it (structure included), checked against the data."""
+    ck = open_checkpoint(ckpt, str(ckpt))
+    model_name = override or ck.model
     if model_name is None:
         raise CompressError(f"{ckpt}: a plain state_dict does not name its model; pass {ckpt}:MODEL_NAME")
-    classes = (info or {}).get("num_classes", data.num_classes)
-    if classes != data.num_classes:
-        raise CompressError(f"{ckpt}: the model has {classes} classes but the data has {data.num_classes}")
-    model = build_model(model_name, data.num_classes, data.channels, **(info or {}).get("kwargs", {}))
-    state, pruned = read_checkpoint(ckpt, "model", str(ckpt))
-    load_weights(model, state, pruned=pruned, field=str(ckpt))
+    if ck.num_classes is not None and ck.num_classes != data.num_classes:
+        raise CompressError(f"{ckpt}: the model has {ck.num_classes} classes but the data has {data.num_classes}")
+    if ck.in_channels is not None and ck.in_channels != data.channels:
+        raise CompressError(f"{ckpt}: the model takes {ck.in_channels}-channel images but the data has {data.channels}")
+    model = ck.build(str(ckpt), model=model_name, num_classes=data.num_classes, in_channels=data.channels)
     role = ckpt.stem if ckpt.stem in ("teacher", "student") else "model"
-    return Artifact(name, role, "torch", "fp32", ckpt, "checkpoint", model=model.eval())
+    return Artifact(name, role, "torch", "fp32", ckpt, "checkpoint", model=model)
 
 
 def _onnx_artifact(name: str, path: Path, props: dict[str, str], data: DataBundle) -> Artifact:

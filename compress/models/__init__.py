@@ -80,12 +80,11 @@ class ModelSpec(BaseModel):
 def build_from_spec(spec: ModelSpec, data: DataBundle, field: str, role: str) -> nn.Module:
     """Build ``spec``'s model for ``data``, load its checkpoint and check one forward pass; every
     user error is a CompressError naming ``field`` (``teacher``, ``stages.1.teachers.0``)."""
-    from compress.checkpoint import load_weights, read_checkpoint
+    from compress.checkpoint import open_checkpoint
 
     model = build_model(spec.model, data.num_classes, data.channels, **spec.kwargs)
-    if spec.checkpoint is not None:
-        state, pruned = read_checkpoint(spec.checkpoint, role, f"{field}.checkpoint")
-        load_weights(model, state, pruned=pruned, field=f"{field}.checkpoint")
+    if spec.checkpoint is not None:  # its recorded structure (pruned, folded, ...) included
+        open_checkpoint(spec.checkpoint, f"{field}.checkpoint").load_into(model, f"{field}.checkpoint")
     x = data.example_input(2)
     try:
         with torch.no_grad():

@@ -127,7 +127,6 @@ class Prune(Stage, StructuredOptions):
                 "prune step %d/%d (%s, ratio %.3f): params %d -> %d, MACs %d -> %d, test_acc %.4f",
                 step, self.steps, self.method, ratio, params0, params, macs0, macs, row["test_acc_pruned"],
             )  # fmt: skip
-            ctx.pruned["student"] = True
             if self.finetune is not None:
                 label = f"prune fine-tune{f' {step}/{self.steps}' * (self.steps > 1)}"
                 fits.append(self.finetune.run(ctx, model, label, f"stages.{ctx.stage_index - 1}.finetune"))
