@@ -46,13 +46,17 @@ from dataclasses import dataclass, field
 from errno import EINVAL
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from compress.errors import CompressError, first_line
+from compress.models import ModelSpec, build_model
 from compress.models.attention import SelfAttention, decouple_attention
+
+if TYPE_CHECKING:
+    from compress.data import DataBundle
 
 FORMAT = "compress/2"
 LEGACY = "compress/1"  # no structure record; ``pruned: true`` meant "tensors may be narrower"
@@ -449,7 +453,6 @@ class Checkpoint:
         self, field: str, *, model: str | None = None, num_classes: int | None = None, in_channels: int | None = None
     ) -> nn.Module:
         """The model this file holds, in eval mode (``model`` etc. name it for a plain state_dict)."""
-        from compress.models import build_model
 
         name = model or self.model
         classes = num_classes if num_classes is not None else self.num_classes
@@ -633,3 +636,23 @@ def _fix_attributes(module: nn.Module) -> None:
         module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.GroupNorm) and module.weight is not None:
         module.num_channels = module.weight.shape[0]
+
+
+def build_from_spec(spec: ModelSpec, data: DataBundle, field: str, role: str = "") -> nn.Module:
+    """Build ``spec``'s model for ``data``, load its checkpoint and check one forward pass; every
+    user error is a CompressError naming ``field`` (``teacher``, ``stages.1.teachers.0``)."""
+    model = build_model(spec.model, data.num_classes, data.channels, **spec.kwargs)
+    if spec.checkpoint is not None:  # its recorded structure (pruned, folded, ...) included
+        open_checkpoint(spec.checkpoint, f"{field}.checkpoint").load_into(model, f"{field}.checkpoint")
+    x = data.example_input(2)
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as exc:  # noqa: BLE001 - a model that cannot take the data is a recipe error
+        raise CompressError(
+            f"{field}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first_line(exc)}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CompressError(f"{field}.model: {spec.model!r} returns {shape}, expected logits (2, {data.num_classes})")
+    return model

@@ -179,7 +179,7 @@ def _env(as_json: bool) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from compress.bench.harness import bench
+    from compress.commands.bench import bench
 
     unknown = [r for r in args.runtime if r not in ("ort", "torch", "torch-compile")]
     if unknown:

@@ -27,11 +27,11 @@ from compress import resume as resume_mod
 from compress.bench import measure as bench
 from compress.bench import report as report_mod
 from compress.bench.size import gzip_bytes
+from compress.checkpoint import build_from_spec
 from compress.context import Context
 from compress.data import DataBundle
 from compress.env import environment
 from compress.errors import CompressError, StageFailed, out_of_memory
-from compress.models import build_from_spec
 from compress.recipe import RecipeBase, dump_recipe
 
 RUN_MARKERS = ("status.json", "recipe.resolved.yaml")

@@ -80,8 +80,9 @@ def test_folded_model_reloads_exactly(fold_bn, tmp_path):
     assert repr(again) == repr(model)
     assert again[0].bias is not None and isinstance(again[1], nn.Identity)
     # the same file as a recipe's student checkpoint: build_from_spec rebuilds it too
+    from compress.checkpoint import build_from_spec
     from compress.data import DATASETS
-    from compress.models import ModelSpec, build_from_spec
+    from compress.models import ModelSpec
 
     data = DATASETS.get("digits").model_validate({"name": "digits"}).load()
     spec = ModelSpec(model="digits_student", checkpoint=path)

@@ -16,13 +16,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
+from compress.checkpoint import build_from_spec
 from compress.context import Context
 from compress.data import DataBundle
 from compress.distill import LOSSES, LossTerm
 from compress.distill.objective import DistillObjective, TeacherCache
 from compress.distill.taps import find_module
 from compress.errors import CompressError
-from compress.models import ModelSpec, build_from_spec, check_model_name
+from compress.models import ModelSpec, check_model_name
 from compress.training import OptimConfig, autocast_dtype, cross_entropy, fit
 
 #: the one-logit-loss shorthand of ``kd:``, spelled out into ``losses:`` before validation

@@ -14,16 +14,12 @@ import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from compress.errors import CompressError, first_line
-
-if TYPE_CHECKING:
-    from compress.data import DataBundle
+from compress.errors import CompressError
 from compress.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
@@ -75,28 +71,6 @@ class ModelSpec(BaseModel):
         if v is not None and not v.is_file():
             raise ValueError(f"{str(v)!r} is not a file" if v.exists() else f"{str(v)!r} does not exist")
         return v
-
-
-def build_from_spec(spec: ModelSpec, data: DataBundle, field: str, role: str) -> nn.Module:
-    """Build ``spec``'s model for ``data``, load its checkpoint and check one forward pass; every
-    user error is a CompressError naming ``field`` (``teacher``, ``stages.1.teachers.0``)."""
-    from compress.checkpoint import open_checkpoint
-
-    model = build_model(spec.model, data.num_classes, data.channels, **spec.kwargs)
-    if spec.checkpoint is not None:  # its recorded structure (pruned, folded, ...) included
-        open_checkpoint(spec.checkpoint, f"{field}.checkpoint").load_into(model, f"{field}.checkpoint")
-    x = data.example_input(2)
-    try:
-        with torch.no_grad():
-            out = model.eval()(x)
-    except Exception as exc:  # noqa: BLE001 - a model that cannot take the data is a recipe error
-        raise CompressError(
-            f"{field}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first_line(exc)}"
-        ) from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise CompressError(f"{field}.model: {spec.model!r} returns {shape}, expected logits (2, {data.num_classes})")
-    return model
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:

@@ -20,11 +20,11 @@ from pydantic import TypeAdapter, ValidationError
 
 from compress import metadata
 from compress.bench import report as report_mod
-from compress.env import environment
 from compress.bench.measure import measure
 from compress.checkpoint import open_checkpoint
 from compress.context import Artifact
 from compress.data import DataBundle
+from compress.env import environment
 from compress.errors import CompressError, first_line
 from compress.onnx_utils import session
 from compress.recipe import BenchmarkConfig, format_validation_error, load_recipe, recipe_model
