@@ -226,3 +226,33 @@ def test_vit_loses_whole_heads_to_a_macs_target_in_steps(tiny, tmp_path):
     load_weights(model, state, pruned=pruned, field="t")
     assert [layer.self_attention.num_heads for layer in model.encoder.layers] == [2, 2]
     assert report["stages"][1]["metrics"]["student"]["max_abs_diff"] < 1e-3
+
+
+def test_recalibrate_bn_measures_the_pruned_networks_statistics(tiny, tmp_path):
+    """After pruning, each BatchNorm's running mean/var are re-measured: for the first BN (fed by the
+    input conv alone) they equal the average of its per-batch statistics over the batches seen."""
+    from compress.checkpoint import load_model
+
+    stages = ({"kind": "train", "epochs": 1}, {"kind": "prune", "ratio": 0.5}, {"kind": "recalibrate_bn", "batches": 3})
+    out, report = _run(tiny, tmp_path, *stages)
+    metrics = report["stages"][2]["metrics"]
+    assert metrics["batches"] == 3 and metrics["layers"] > 10
+    (ckpt,) = (out / "checkpoints").glob("*-recalibrate_bn/student.pt")
+    model = load_model(ckpt, "student").eval()
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    means, variances = [], []
+
+    def record(module, inputs):  # returns None: the input passes unchanged
+        means.append(inputs[0].mean((0, 2, 3)))
+        variances.append(inputs[0].var((0, 2, 3)))
+
+    hook = bn.register_forward_pre_hook(record)
+    data = validate_recipe(tiny).data.load()
+    with torch.no_grad():
+        for i, (x, _) in enumerate(data.train_loader(seed=tiny["seed"], augment=False)):
+            if i == 3:
+                break
+            model(x)
+    hook.remove()
+    assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, torch.stack(variances).mean(0), rtol=1e-4, atol=1e-5)
