@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from compress.checkpoint import describe, rebuild_problem, save_model
+from compress.checkpoint import save_model
 from compress.data import DataBundle
 from compress.errors import StageFailed
+from compress.structure import describe, rebuild_problem
 
 if TYPE_CHECKING:
     from compress.config import RecipeBase

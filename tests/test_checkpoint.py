@@ -15,15 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from compress.checkpoint import (
-    FORMAT,
-    allow_module_type,
-    describe,
-    load_model,
-    open_checkpoint,
-    rebuild_problem,
-    save_model,
-)
+from compress.checkpoint import FORMAT, load_model, open_checkpoint, save_model
 from compress.cli import main
 from compress.errors import CompressError
 from compress.models import build_model
@@ -31,6 +23,7 @@ from compress.models.attention import SelfAttention, decouple_attention
 from compress.pipeline import run
 from compress.recipe import validate_recipe
 from compress.stages.base import STAGES
+from compress.structure import allow_module_type, describe, rebuild_problem
 from tests.conftest import digits_recipe
 from tests.test_resume import ROOT, _stable, kill_during
 
