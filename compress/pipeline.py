@@ -126,6 +126,30 @@ def run(
     rank, world = distributed.init()
     quiet = quiet or rank != 0
     console = console or Console(stderr=True, quiet=quiet)
+    device, data, models = _prepare(recipe, world)
+    run_dir = _open_run_dir(recipe, out, overwrite, resume, rank)
+    if not quiet:  # now, not only at the end: a long run's files can be watched while it runs
+        console.print(f"run directory: {run_dir}" + (" (resuming)" if resume is not None else ""), soft_wrap=True)
+    data.to(device)
+    started = dt.datetime.now(dt.UTC)
+    if rank == 0:
+        if resume is None:
+            (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+        _status(run_dir, "running", started=started.isoformat(), resumed=resume is not None, processes=world)
+    ctx = _context(recipe, device, run_dir, data, models, quiet, console, rank, world)
+    completed, stages_out = resume_mod.restore(ctx) if resume is not None else (0, [])
+    if rank == 0 and completed == 0:
+        _snapshot_inputs(ctx)
+    _run_stages(ctx, completed, stages_out, started)
+    if rank != 0:
+        distributed.shutdown()  # rank 0 alone measures and writes the report
+        return run_dir
+    _finish(ctx, stages_out, started)
+    return run_dir
+
+
+def _prepare(recipe: RecipeBase, world: int) -> tuple[torch.device, DataBundle, dict[str, torch.nn.Module]]:
+    """Everything a bad recipe fails on, before anything is written: device, data, models, preflight."""
     device = resolve_device(recipe.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -135,6 +159,11 @@ def run(
     models = {role: build_role(recipe, role, data) for role in roles}
     for i, stage in enumerate(recipe.stages):  # type: ignore[attr-defined]
         stage.preflight(models, data, f"stages.{i}")
+    return device, data, models
+
+
+def _open_run_dir(recipe: RecipeBase, out: Path | None, overwrite: bool, resume: Path | None, rank: int) -> Path:
+    """Create the run directory (or check ``resume`` can continue); every rank gets it, or the error."""
     run_dir, error = None, None
     if rank == 0:  # one writer; the other ranks learn the directory (or the error) from it
         try:
@@ -148,19 +177,28 @@ def run(
     run_dir, error = distributed.broadcast((run_dir, error))
     if error is not None:
         raise CompressError(error)
-    data.to(device)
-    started = dt.datetime.now(dt.UTC)
-    if rank == 0:
-        if resume is None:
-            (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
-        _status(run_dir, "running", started=started.isoformat(), resumed=resume is not None, processes=world)
+    return run_dir
+
+
+def _context(
+    recipe: RecipeBase,
+    device: torch.device,
+    run_dir: Path,
+    data: DataBundle,
+    models: dict[str, torch.nn.Module],
+    quiet: bool,
+    console: Console,
+    rank: int,
+    world: int,
+) -> Context:
+    """The Context every stage works on, with the run's first lines in train.log."""
     ctx = Context(
         recipe=recipe,
         device=device,
         run_dir=run_dir,
         data=data,
         models={r: m.to(device) for r, m in models.items()},
-        specs={r: getattr(recipe, r) for r in roles},
+        specs={r: getattr(recipe, r) for r in models},
         quiet=quiet,
         console=console,
         log=_logger(run_dir, console) if rank == 0 else logging.getLogger("compress.rank"),
@@ -177,53 +215,67 @@ def run(
         len(data.test_y),
         data.num_classes,
     )
-    completed, stages_out = resume_mod.restore(ctx) if resume is not None else (0, [])
-    changed_later = {role for stage in recipe.stages for role in stage.changes()}  # type: ignore[attr-defined]
-    for role in roles:
-        if rank == 0 and completed == 0 and (getattr(recipe, role).checkpoint is not None or role not in changed_later):
+    return ctx
+
+
+def _snapshot_inputs(ctx: Context) -> None:
+    """Checkpoint the models as they come in: loaded ones, and any no stage will change."""
+    changed_later = {role for stage in ctx.recipe.stages for role in stage.changes()}  # type: ignore[attr-defined]
+    for role in ctx.models:
+        if ctx.specs[role].checkpoint is not None or role not in changed_later:
             ctx.stage_label = "input"
             ctx.snapshot(role, "input")
-    for i, stage in enumerate(recipe.stages, start=1):  # type: ignore[attr-defined]
+
+
+def _run_stages(ctx: Context, completed: int, stages_out: list[dict[str, Any]], started: dt.datetime) -> None:
+    """Every stage after the first ``completed`` (restored by a resume), checkpointing what each changed."""
+    stages = ctx.recipe.stages  # type: ignore[attr-defined]
+    for i, stage in enumerate(stages, start=1):
         if i <= completed:
             continue  # finished before the interruption; its models and artifacts were restored
         ctx.stage_index, ctx.stage_label, ctx.fit_calls = i, stage.kind, 0
-        if rank != 0 and not stage.changes():
+        if ctx.rank != 0 and not stage.changes():
             continue  # export/quantize read the models: rank 0's job
-        console.print(f"[bold cyan]stage {i}/{len(recipe.stages)}: {stage.kind}[/]")  # type: ignore[attr-defined]
+        ctx.console.print(f"[bold cyan]stage {i}/{len(stages)}: {stage.kind}[/]")
         t0 = time.perf_counter()
-        if rank == 0:
-            _status(run_dir, "running", started=started.isoformat(), stage=i, kind=stage.kind)
-        try:
-            metrics = stage.apply(ctx)
-        except BaseException as exc:
-            if rank == 0:
-                _status(run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
-            what = out_of_memory(exc)
-            if what is not None:  # a setting to lower, not a bug: one line (the last epoch stays resumable)
-                field = f"stages.{i - 1}"
-                raise StageFailed(f"{field} ({stage.kind}): {what}; {stage.memory_hint(field)}") from exc
-            raise
+        metrics = _apply(ctx, stage, i, started)
         seconds = time.perf_counter() - t0
-        if rank != 0:
+        if ctx.rank != 0:
             continue
         for role in stage.changes():
             ctx.snapshot(role, stage.kind)
         ctx.log.info("stage %d %s done in %.1fs", i, stage.kind, seconds)
         stages_out.append({"index": i, "kind": stage.kind, "seconds": seconds, "metrics": metrics})
         resume_mod.save_progress(ctx, i, stages_out)
-    if rank != 0:
-        distributed.shutdown()  # rank 0 alone measures and writes the report
-        return run_dir
-    console.print("[bold cyan]measuring artifacts[/]")
+
+
+def _apply(ctx: Context, stage: Any, i: int, started: dt.datetime) -> dict[str, Any]:
+    """Stage ``i``'s metrics; a failure is recorded in status.json, running out of memory is one line."""
+    if ctx.rank == 0:
+        _status(ctx.run_dir, "running", started=started.isoformat(), stage=i, kind=stage.kind)
+    try:
+        return stage.apply(ctx)
+    except BaseException as exc:
+        if ctx.rank == 0:
+            _status(ctx.run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
+        what = out_of_memory(exc)
+        if what is not None:  # a setting to lower, not a bug: one line (the last epoch stays resumable)
+            field = f"stages.{i - 1}"
+            raise StageFailed(f"{field} ({stage.kind}): {what}; {stage.memory_hint(field)}") from exc
+        raise
+
+
+def _finish(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetime) -> None:
+    """Measure every artifact, write the report, mark the run complete; the table when not quiet."""
+    ctx.console.print("[bold cyan]measuring artifacts[/]")
     report = _measure(ctx, stages_out, started)
-    report_mod.write(run_dir, report)
-    _status(run_dir, "complete", started=started.isoformat(), finished=report["finished"])
-    resume_mod.finish(run_dir)
+    report_mod.write(ctx.run_dir, report)
+    _status(ctx.run_dir, "complete", started=started.isoformat(), finished=report["finished"])
+    resume_mod.finish(ctx.run_dir)
     distributed.shutdown()
-    if not quiet:
-        report_mod.print_table(report, console)
-        console.print(f"run directory: {run_dir}")
-    return run_dir
+    if not ctx.quiet:
+        report_mod.print_table(report, ctx.console)
+        ctx.console.print(f"run directory: {ctx.run_dir}", soft_wrap=True)
 
 
 def _order(ctx: Context) -> list:

@@ -8,11 +8,12 @@ under ``inference_mode``.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -145,125 +146,216 @@ def fit(
     ``aux`` holds trainable parts of the loss (FitNets regressors), optimized with the model and
     discarded afterwards; ``views`` is passed to the train loader (replayed augmentations).
     """
-    device = ctx.device
-    dtype = autocast_dtype(cfg.precision, device)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=fmt).train()
-    aux = aux if aux is not None else nn.Module()
-    aux.to(device).train()
-    aux_params = [p for p in aux.parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad] + aux_params
-    opt = torch.optim.SGD(
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
-    loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world, views=views)
-    trained = distributed.wrap(model, device)  # DDP averages gradients across ranks; else the model
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
-    test_loader = ctx.data.eval_loader("test")
-    history: list[dict[str, float]] = []
-    best_acc, best_state = -1.0, None
+    loop = _Training.setup(ctx, model, loss_fn, cfg, epochs, after_step, aux, views)
     start = time.perf_counter()
     # After every epoch the whole training state is saved atomically; a resumed run (the file only
     # survives an interrupted process) continues from the last finished epoch, bit for bit.
     resume_file = ctx.next_resume_file()
-    first_epoch = 0
     if resume_file.is_file():
-        saved = torch.load(resume_file, map_location=device, weights_only=True)
-        model.load_state_dict(saved["model"])
-        aux.load_state_dict(saved.get("aux", {}))  # absent in files from before aux existed
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        history, best_acc, best_state = saved["history"], saved["best_acc"], saved["best_state"]
-        first_epoch = saved["epoch"]
-        torch.set_rng_state(saved["rng"])
-        ctx.log.info("%s: resumed after epoch %d/%d", label, first_epoch, epochs)
+        loop.load_state_dict(torch.load(resume_file, map_location=ctx.device, weights_only=True))
+        ctx.log.info("%s: resumed after epoch %d/%d", label, loop.epoch, epochs)
+    steps = len(loop.loader)
     with ctx.progress() as prog:
-        task = prog.add_task(label, total=epochs * len(loader), info="")
-        prog.advance(task, first_epoch * len(loader))
-        for epoch in range(first_epoch, epochs):
-            loader.set_epoch(epoch)
+        task = prog.add_task(label, total=epochs * steps, info="")
+        prog.advance(task, loop.epoch * steps)
+        for epoch in range(loop.epoch, epochs):
             epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            seen = 0
-            view = loader.view()
-            for step, (x, y, idx) in enumerate(loader.batches()):
-                x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
-                y = y.to(device, non_blocking=True)
-                batch = Batch(x, y, idx, view, epoch + step / len(loader))
-                with _autocast(device, dtype):
-                    loss, logits = loss_fn(trained, batch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(aux_params)  # DDP averages the model's, not these
-                opt.step()
-                sched.step()
-                if after_step is not None:
-                    after_step(epoch + (step + 1) / len(loader))  # progress in epochs
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
-                prog.advance(task)
-            seen_t = torch.tensor(seen, device=device)
-            distributed.all_reduce_sum(loss_sum, correct, seen_t)  # metrics over every rank's shard
-            seen = int(seen_t.item())
-            train_loss = loss_sum.item() / max(seen, 1)
+            train_loss, train_acc = loop.train_epoch(epoch, lambda: prog.advance(task))
             if not math.isfinite(train_loss):
                 raise StageFailed(
                     f"{label}: loss became {train_loss} in epoch {epoch + 1}; lower the lr "
                     f"(now {cfg.lr}) or use precision: fp32"
                 )
-            test_acc = evaluate(model, test_loader, device, dtype, cfg.channels_last)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_acc": correct.item() / max(seen, 1),
-                "test_acc": test_acc,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - epoch_start,  # training steps + test evaluation
-            }
-            history.append(row)
-            ctx.log.info(
-                "%s epoch %d/%d loss %.4f train_acc %.4f test_acc %.4f",
-                label,
-                epoch + 1,
-                epochs,
-                train_loss,
-                row["train_acc"],
-                test_acc,
-            )
-            prog.update(task, info=f"epoch {epoch + 1}/{epochs} loss {train_loss:.3f} acc {test_acc:.3f}")
-            if cfg.keep == "best" and test_acc > best_acc:
-                best_acc = test_acc
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            row = loop.end_epoch(train_loss, train_acc, loop.evaluate(), time.perf_counter() - epoch_start)
+            prog.update(task, info=f"epoch {loop.epoch}/{epochs} loss {train_loss:.3f} acc {row['test_acc']:.3f}")
+            _report_epoch(ctx, label, row, epochs, time.perf_counter() - start)
             if ctx.is_main:
-                atomic_save(
-                    {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "aux": aux.state_dict(),
-                        "opt": opt.state_dict(),
-                        "sched": sched.state_dict(),
-                        "history": history,
-                        "best_acc": best_acc,
-                        "best_state": best_state,
-                        "rng": torch.get_rng_state(),
-                    },
-                    resume_file,
-                )
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.to(memory_format=torch.contiguous_format).eval()
-    last = history[-1] if history else {}
-    return {
-        "epochs": epochs,
-        "seconds": time.perf_counter() - start,
-        "train_loss": last.get("train_loss"),
-        "test_acc": best_acc if best_state is not None else last.get("test_acc"),
-        "precision": str(dtype).removeprefix("torch.") if dtype else "fp32",
-        "history": history,
-    }
+                atomic_save(loop.state_dict(), resume_file)
+    return loop.result(epochs, start)
+
+
+def _report_epoch(ctx: Context, label: str, row: dict[str, float], epochs: int, elapsed: float) -> None:
+    """The epoch's line in train.log; also on the console when no live progress bar shows there
+    (CI, nohup, ``| tee``: stderr is not a terminal), so a long stage never looks hung."""
+    ctx.log.info(
+        "%s epoch %d/%d loss %.4f train_acc %.4f test_acc %.4f",
+        label,
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["train_acc"],
+        row["test_acc"],
+    )
+    if ctx.quiet or ctx.console.is_interactive or ctx.console.is_jupyter:
+        return
+    stage = f"stage {ctx.stage_index} " if ctx.stage_index else ""
+    ctx.console.print(
+        f"{stage}{label}: epoch {row['epoch']}/{epochs} loss {row['train_loss']:.4f} "
+        f"train_acc {row['train_acc']:.4f} test_acc {row['test_acc']:.4f} "
+        f"({row['seconds']:.1f}s, {dt.timedelta(seconds=round(elapsed))} elapsed)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@dataclass
+class _Training:
+    """One ``fit`` call's moving parts; ``state_dict()`` is what its resume file holds after an epoch."""
+
+    ctx: Context
+    model: nn.Module
+    trained: nn.Module  # what the steps call: DDP around the model under torchrun, else the model
+    aux: nn.Module
+    aux_params: list[nn.Parameter]  # DDP averages the model's gradients, not these
+    loss_fn: LossFn
+    cfg: OptimConfig
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    loader: TensorLoader
+    test_loader: TensorLoader
+    dtype: torch.dtype | None
+    after_step: Callable[[float], None] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_acc: float = -1.0
+    best_state: dict[str, Tensor] | None = None
+    epoch: int = 0  # epochs finished
+
+    @classmethod
+    def setup(
+        cls,
+        ctx: Context,
+        model: nn.Module,
+        loss_fn: LossFn,
+        cfg: OptimConfig,
+        epochs: int,
+        after_step: Callable[[float], None] | None,
+        aux: nn.Module | None,
+        views: int | None,
+    ) -> _Training:
+        device = ctx.device
+        model.to(device=device, memory_format=_memory_format(cfg)).train()
+        aux = aux if aux is not None else nn.Module()
+        aux.to(device).train()
+        aux_params = [p for p in aux.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] + aux_params
+        opt = torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+        loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world, views=views)
+        trained = distributed.wrap(model, device)  # DDP averages gradients across ranks; else the model
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
+        return cls(
+            ctx=ctx,
+            model=model,
+            trained=trained,
+            aux=aux,
+            aux_params=aux_params,
+            loss_fn=loss_fn,
+            cfg=cfg,
+            opt=opt,
+            sched=sched,
+            loader=loader,
+            test_loader=ctx.data.eval_loader("test"),
+            dtype=autocast_dtype(cfg.precision, device),
+            after_step=after_step,
+        )
+
+    def train_epoch(self, epoch: int, advance: Callable[[], None]) -> tuple[float, float]:
+        """One pass over this rank's shard: (mean loss, top-1) over every rank's."""
+        device, loader, fmt = self.ctx.device, self.loader, _memory_format(self.cfg)
+        loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        view = loader.view()
+        for step, (x, y, idx) in enumerate(loader.batches()):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
+            y = y.to(device, non_blocking=True)
+            loss, logits = self.step(Batch(x, y, idx, view, epoch + step / len(loader)))
+            if self.after_step is not None:
+                self.after_step(epoch + (step + 1) / len(loader))  # progress in epochs
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            advance()
+        seen_t = torch.tensor(seen, device=device)
+        distributed.all_reduce_sum(loss_sum, correct, seen_t)  # metrics over every rank's shard
+        seen = int(seen_t.item())
+        return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+    def step(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """One optimizer step; (loss, logits)."""
+        with _autocast(self.ctx.device, self.dtype):
+            loss, logits = self.loss_fn(self.trained, batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(self.aux_params)
+        self.opt.step()
+        self.sched.step()
+        return loss, logits
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.test_loader, self.ctx.device, self.dtype, self.cfg.channels_last)
+
+    def end_epoch(self, train_loss: float, train_acc: float, test_acc: float, seconds: float) -> dict[str, float]:
+        """Record the epoch just trained (and keep its weights if it is the best so far); its row."""
+        self.epoch += 1
+        row = {
+            "epoch": self.epoch,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_acc": test_acc,
+            "lr": self.opt.param_groups[0]["lr"],
+            "seconds": seconds,  # training steps + test evaluation
+        }
+        self.history.append(row)
+        if self.cfg.keep == "best" and test_acc > self.best_acc:
+            self.best_acc = test_acc
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "aux": self.aux.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "history": self.history,
+            "best_acc": self.best_acc,
+            "best_state": self.best_state,
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.aux.load_state_dict(saved.get("aux", {}))  # absent in files from before aux existed
+        self.opt.load_state_dict(saved["opt"])
+        self.sched.load_state_dict(saved["sched"])
+        self.history, self.best_acc, self.best_state = saved["history"], saved["best_acc"], saved["best_state"]
+        self.epoch = saved["epoch"]
+        torch.set_rng_state(saved["rng"])
+
+    def result(self, epochs: int, start: float) -> dict[str, Any]:
+        """Load the kept weights (``keep: best``), leave the model contiguous in eval mode; fit's metrics."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.model.to(memory_format=torch.contiguous_format).eval()
+        last = self.history[-1] if self.history else {}
+        return {
+            "epochs": epochs,
+            "seconds": time.perf_counter() - start,
+            "train_loss": last.get("train_loss"),
+            "test_acc": self.best_acc if self.best_state is not None else last.get("test_acc"),
+            "precision": str(self.dtype).removeprefix("torch.") if self.dtype else "fp32",
+            "history": self.history,
+        }
+
+
+def _memory_format(cfg: OptimConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
