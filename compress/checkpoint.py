@@ -35,12 +35,7 @@ Older files still load: ``compress/1`` (widths only, with a ``pruned`` flag) and
 
 from __future__ import annotations
 
-import contextlib
-import os
-import pickle
-import warnings
 from dataclasses import dataclass, field
-from errno import EINVAL
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +43,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError, first_line
+from compress.files import atomic_save, safe_load
 from compress.models import ModelSpec, build_model
 from compress.models.attention import SelfAttention, decouple_attention
 from compress.structure import StructureError, describe, rebuild
@@ -60,49 +56,6 @@ LEGACY = "compress/1"  # no structure record; ``pruned: true`` meant "tensors ma
 FORMATS = (FORMAT, LEGACY)
 
 
-# --------------------------------------------------------------------------- writing
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temp file, fsync, rename: a kill leaves the old file or the new one, never half.
-
-    A write that fails (disk full, file too large, no permission) removes the temp file and is one
-    CompressError line naming ``path``.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = write_failure(exc)
-        if reason is None:
-            raise  # not an I/O failure (a bug, or Ctrl-C): keep it as it is
-        raise CompressError(f"cannot write {path}: {reason}; {WRITE_HINT}") from None
-
-
-WRITE_HINT = "nothing was left half-written; free disk space and run again (`compress run --resume RUN_DIR` continues)"
-
-
-def write_failure(exc: BaseException) -> str | None:
-    """Why a write failed, if ``exc`` is an I/O failure: the OSError's text (torch.save wraps it in a
-    RuntimeError whose own message is an internal assertion); None for anything else."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError):
-            return cur.strerror or first_line(cur)
-        cur = cur.__cause__ or cur.__context__
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
-        return f"the write failed ({first_line(exc)})"
-    return None
-
-
 def save_model(
     model: nn.Module,
     path: Path,
@@ -111,11 +64,9 @@ def save_model(
     kwargs: dict,
     num_classes: int,
     in_channels: int,
-    pruned: bool | None = None,  # ignored: the structure record says everything compress/1's flag said
     structure: list[dict[str, Any]] | None = None,
 ) -> None:
     """Save ``model`` as a compress/2 checkpoint (its structure recorded, see the module docstring)."""
-    del pruned
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -127,43 +78,6 @@ def save_model(
         "state_dict": state,
     }
     atomic_save(payload, path)
-
-
-# --------------------------------------------------------------------------- reading
-def _why(exc: BaseException) -> str:
-    """What is wrong with a file torch.load refused, in words (never 'use weights_only=False')."""
-    text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
-        for line in text.splitlines():
-            if "Unsupported global:" in line:
-                what = line.split("Unsupported global:", 1)[1].split(" was not", 1)[0].replace("GLOBAL", "").strip()
-                return f"it holds a {what} object, and only tensors and plain data are read (never code)"
-        if "Unsupported operand" in text:
-            return "it is a plain pickle, not a file of tensors written by torch.save; only tensors are read"
-        return "it holds objects other than tensors and plain data, which are never read"
-    if "PytorchStreamReader" in text or "zip archive" in text or (isinstance(exc, OSError) and exc.errno == EINVAL):
-        return "it is truncated or damaged (not a complete torch.save archive)"  # EINVAL: a seek past its end
-    if isinstance(exc, OSError):
-        return exc.strerror or first_line(exc)
-    first = first_line(exc, "")
-    if len(first) < 12 or isinstance(exc, (EOFError, KeyError)):  # e.g. "101" from the unpickler on a text file
-        return f"not a PyTorch checkpoint file ({type(exc).__name__})"
-    return first
-
-
-def safe_load(path: Path, field: str, *, device: Any = "cpu", mmap: bool = False, hint: str = "") -> Any:
-    """``torch.load(weights_only=True)``; a bad file is one CompressError line naming it and why."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": two more lines on stderr
-            if mmap:  # cheap (tensors mapped, not read); a file it cannot map is read plainly, to say why
-                with contextlib.suppress(Exception):
-                    return torch.load(path, map_location=device, weights_only=True, mmap=True)
-            return torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise CompressError(
-            f"{field}: cannot load {path} as a weights-only checkpoint: {_why(exc)}{f'; {hint}' if hint else ''}"
-        ) from None
 
 
 @dataclass

@@ -142,7 +142,7 @@ class Context:
     # ------------------------------------------------------------------ progress
     @contextmanager
     def progress(self) -> Any:
-        """A rich progress bar (epoch, loss, accuracy, ETA); a no-op bar when quiet."""
+        """A rich progress bar (epoch, loss, accuracy, ETA); a no-op bar when quiet or not on a terminal."""
         prog = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -151,7 +151,7 @@ class Context:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
-            disable=self.quiet,
+            disable=self.quiet or not self.console.is_terminal,  # no terminal: plain per-epoch lines instead
             transient=False,
         )
         with prog:

@@ -7,6 +7,7 @@ stage's kind: it asks the stage which models it changed and checkpoints those.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -32,7 +33,9 @@ from compress.context import Context
 from compress.data import DataBundle
 from compress.env import environment
 from compress.errors import CompressError, StageFailed, out_of_memory
+from compress.files import atomic_write_text
 from compress.recipe import RecipeBase, dump_recipe
+from compress.stages import Stage
 
 RUN_MARKERS = ("status.json", "recipe.resolved.yaml")
 
@@ -53,11 +56,11 @@ def seed_everything(seed: int) -> None:
 
 def load_data(recipe: RecipeBase) -> DataBundle:
     try:
-        data = recipe.data.load()  # type: ignore[attr-defined]
+        data = recipe.data.load()
     except CompressError:
         raise
     except (OSError, ValueError) as exc:
-        raise CompressError(f"data ({recipe.data.name}): {exc}") from None  # type: ignore[attr-defined]
+        raise CompressError(f"data ({recipe.data.name}): {exc}") from None
     return data
 
 
@@ -93,7 +96,14 @@ def make_run_dir(recipe: RecipeBase, out: Path | None, overwrite: bool) -> Path:
 
 def _status(run_dir: Path, state: str, **extra: Any) -> None:
     owner = {"pid": os.getpid(), "host": socket.gethostname()} if state == "running" else {}
-    (run_dir / "status.json").write_text(json.dumps({"state": state, **extra, **owner}, indent=2) + "\n")
+    atomic_write_text(json.dumps({"state": state, **extra, **owner}, indent=2) + "\n", run_dir / "status.json")
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """train.log on a full disk: drop the line, never print logging's own traceback to the console."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        pass
 
 
 def _logger(run_dir: Path, console: Console) -> logging.Logger:
@@ -103,7 +113,7 @@ def _logger(run_dir: Path, console: Console) -> logging.Logger:
     log = logging.getLogger(f"compress.run.{run_dir}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = _QuietFileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     loud = RichHandler(console=console, level=logging.WARNING, show_time=False, show_path=False)
     log.handlers = [handler, loud]
@@ -134,7 +144,7 @@ def run(
     started = dt.datetime.now(dt.UTC)
     if rank == 0:
         if resume is None:
-            (run_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+            atomic_write_text(dump_recipe(recipe), run_dir / "recipe.resolved.yaml")
         _status(run_dir, "running", started=started.isoformat(), resumed=resume is not None, processes=world)
     ctx = _context(recipe, device, run_dir, data, models, quiet, console, rank, world)
     completed, stages_out = resume_mod.restore(ctx) if resume is not None else (0, [])
@@ -157,7 +167,7 @@ def _prepare(recipe: RecipeBase, world: int) -> tuple[torch.device, DataBundle, 
     data = load_data(recipe)
     roles = ["teacher", "student"] if recipe.teacher is not None else ["student"]
     models = {role: build_role(recipe, role, data) for role in roles}
-    for i, stage in enumerate(recipe.stages):  # type: ignore[attr-defined]
+    for i, stage in enumerate(recipe.stages):
         stage.preflight(models, data, f"stages.{i}")
     return device, data, models
 
@@ -220,7 +230,7 @@ def _context(
 
 def _snapshot_inputs(ctx: Context) -> None:
     """Checkpoint the models as they come in: loaded ones, and any no stage will change."""
-    changed_later = {role for stage in ctx.recipe.stages for role in stage.changes()}  # type: ignore[attr-defined]
+    changed_later = {role for stage in ctx.recipe.stages for role in stage.changes()}
     for role in ctx.models:
         if ctx.specs[role].checkpoint is not None or role not in changed_later:
             ctx.stage_label = "input"
@@ -229,7 +239,7 @@ def _snapshot_inputs(ctx: Context) -> None:
 
 def _run_stages(ctx: Context, completed: int, stages_out: list[dict[str, Any]], started: dt.datetime) -> None:
     """Every stage after the first ``completed`` (restored by a resume), checkpointing what each changed."""
-    stages = ctx.recipe.stages  # type: ignore[attr-defined]
+    stages: list[Stage] = ctx.recipe.stages
     for i, stage in enumerate(stages, start=1):
         if i <= completed:
             continue  # finished before the interruption; its models and artifacts were restored
@@ -257,7 +267,8 @@ def _apply(ctx: Context, stage: Any, i: int, started: dt.datetime) -> dict[str, 
         return stage.apply(ctx)
     except BaseException as exc:
         if ctx.rank == 0:
-            _status(ctx.run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(CompressError):  # a full disk: the original error is the one to show
+                _status(ctx.run_dir, "failed", stage=i, kind=stage.kind, error=f"{type(exc).__name__}: {exc}")
         what = out_of_memory(exc)
         if what is not None:  # a setting to lower, not a bug: one line (the last epoch stays resumable)
             field = f"stages.{i - 1}"
@@ -317,7 +328,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
         "environment": environment(bench_cfg.threads),
         "data": {
             "name": ctx.recipe.data.name,
-            "train_images": len(data.train_y),  # type: ignore[attr-defined]
+            "train_images": len(data.train_y),
             "test_images": len(data.test_y),
             "num_classes": data.num_classes,
             "input_shape": list(data.input_shape),

@@ -26,7 +26,6 @@ import os
 import random
 import shutil
 import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,11 @@ import numpy as np
 import torch
 import yaml
 
-from compress.checkpoint import atomic_save, open_checkpoint, safe_load
+from compress.checkpoint import open_checkpoint
 from compress.context import Artifact, Context
 from compress.errors import CompressError, first_line
+from compress.files import atomic_save, safe_load
+from compress.training import read_epoch
 
 PROGRESS = Path("resume") / "progress.pt"
 
@@ -142,7 +143,6 @@ def save_progress(ctx: Context, completed: int, stages_out: list[dict[str, Any]]
 
 
 RESTART = "start the run over with --overwrite"
-REDO_EPOCHS = "delete it to redo that training from its first epoch"
 
 
 def restore(ctx: Context) -> tuple[int, list[dict[str, Any]]]:
@@ -190,27 +190,6 @@ def _load_snapshot(ctx: Context, role: str, path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise CompressError(f"{field}: the checkpoint is missing; {RESTART}")
     return open_checkpoint(path, field).build(field, model=ctx.specs[role].model)
-
-
-def read_epoch(path: Path, device: Any, *, mmap: bool = False) -> dict[str, Any]:
-    """A per-epoch training state (training.fit's resume file), read weights-only."""
-    state = safe_load(path, "--resume", device=device, mmap=mmap, hint=REDO_EPOCHS)
-    if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
-        raise CompressError(f"--resume: {path} is not a training state compress wrote; {REDO_EPOCHS}")
-    return state
-
-
-def load_epoch(path: Path, device: Any, apply: Callable[[dict[str, Any]], None]) -> None:
-    """Read ``path`` (see :func:`read_epoch`) into ``apply`` (the training loop's load_state_dict); a
-    state that does not fit the loop is one CompressError line too."""
-    state = read_epoch(path, device)
-    try:
-        apply(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
-        raise CompressError(
-            f"--resume: {path} does not fit this stage's training ({' '.join(lines[:2])}); {REDO_EPOCHS}"
-        ) from None
 
 
 def finish(run_dir: Path) -> None:

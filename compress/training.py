@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,10 +23,34 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from compress import distributed
-from compress.checkpoint import atomic_save
 from compress.context import Context
 from compress.data import TensorLoader
-from compress.errors import StageFailed
+from compress.errors import CompressError, StageFailed
+from compress.files import atomic_save, safe_load
+
+#: what a bad per-epoch resume file's error tells the user to do
+REDO_EPOCHS = "delete it to redo that training from its first epoch"
+
+
+def read_epoch(path: Path, device: Any, *, mmap: bool = False) -> dict[str, Any]:
+    """A per-epoch training state (training.fit's resume file), read weights-only."""
+    state = safe_load(path, "--resume", device=device, mmap=mmap, hint=REDO_EPOCHS)
+    if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
+        raise CompressError(f"--resume: {path} is not a training state compress wrote; {REDO_EPOCHS}")
+    return state
+
+
+def load_epoch(path: Path, device: Any, apply: Callable[[dict[str, Any]], None]) -> None:
+    """Read ``path`` (see :func:`read_epoch`) into ``apply`` (the training loop's load_state_dict); a
+    state that does not fit the loop is one CompressError line too."""
+    state = read_epoch(path, device)
+    try:
+        apply(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        raise CompressError(
+            f"--resume: {path} does not fit this stage's training ({' '.join(lines[:2])}); {REDO_EPOCHS}"
+        ) from None
 
 
 @dataclass
@@ -152,7 +177,7 @@ def fit(
     # survives an interrupted process) continues from the last finished epoch, bit for bit.
     resume_file = ctx.next_resume_file()
     if resume_file.is_file():
-        loop.load_state_dict(torch.load(resume_file, map_location=ctx.device, weights_only=True))
+        load_epoch(resume_file, ctx.device, loop.load_state_dict)
         ctx.log.info("%s: resumed after epoch %d/%d", label, loop.epoch, epochs)
     steps = len(loop.loader)
     with ctx.progress() as prog:

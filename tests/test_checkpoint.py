@@ -241,7 +241,7 @@ def test_a_failed_write_is_one_line_and_leaves_no_temp_file(tmp_path):
 import resource, signal, sys
 from pathlib import Path
 import torch
-from compress.checkpoint import atomic_save
+from compress.files import atomic_save
 from compress.errors import CompressError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))

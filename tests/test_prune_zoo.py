@@ -165,7 +165,7 @@ def check_prune_export_reload(name: str, kwargs: dict, tmp_path, opts: Structure
     assert weights <= params1 < 0.8 * params0  # the file holds the shrunken tensors (BN folded away)
     # a fresh, unpruned model takes the pruned checkpoint's shapes and gives the same outputs
     ckpt = tmp_path / "pruned.pt"
-    save_model(model, ckpt, name=name, kwargs=kwargs, num_classes=10, in_channels=3, pruned=True)
+    save_model(model, ckpt, name=name, kwargs=kwargs, num_classes=10, in_channels=3)
     fresh = build_model(name, 10, 3, **kwargs).eval()
     state, pruned = read_checkpoint(ckpt, "student", "test")
     load_weights(fresh, state, pruned=pruned, field="test")

@@ -171,9 +171,7 @@ def outlier(exported, tmp_path_factory):
         model[4].bias[0] *= 1000
         model[7].weight[:, 0] /= 1000
     root = tmp_path_factory.mktemp("outlier")
-    save_model(
-        model, root / "outlier.pt", name="digits_student", kwargs={}, num_classes=10, in_channels=1, pruned=False
-    )
+    save_model(model, root / "outlier.pt", name="digits_student", kwargs={}, num_classes=10, in_channels=1)
     raw = {**RECIPE, "student": {"model": "digits_student", "checkpoint": str(root / "outlier.pt")}}
     raw["stages"] = [{"kind": "export"}]
     recipe = validate_recipe(raw)
