@@ -9,6 +9,7 @@ Two groups of keys, all plain strings (JSON where structured) in ``metadata_prop
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,8 @@ from compress.config import dump_recipe
 from compress.data import DataBundle
 from compress.deploy import ModelInfo, read_metadata
 from compress.env import library_versions
+from compress.errors import CompressError, first_line
+from compress.files import WRITE_HINT, write_failure
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -67,9 +70,41 @@ def provenance(recipe: RecipeBase, *, role: str, model: str, precision: str, sou
     }
 
 
+def load(path: Path, *, external_data: bool = True) -> onnx.ModelProto:
+    """``onnx.load``; a file that cannot be read or parsed (truncated, not ONNX) is one CompressError
+    line naming it."""
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except OSError as exc:  # missing, unreadable, or external data that is not there
+        name = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise CompressError(f"{path}: cannot read it: {exc.strerror or first_line(exc)}{name}") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends on a damaged file
+        raise CompressError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def save(model: onnx.ModelProto, dest: Path) -> None:
+    """``onnx.save`` to a temp file beside ``dest``, fsync, rename: ``dest`` is the old file or the
+    complete new one, never half. A failed write (full disk, no permission) removes the temp file and is
+    one CompressError line naming ``dest``."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            onnx.save(model, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = write_failure(exc)
+        if reason is None:
+            raise  # not an I/O failure (a bug, a model over protobuf's 2 GB, Ctrl-C): keep it as it is
+        raise CompressError(f"cannot write {dest}: {reason}; {WRITE_HINT}") from None
+
+
 def read(path: Path) -> dict[str, str]:
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
+    """The file's ``metadata_props``; a damaged file is one CompressError line naming it."""
+    return {p.key: p.value for p in load(path, external_data=False).metadata_props}
 
 
 def describe_input(props: dict[str, str]) -> str | None:
@@ -85,7 +120,7 @@ def update(
     ``strip_node_debug`` drops the exporter's per-node annotations (FX node, Python stack trace with
     local file paths, module hierarchy): a third of a small model's bytes, and nothing a runtime reads.
     """
-    model = onnx.load(str(path))
+    model = load(path)
     if strip_node_debug:
         for node in model.graph.node:
             del node.metadata_props[:]
@@ -93,13 +128,7 @@ def update(
     onnx.helper.set_model_props(model, merged)
     if "compress.metadata_version" in merged:
         model.doc_string = doc_string(merged)
-    dest = dest or path
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save(model, dest or path)
     return merged
 
 

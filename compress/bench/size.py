@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -100,6 +102,7 @@ def onnx_macs(path: Path) -> int | None:
 
 
 # Run in a fresh interpreter: the memory a model needs, not what earlier models left in this process.
+# A failure ends with one line on stderr (the parent turns it into the report's note).
 _CHILD = r"""
 import json, sys
 import numpy as np
@@ -109,46 +112,85 @@ def kb(field):
         if line.startswith(field + ":"):
             return int(line.split()[1])
 
-kind, path, batch = sys.argv[1], sys.argv[2], np.load(sys.argv[3])
-if kind == "onnx":
-    import onnxruntime as ort
-else:
-    import torch
-    from compress.checkpoint import checkpoint_info, load_weights, read_checkpoint
-    from compress.models import build_model
-base = kb("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")
-if kind == "onnx":
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    sess.run(None, {sess.get_inputs()[0].name: batch})
-else:
-    info = checkpoint_info(path)
-    model = build_model(info["model"], info["num_classes"], info["in_channels"], **info.get("kwargs", {}))
-    state, pruned = read_checkpoint(path, "model", path)
-    load_weights(model, state, pruned=pruned, field=path)
-    with torch.inference_mode():
-        model.eval()(torch.from_numpy(batch))
+try:
+    kind, path, batch = sys.argv[1], sys.argv[2], np.load(sys.argv[3])
+    names = json.loads(sys.argv[4])  # model, num_classes, in_channels: what the caller named
+    if kind == "onnx":
+        import onnxruntime as ort
+    else:
+        import torch
+        from compress.checkpoint import load_model
+    base = kb("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
+    if kind == "onnx":
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        sess.run(None, {sess.get_inputs()[0].name: batch})
+    else:
+        model = load_model(path, path, **names)
+        with torch.inference_mode():
+            model(torch.from_numpy(batch))
+except Exception as exc:
+    text = str(exc).strip()
+    sys.stderr.write(f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}\n")
+    sys.exit(1)
 print(json.dumps({"bytes": (kb("VmHWM") - base) * 1024}))
 """
 
+log = logging.getLogger("compress.bench")
 
-def isolated_peak_rss(kind: str, path: Path, batch: np.ndarray) -> int | None:
-    """Peak resident memory to load ``path`` and run it once on ``batch``, measured in a child process.
+
+def peak_rss(
+    kind: str,
+    path: Path,
+    batch: np.ndarray,
+    *,
+    model: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+) -> tuple[int | None, str | None]:
+    """Peak resident memory to load ``path`` and run it once on ``batch``, measured in a child process:
+    (bytes, None), or (None, a note for the report saying why it was not measured).
 
     The baseline is the child's memory after importing the runtime, so the number is the model's own
-    (weights, runtime arenas, activations), independent of what else was measured before. None where
-    /proc is not available (non-Linux) or the child fails.
+    (weights, runtime arenas, activations), independent of what else was measured before. A torch
+    checkpoint is rebuilt with :func:`compress.checkpoint.load_model`; ``model``, ``num_classes`` and
+    ``in_channels`` name what a plain state_dict does not (as ``Checkpoint.build`` takes them). Without
+    ``model`` it is the model the file names: callers vouch for that name (``compress bench`` refuses a
+    file naming a user factory the user did not name; a run's own checkpoints name its recipe's models).
     """
+    what = f"{path.name}: peak memory not measured"
     if not Path("/proc/self/clear_refs").exists():
-        return None
+        return None, f"{what}: needs Linux /proc"
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "batch.npy", batch)
-        proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, kind, str(path), str(Path(tmp) / "batch.npy")],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        names = {"model": model, "num_classes": num_classes, "in_channels": in_channels}
+        named = json.dumps({k: v for k, v in names.items() if v is not None})
+        argv = [sys.executable, "-c", _CHILD, kind, str(path), str(Path(tmp) / "batch.npy"), named]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            return None, f"{what}: the measuring process took over 600 s"
+        except OSError as exc:
+            return None, f"{what}: cannot start the measuring process ({exc.strerror or exc})"
     if proc.returncode != 0:
-        return None
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["bytes"])
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        if lines:
+            why = lines[-1]
+        elif proc.returncode < 0:
+            why = f"killed by signal {-proc.returncode}" + (" (out of memory?)" if proc.returncode == -9 else "")
+        else:
+            why = f"exit status {proc.returncode}"
+        return None, f"{what}: the measuring process failed: {why[:300]}"
+    try:
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["bytes"]), None
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None, f"{what}: the measuring process printed no result"
+
+
+def isolated_peak_rss(kind: str, path: Path, batch: np.ndarray, **names: Any) -> int | None:
+    """:func:`peak_rss`'s bytes; when the measuring process failed, its note is logged as one warning
+    line, so an empty memory column is explained (None without /proc, non-Linux, quietly)."""
+    peak, note = peak_rss(kind, path, batch, **names)
+    if note is not None and Path("/proc/self/clear_refs").exists():
+        log.warning("%s", note)
+    return peak

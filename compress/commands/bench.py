@@ -5,6 +5,11 @@ A MODEL is an ``.onnx`` file (its metadata names the dataset and how to feed it)
 ``file.pt:MODEL_NAME``) or a run directory (all its ONNX files and checkpoints). The result is a
 report directory like a run's: report.json, report.md, report.html and the Pareto plots, so
 ``compress report`` can put benches and runs side by side.
+
+A checkpoint is rebuilt by the model factory it names. Registered names and ``torchvision:`` ones are
+code of this install; a user factory (``package.module:function``) is code that importing would run,
+so one named only by a file is refused: the user names it on the command line, ``FILE.pt:pkg.mod:fn``
+for a checkpoint, ``RUN_DIR:pkg.mod:fn[,other.mod:fn]`` for the checkpoints of a run that name it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ from compress.recipe import BenchmarkConfig, format_validation_error, load_recip
 STAGE_DIR = re.compile(r"^\d+-(?P<stage>.+)$")
 
 
+def is_user_factory(name: str) -> bool:
+    """A ``package.module:function`` model name: building it imports that module and calls the function."""
+    return ":" in name and not name.startswith("torchvision:")
+
+
 def _unique(name: str, taken: set[str]) -> str:
     out, i = name, 2
     while out in taken:
@@ -45,7 +55,8 @@ class Plan:
 
     def __init__(self) -> None:
         self.onnx: list[tuple[str, Path, dict[str, str]]] = []
-        self.torch: list[tuple[str, Path, str | None]] = []  # (name, checkpoint, model name override)
+        # (name, checkpoint, model name override, user factories the user named for it)
+        self.torch: list[tuple[str, Path, str | None, frozenset[str]]] = []
         self.data_hints: list[tuple[str, Any]] = []  # (where it came from, data config dict)
         self.names: set[str] = set()
 
@@ -54,16 +65,18 @@ class Plan:
         model_name = None
         if not path.exists() and ":" in spec:
             head, _, tail = spec.partition(":")
-            if Path(head).is_file():
+            if Path(head).is_file() or Path(head).is_dir():
                 path, model_name = Path(head), tail
         if path.is_dir():
-            self._add_run(path)
+            trusted = frozenset(n.strip() for n in (model_name or "").split(",") if n.strip())
+            self._add_run(path, trusted)
         elif not path.is_file():
             raise CompressError(f"{spec}: no such file or run directory")
         elif path.suffix == ".onnx":
             self._add_onnx(path, path.name)
         else:
-            self.torch.append((_unique(path.stem, self.names), path, model_name))
+            trusted = frozenset([model_name]) if model_name else frozenset()
+            self.torch.append((_unique(path.stem, self.names), path, model_name, trusted))
             # A checkpoint inside a run (run/checkpoints/NN-stage/x.pt): that run's data.
             self._hint_from_recipe(path.parent.parent.parent / "recipe.resolved.yaml")
 
@@ -73,10 +86,7 @@ class Plan:
             self.data_hints.append((str(recipe_file), recipe.data.model_dump(mode="json")))  # type: ignore[attr-defined]
 
     def _add_onnx(self, path: Path, name: str) -> None:
-        try:
-            props = metadata.read(path)
-        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends
-            raise CompressError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+        props = metadata.read(path)  # a damaged file: one line naming it
         try:  # before any measuring: onnxruntime also refuses external data outside the model's folder
             session(path)
         except Exception as exc:  # noqa: BLE001 - ORT raises several types; the first line says enough
@@ -85,7 +95,7 @@ class Plan:
         if props.get("dataset"):
             self.data_hints.append((f"{path} metadata", {"name": props["dataset"]}))
 
-    def _add_run(self, run_dir: Path) -> None:
+    def _add_run(self, run_dir: Path, trusted: frozenset[str] = frozenset()) -> None:
         recipe_file = run_dir / "recipe.resolved.yaml"
         onnx_files = sorted(run_dir.glob("*.onnx"))
         ckpts = sorted(run_dir.glob("checkpoints/*/*.pt"))
@@ -95,7 +105,7 @@ class Plan:
         for ckpt in ckpts:
             m = STAGE_DIR.match(ckpt.parent.name)
             label = f"{ckpt.stem}@{m['stage'] if m else ckpt.parent.name}"
-            self.torch.append((_unique(label, self.names), ckpt, None))
+            self.torch.append((_unique(label, self.names), ckpt, None, trusted))
         for path in onnx_files:
             self._add_onnx(path, path.name)
 
@@ -117,9 +127,10 @@ def _data_config(plan: Plan, name: str | None, root: str | None) -> tuple[Any, s
         raise CompressError(msg.replace("recipe.", "") + hint) from None
 
 
-def _load_torch(name: str, ckpt: Path, override: str | None, data: DataBundle) -> Artifact:
+def _load_torch(name: str, ckpt: Path, override: str | None, trusted: frozenset[str], data: DataBundle) -> Artifact:
     """A checkpoint's model, rebuilt as the file records it (structure included), checked against the data."""
     ck = open_checkpoint(ckpt, str(ckpt))
+    check_factory(ckpt, ck.model, override, trusted)
     model_name = override or ck.model
     if model_name is None:
         raise CompressError(f"{ckpt}: a plain state_dict does not name its model; pass {ckpt}:MODEL_NAME")
@@ -132,12 +143,57 @@ def _load_torch(name: str, ckpt: Path, override: str | None, data: DataBundle) -
     return Artifact(name, role, "torch", "fp32", ckpt, "checkpoint", model=model)
 
 
+def check_factory(ckpt: Path, recorded: str | None, override: str | None, trusted: frozenset[str]) -> None:
+    """Refuse a user factory (code) that only the file names: the user names it, or it is not built.
+
+    Also refused: a file that names a user factory measured as another model (``FILE.pt:OTHER``): the
+    memory measurement's fresh process rebuilds the model the file names."""
+    if recorded is None or not is_user_factory(recorded) or recorded in trusted:
+        return
+    how = f"if you trust it, name it yourself: {ckpt}:{recorded}"
+    if ckpt.parent.parent.name == "checkpoints":  # in a run: one name covers all its checkpoints
+        how += f" (or {ckpt.parent.parent.parent}:{recorded} for the whole run)"
+    if override is not None:
+        raise CompressError(
+            f"{ckpt}: the file records the user model factory {recorded!r}, not {override!r}; compress bench "
+            f"measures a file as the model it records, and does not run code a file chooses: {how}"
+        )
+    raise CompressError(
+        f"{ckpt}: the file names the user model factory {recorded!r} (code that importing would run); "
+        f"compress bench does not run code a file chooses: {how}"
+    )
+
+
+def _meta_int(path: Path, props: dict[str, str], key: str) -> int:
+    try:
+        value = int(props[key])
+    except (TypeError, ValueError):
+        value = -1
+    if value <= 0:
+        raise CompressError(
+            f"{path}: metadata key {key!r} is malformed ({props[key][:40]!r}: expected a positive integer)"
+        )
+    return value
+
+
+def _meta_size(path: Path, props: dict[str, str]) -> tuple[int, int]:
+    try:
+        size = json.loads(props["image_size"])
+    except (TypeError, ValueError):  # JSONDecodeError is a ValueError
+        size = None
+    if not (isinstance(size, list) and len(size) == 2 and all(type(d) is int and d > 0 for d in size)):
+        raise CompressError(
+            f"{path}: metadata key 'image_size' is malformed ({props['image_size'][:40]!r}: expected [height, width])"
+        )
+    return size[0], size[1]
+
+
 def _onnx_artifact(name: str, path: Path, props: dict[str, str], data: DataBundle) -> Artifact:
-    if props.get("num_classes") and int(props["num_classes"]) != data.num_classes:
+    if props.get("num_classes") and _meta_int(path, props, "num_classes") != data.num_classes:
         raise CompressError(f"{path}: the model has {props['num_classes']} classes but the data has {data.num_classes}")
     if props.get("image_size") and props.get("channels"):
-        h, w = json.loads(props["image_size"])
-        shape = (int(props["channels"]), h, w)
+        h, w = _meta_size(path, props)
+        shape = (_meta_int(path, props, "channels"), h, w)
         if shape != tuple(data.input_shape):
             raise CompressError(
                 f"{path}: the model takes {'x'.join(map(str, shape))} images but the data has "
@@ -145,9 +201,7 @@ def _onnx_artifact(name: str, path: Path, props: dict[str, str], data: DataBundl
             )
     precision = props.get("precision")
     if precision is None:
-        import onnx
-
-        ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+        ops = {n.op_type for n in metadata.load(path, external_data=False).graph.node}
         precision = "int8" if ops & {"QuantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger"} else "fp32"
     return Artifact(name, props.get("role", "model"), "onnx", precision, path, "file")
 
@@ -181,7 +235,7 @@ def bench(
         data = data_cfg.load()
     except (OSError, ValueError) as exc:
         raise CompressError(f"data ({data_cfg.name}): {exc}") from None
-    arts = [_load_torch(n, c, o, data) for n, c, o in plan.torch]
+    arts = [_load_torch(n, c, o, t, data) for n, c, o, t in plan.torch]
     arts += [_onnx_artifact(n, p, props, data) for n, p, props in plan.onnx]
     # As in a run's report: teacher first, torch before ONNX, FP32 before INT8 (the speed-up reference).
     arts.sort(key=lambda a: (a.role != "teacher", a.format == "onnx", a.precision == "int8"))

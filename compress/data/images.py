@@ -7,8 +7,10 @@ plain tensor file keyed by the source's path, size and mtime and loaded with ``w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import os
 import tarfile
 from collections import defaultdict
@@ -18,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line, out_of_memory
+from compress.files import atomic_save
+
+log = logging.getLogger("compress.data")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
@@ -28,18 +33,51 @@ def cache_dir() -> Path:
 
 
 def load_cached(source: Path, splits: tuple[str, ...], image_size: int | None, field: str) -> dict:
-    """Return {split: (uint8 NCHW tensor, int64 labels)} and ``classes``, decoding on first use."""
+    """Return {split: (uint8 NCHW tensor, int64 labels)} and ``classes``, decoding on first use.
+
+    A damaged cache file (truncated by a kill or a full disk in an older version, or not a cache at
+    all) is deleted and the images decoded again, with one warning line. The cache is written with
+    :func:`compress.files.atomic_save`: a failed write is one CompressError line and leaves no temp file.
+    """
     stat = source.stat()
     key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{splits}|{image_size}"
     path = cache_dir() / f"images-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True)
+        cached, why = _read_cache(path, splits)
+        if cached is not None:
+            return cached
+        log.warning("image cache %s is damaged (%s); decoding %s again", path, why, source)
+        with contextlib.suppress(OSError):  # gone already, or not ours to delete: the write below says so
+            path.unlink()
     data = decode_tree(source, splits, image_size, field)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(data, tmp)
-    os.replace(tmp, path)
+    atomic_save(data, path)
     return data
+
+
+def _read_cache(path: Path, splits: tuple[str, ...]) -> tuple[dict | None, str]:
+    """(the cached dict, "") or (None, why it is not a usable cache); weights-only, so nothing runs."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
+        if out_of_memory(exc):
+            raise  # a good cache too big for this machine is not a damaged one
+        return None, first_line(exc)[:120]
+    if not isinstance(obj, dict) or not isinstance(obj.get("classes"), list):
+        return None, "not an image cache"
+    for split in splits:
+        entry = obj.get(split)
+        if not (
+            isinstance(entry, tuple)
+            and len(entry) == 2
+            and isinstance(entry[0], torch.Tensor)
+            and isinstance(entry[1], torch.Tensor)
+            and entry[0].dtype == torch.uint8
+            and entry[0].ndim == 4
+            and entry[1].ndim == 1
+            and len(entry[0]) == len(entry[1])
+        ):
+            return None, f"no valid {split!r} split"
+    return obj, ""
 
 
 def decode_tree(source: Path, splits: tuple[str, ...], image_size: int | None, field: str) -> dict:

@@ -8,12 +8,18 @@ before Q/DQ pairs are placed) always runs first.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from compress import metadata
+from compress.errors import CompressError
+from compress.files import WRITE_HINT, write_failure
 from compress.onnx_utils import quiet_stdout
 from compress.quantization.calibration import METHODS, BatchReader
 from compress.quantization.schemes import Scheme, choose
@@ -21,11 +27,31 @@ from compress.quantization.schemes import Scheme, choose
 QTYPES = {"uint8": "QUInt8", "int8": "QInt8"}
 
 
+@contextlib.contextmanager
+def written(dst: Path) -> Iterator[Path]:
+    """A temp path beside ``dst`` for a writer that takes a path (ONNX Runtime's quantizers); on
+    success it is fsynced and renamed to ``dst``, on failure removed, so ``dst`` is never half-written.
+    A failed write (full disk) is one CompressError line naming ``dst``."""
+    tmp = dst.with_name(f".{dst.stem}.tmp{os.getpid()}{dst.suffix}")  # the suffix kept: ORT reads it
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dst)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = write_failure(exc) if isinstance(exc, OSError) else None
+        if reason is None:
+            raise  # the quantizer's own failure (or Ctrl-C): the stage reports it
+        raise CompressError(f"cannot write {dst}: {reason}; {WRITE_HINT}") from None
+
+
 def preprocess(src: Path, dst: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with quiet_stdout():
-        quant_pre_process(str(src), str(dst))
+    with quiet_stdout(), written(dst) as tmp:
+        quant_pre_process(str(src), str(tmp))
 
 
 def stride(batches: int, chunk: int) -> int:
@@ -65,10 +91,10 @@ def static(
     if reader is not None:
         reader.rewind()
         extra["CalibStridedMinMax"] = stride(len(reader), chunk)
-    with quiet_stdout():
+    with quiet_stdout(), written(dst) as tmp:
         quantize_static(
             str(src),
-            str(dst),
+            str(tmp),
             reader,
             quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator,
             op_types_to_quantize=op_types or None,
@@ -99,10 +125,10 @@ def dynamic(
     if isinstance(scheme, str):
         scheme = choose(scheme, dynamic=True).scheme
 
-    with quiet_stdout():
+    with quiet_stdout(), written(dst) as tmp:
         quantize_dynamic(
             str(src),
-            str(dst),
+            str(tmp),
             op_types_to_quantize=op_types or ["MatMul", "Gemm", "Attention", "LSTM"],
             per_channel=per_channel,
             reduce_range=scheme.reduce_range,
@@ -115,8 +141,8 @@ def fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> None:
     ``keep_io_types`` (uint8 pixels in, float32 logits out)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=keep_io_types)
-    onnx.save(model, str(dst))
+    model = convert_float_to_float16(metadata.load(src), keep_io_types=keep_io_types)
+    metadata.save(model, dst)
 
 
 def quantized_ops(path: Path) -> dict[str, int]:
