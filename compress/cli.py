@@ -68,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 
     add_predict_arguments(pred)
     ben = sub.add_parser("bench", help="measure ONNX files, checkpoints or runs: accuracy, size, MACs, memory, latency")
-    ben.add_argument("models", nargs="+", help="MODEL.onnx, CHECKPOINT.pt (or FILE.pt:MODEL_NAME), or a run directory")
+    ben.add_argument(
+        "models",
+        nargs="+",
+        help="MODEL.onnx, CHECKPOINT.pt (or FILE.pt:MODEL_NAME), or a run directory; a user factory a checkpoint "
+        "names runs only when you name it too: FILE.pt:pkg.mod:fn or RUN_DIR:pkg.mod:fn",
+    )
     ben.add_argument("--data", default=None, help="dataset name (default: from the run's recipe or the ONNX metadata)")
     ben.add_argument("--root", default=None, help="dataset root (for cifar10 / imagefolder)")
     ben.add_argument("--batch-sizes", type=_ints, default=[1, 32], help="comma-separated (default 1,32)")

@@ -36,6 +36,7 @@ class Artifact:
     stage: str  # which stage produced it ("input" for a loaded checkpoint)
     model: nn.Module | None = field(default=None, repr=False)  # torch artifacts only
     source: str | None = None  # for ONNX: the torch artifact it was exported from
+    factory: str | None = None  # torch: the model factory to rebuild it with (the recipe's, never a file's)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Context:
                 path=path,
                 stage=label,
                 model=frozen,
+                factory=spec.model,
             )
         )
 

@@ -126,7 +126,7 @@ def save_progress(ctx: Context, completed: int, stages_out: list[dict[str, Any]]
     arts = [
         {
             k: str(getattr(a, k)) if k == "path" else getattr(a, k)
-            for k in ("name", "role", "format", "precision", "path", "stage", "source")
+            for k in ("name", "role", "format", "precision", "path", "stage", "source", "factory")
         }
         for a in ctx.artifacts
     ]
@@ -162,7 +162,7 @@ def restore(ctx: Context) -> tuple[int, list[dict[str, Any]]]:
         saved = json.loads(state["artifacts"])
         rng = state["rng"]
         keys = ("name", "role", "format", "precision", "stage", "source")
-        artifacts = [Artifact(**{k: a[k] for k in keys}, path=Path(a["path"])) for a in saved]
+        artifacts = [Artifact(**{k: a[k] for k in keys}, path=Path(a["path"]), factory=a.get("factory")) for a in saved]
     except (KeyError, TypeError, ValueError) as exc:
         raise CompressError(
             f"--resume: {path} is damaged ({type(exc).__name__}: {first_line(exc)}); {RESTART}"

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from compress.bench.size import gzip_bytes, isolated_peak_rss, onnx_macs, onnx_weight_counts
+from compress.bench.size import gzip_bytes, onnx_macs, onnx_weight_counts, peak_rss
 from compress.context import Artifact
 from compress.data import DataBundle
 from compress.deploy import int8_portability, read_metadata
@@ -292,9 +292,12 @@ def measure(
         cuda_peak = int(torch.cuda.max_memory_allocated(device))
     biggest = max(bench.batch_sizes)
     if feed is not None:
-        peak = isolated_peak_rss("onnx", art.path, feed(raw_batch(data, biggest)))
-    else:
-        peak = isolated_peak_rss("torch", art.path, batch_of(data, biggest).numpy())
+        peak, why = peak_rss("onnx", art.path, feed(raw_batch(data, biggest)))
+    else:  # rebuilt with the factory the recipe (or the command line) names, never one the file names
+        names = {"model": art.factory, "num_classes": data.num_classes, "in_channels": data.channels}
+        peak, why = peak_rss("torch", art.path, batch_of(data, biggest).numpy(), **names)
+    if why:
+        notes.append(why)
     row = {
         "name": art.name,
         "role": art.role,

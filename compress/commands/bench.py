@@ -140,7 +140,7 @@ def _load_torch(name: str, ckpt: Path, override: str | None, trusted: frozenset[
         raise CompressError(f"{ckpt}: the model takes {ck.in_channels}-channel images but the data has {data.channels}")
     model = ck.build(str(ckpt), model=model_name, num_classes=data.num_classes, in_channels=data.channels)
     role = ckpt.stem if ckpt.stem in ("teacher", "student") else "model"
-    return Artifact(name, role, "torch", "fp32", ckpt, "checkpoint", model=model)
+    return Artifact(name, role, "torch", "fp32", ckpt, "checkpoint", model=model, factory=model_name)
 
 
 def check_factory(ckpt: Path, recorded: str | None, override: str | None, trusted: frozenset[str]) -> None:
