@@ -27,15 +27,17 @@ def atomic_save(obj: Any, path: Path) -> None:
     A write that fails (disk full, file too large, no permission) removes the temp file and is one
     CompressError line naming ``path``.
     """
-    _atomic(path, lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    """:func:`atomic_save` for a text file (status, resolved recipe, reports)."""
-    _atomic(path, lambda fh: fh.write(text.encode()))
+def atomic_write_text(text: str | bytes, path: Path, hint: str | None = None) -> None:
+    """:func:`atomic_save` for text or bytes (status, resolved recipe, reports)."""
+    atomic_write(path, lambda fh: fh.write(text if isinstance(text, bytes) else text.encode()), hint)
 
 
-def _atomic(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any, hint: str | None = None) -> None:
+    """Call ``write(binary file)`` on a temp file beside ``path``, fsync, rename; on failure remove the
+    temp file and raise one CompressError line naming ``path`` with ``hint`` (default WRITE_HINT)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +52,7 @@ def _atomic(path: Path, write: Any) -> None:
         reason = write_failure(exc)
         if reason is None:
             raise  # not an I/O failure (a bug, or Ctrl-C): keep it as it is
-        raise CompressError(f"cannot write {path}: {reason}; {WRITE_HINT}") from None
+        raise CompressError(f"cannot write {path}: {reason}; {hint or WRITE_HINT}") from None
 
 
 WRITE_HINT = "nothing was left half-written; free disk space and run again (`compress run --resume RUN_DIR` continues)"

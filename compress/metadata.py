@@ -9,10 +9,8 @@ Two groups of keys, all plain strings (JSON where structured) in ``metadata_prop
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +24,7 @@ from compress.data import DataBundle
 from compress.deploy import ModelInfo, read_metadata
 from compress.env import library_versions
 from compress.errors import CompressError, first_line
-from compress.files import WRITE_HINT, write_failure
+from compress.files import atomic_write
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -86,20 +84,7 @@ def save(model: onnx.ModelProto, dest: Path) -> None:
     """``onnx.save`` to a temp file beside ``dest``, fsync, rename: ``dest`` is the old file or the
     complete new one, never half. A failed write (full disk, no permission) removes the temp file and is
     one CompressError line naming ``dest``."""
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            onnx.save(model, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = write_failure(exc)
-        if reason is None:
-            raise  # not an I/O failure (a bug, a model over protobuf's 2 GB, Ctrl-C): keep it as it is
-        raise CompressError(f"cannot write {dest}: {reason}; {WRITE_HINT}") from None
+    atomic_write(dest, lambda fh: onnx.save(model, fh))
 
 
 def read(path: Path) -> dict[str, str]:

@@ -30,6 +30,7 @@ from compress.bench.document import (
     markdown,
 )
 from compress.bench.plots import common_batch_size, cpu_p50, front_names, scatter_png
+from compress.files import atomic_write_text
 
 
 def human_bytes(n: float | None) -> str:
@@ -458,28 +459,8 @@ def _missing_fields(rep: dict[str, Any]) -> list[str]:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write ``data`` to a temp file beside ``path``, fsync, rename: readers see the old file or the new
-    one. A failed write (full disk, no permission) removes the temp file and is one CompressError line."""
-    import contextlib
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data if isinstance(data, bytes) else data.encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if not isinstance(exc, OSError):
-            raise  # a bug or Ctrl-C: keep it as it is
-        from compress.errors import CompressError, first_line
-
-        why = exc.strerror or first_line(exc)
-        hint = "nothing was left half-written; free disk space and run again"
-        raise CompressError(f"cannot write {path}: {why}; {hint}") from None
+    """Readers see the old file or the new one; a failed write is one line (see compress.files)."""
+    atomic_write_text(data, path, hint="nothing was left half-written; free disk space and run again")
     return path
 
 

@@ -42,16 +42,25 @@ class Stage(BaseModel):
         """Roles ("teacher"/"student") whose torch weights this stage modifies."""
         return ()
 
+    def components(self) -> list[tuple[str, Any]]:
+        """The sub-blocks this stage is composed of (``kd:``, ``finetune:``, ...): any field whose
+        value has its own ``requirements()`` and ``preflight()``, so they count without glue code."""
+        values = ((name, getattr(self, name)) for name in type(self).model_fields)
+        return [(n, v) for n, v in values if hasattr(v, "requirements") and hasattr(v, "preflight")]
+
     def requirements(self) -> frozenset[str]:
-        """Per-instance needs (e.g. prune needs a teacher only when it fine-tunes with ``kd:``)."""
-        return self.needs
+        """Per-instance needs: ``needs`` plus the components' (prune needs a teacher only with ``finetune.kd``)."""
+        return self.needs.union(*(block.requirements() for _, block in self.components()))
 
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
         """Check the recipe against the built models and data before anything is written.
 
         Raise CompressError naming ``field`` (e.g. ``stages.2``) for a user error that the schema
-        alone cannot see, such as a module-name pattern that matches nothing.
+        alone cannot see, such as a module-name pattern that matches nothing. The default checks the
+        components (each at ``field.name``); a stage with checks of its own calls it too.
         """
+        for name, block in self.components():
+            block.preflight(models, data, f"{field}.{name}")
 
     def memory_hint(self, field: str) -> str:
         """What to lower when this stage runs out of memory (``field`` is its recipe path)."""

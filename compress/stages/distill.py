@@ -12,10 +12,8 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
-from torch import nn
 
 from compress.context import Context
-from compress.data import DataBundle
 from compress.distill.kd import KD, SHORTHAND, moved
 from compress.stages.base import STAGES, Stage
 from compress.training import OptimConfig
@@ -33,14 +31,8 @@ class Distill(Stage):
     renamed: ClassVar[dict[str, str]] = moved("optim", OptimConfig) | moved("kd", KD, extra=SHORTHAND)
     example: ClassVar[dict[str, Any]] = {"kind": "distill", "epochs": 1, "kd": {"loss": "hinton", "temperature": 4}}
 
-    def requirements(self) -> frozenset[str]:
-        return self.kd.requirements()
-
     def changes(self) -> tuple[str, ...]:
         return ("student",)
-
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        self.kd.preflight(models, data, f"{field}.kd")
 
     def apply(self, ctx: Context) -> dict[str, Any]:
         return self.kd.fit(ctx, ctx.student, self.epochs, self.optim, f"stages.{ctx.stage_index - 1}.kd")

@@ -66,15 +66,11 @@ class Prune(Stage, StructuredOptions):
             raise ValueError(f"ratio {value} ({name}) exceeds max_ratio {self.max_ratio}; raise max_ratio")
         return self
 
-    def requirements(self) -> frozenset[str]:
-        return self.finetune.requirements() if self.finetune is not None else frozenset()
-
     def changes(self) -> tuple[str, ...]:
         return ("student",)
 
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        if self.finetune is not None:
-            self.finetune.preflight(models, data, f"{field}.finetune")
+        super().preflight(models, data, field)  # the finetune: block
         self.check_patterns(models["student"], field)
         student = models["student"].eval()
         example = data.example_input(2)

@@ -22,7 +22,6 @@ from pydantic import Field, field_validator, model_validator
 
 from compress import metadata
 from compress.context import Artifact, Context
-from compress.data import DataBundle
 from compress.deploy import ModelInfo
 from compress.distill.kd import KD, SHORTHAND, moved, tune
 from compress.errors import StageFailed, first_line
@@ -196,13 +195,6 @@ class QAT(Stage):
         if features:  # the captured graph has no module paths to hook
             raise ValueError(f"qat distills from logits only; {', '.join(features)} needs student features")
         return self
-
-    def requirements(self) -> frozenset[str]:
-        return self.needs | (self.kd.requirements() if self.kd is not None else frozenset())
-
-    def preflight(self, models: dict[str, torch.nn.Module], data: DataBundle, field: str) -> None:
-        if self.kd is not None:
-            self.kd.preflight(models, data, f"{field}.kd")
 
     def changes(self) -> tuple[str, ...]:
         return ()  # the student's float weights are not changed; the result is the ONNX file

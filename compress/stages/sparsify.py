@@ -60,15 +60,11 @@ class Sparsify(Stage):
             self.end_epoch = end
         return self
 
-    def requirements(self) -> frozenset[str]:
-        return self.finetune.requirements() if self.finetune is not None else frozenset()
-
     def changes(self) -> tuple[str, ...]:
         return ("student",)
 
     def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
-        if self.finetune is not None:
-            self.finetune.preflight(models, data, f"{field}.finetune")
+        super().preflight(models, data, field)  # the finetune: block
         if not U.prunable(models["student"], self.ignore):
             raise CompressError(f"{field}.ignore: no Conv/Linear layer of the student is left to sparsify")
 
