@@ -59,7 +59,7 @@ def provenance(recipe: RecipeBase, *, role: str, model: str, precision: str, sou
         "producer": f"compress {versions['compress']}",
         "recipe_name": recipe.name,
         "recipe_sha256": recipe_sha256(recipe),
-        "dataset": recipe.data.name,  # type: ignore[attr-defined]
+        "dataset": recipe.data.name,
         "model": model,
         "role": role,
         "precision": precision,

@@ -83,7 +83,7 @@ class Plan:
     def _hint_from_recipe(self, recipe_file: Path) -> None:
         if recipe_file.is_file():
             recipe = load_recipe(recipe_file)
-            self.data_hints.append((str(recipe_file), recipe.data.model_dump(mode="json")))  # type: ignore[attr-defined]
+            self.data_hints.append((str(recipe_file), recipe.data.model_dump(mode="json")))
 
     def _add_onnx(self, path: Path, name: str) -> None:
         props = metadata.read(path)  # a damaged file: one line naming it
