@@ -168,19 +168,20 @@ def _one_line_error(path: Path, *needles: str) -> str:
 
 
 def test_a_record_naming_any_other_class_is_refused(tmp_path):
-    path = _save(build_model("digits_student", 10, 1), tmp_path / "m.pt", "digits_student")
-    obj = _record(path)
-    obj["structure"][2]["type"] = "subprocess.Popen"  # the ReLU slot
-    torch.save(obj, tmp_path / "evil.pt")
-    _one_line_error(tmp_path / "evil.pt", "subprocess.Popen", "neither a torch.nn class")
-    obj = _record(path)
-    obj["structure"][1]["params"] = "garbage"
-    torch.save(obj, tmp_path / "broken.pt")
-    _one_line_error(tmp_path / "broken.pt", "malformed structure record")
-    obj = _record(path)
-    del obj["structure"][3]  # a child without its entry
-    torch.save(obj, tmp_path / "short.pt")
-    _one_line_error(tmp_path / "short.pt", "children do not match")
+    model = build_model("digits_student", 10, 1).eval()
+    path = _save(model, tmp_path / "m.pt", "digits_student")
+    assert torch.equal(load_model(path, "control")(DIGITS_X), model(DIGITS_X))  # the unedited record loads exactly
+    cases = {
+        "evil.pt": (lambda s: s[2].update(type="subprocess.Popen"), ["subprocess.Popen", "neither a torch.nn class"]),
+        "broken.pt": (lambda s: s[1].update(params="garbage"), ["malformed structure record"]),
+        "short.pt": (lambda s: s.pop(3), ["children do not match"]),  # a child without its entry
+    }
+    for name, (edit, needles) in cases.items():
+        obj = _record(path)
+        edit(obj["structure"])
+        torch.save(obj, tmp_path / name)
+        msg = _one_line_error(tmp_path / name)
+        assert all(n in msg for n in needles), msg
 
 
 class Gate(nn.Module):
@@ -218,21 +219,30 @@ def test_what_cannot_be_rebuilt_is_named_when_saving_and_loading(tmp_path):
     assert problem is not None and "fn" in problem and "not plain data" in problem
 
 
-def test_non_tensor_pickles_and_damaged_files_are_one_line(tmp_path):
+def test_non_tensor_pickles_and_damaged_files_are_one_line(tmp_path, capfd):
     class Payload:
         def __reduce__(self):
             return (print, ("this must never run",))
 
     with open(tmp_path / "pickle.pt", "wb") as fh:
         pickle.dump({"format": FORMAT, "state_dict": Payload()}, fh)
-    _one_line_error(tmp_path / "pickle.pt", "plain pickle")
     torch.save({"model": Payload()}, tmp_path / "torch.pt")
-    _one_line_error(tmp_path / "torch.pt", "holds a print object", "only tensors and plain data")
     good = _save(build_model("digits_student", 10, 1), tmp_path / "good.pt", "digits_student")
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:2000])
-    _one_line_error(tmp_path / "cut.pt", "truncated or damaged")
     (tmp_path / "text.pt").write_text("hello\n")
-    _one_line_error(tmp_path / "text.pt", "not a PyTorch checkpoint")
+    capfd.readouterr()
+    expected = {
+        "pickle.pt": ["plain pickle"],
+        "torch.pt": ["holds a print object", "only tensors and plain data"],
+        "cut.pt": ["truncated or damaged"],
+        "text.pt": ["not a PyTorch checkpoint"],
+    }
+    for name, needles in expected.items():
+        msg = _one_line_error(tmp_path / name)
+        assert all(n in msg for n in needles), msg
+        assert (tmp_path / name).is_file()  # reported, never deleted or rewritten
+    assert "this must never run" not in capfd.readouterr().out  # the pickled call was never made
+    assert isinstance(load_model(good, "control"), nn.Module)  # the intact file of the same kind loads
 
 
 def test_a_failed_write_is_one_line_and_leaves_no_temp_file(tmp_path):
