@@ -268,11 +268,9 @@ def test_external_data_outside_the_model_folder_is_refused(digits_run, tmp_path,
 
 def test_a_memory_measurement_that_fails_says_why(digits_run, tmp_path):
     """The fresh process that measures peak memory fails on a plain state_dict (no model name): the
-    empty memory column comes with a note (its last stderr line), logged as one warning line."""
-    import logging
-
+    empty memory column comes with a note (its last stderr line), which the report lists."""
     from compress.bench.measure import batch_of
-    from compress.bench.size import isolated_peak_rss, peak_rss
+    from compress.bench.size import peak_rss
 
     out, _, recipe = digits_run
     state = torch.load(out / "checkpoints" / "02-distill" / "student.pt", weights_only=True)["state_dict"]
@@ -281,15 +279,6 @@ def test_a_memory_measurement_that_fails_says_why(digits_run, tmp_path):
     peak, note = peak_rss("torch", tmp_path / "plain.pt", batch)
     assert peak is None and note.startswith("plain.pt: peak memory not measured: the measuring process failed: ")
     assert "CompressError" in note and "does not name its model" in note and "\n" not in note
-    warnings: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = warnings.append  # type: ignore[method-assign]
-    logging.getLogger("compress.bench").addHandler(handler)
-    try:
-        assert isolated_peak_rss("torch", tmp_path / "plain.pt", batch) is None
-    finally:
-        logging.getLogger("compress.bench").removeHandler(handler)
-    assert [r.getMessage() for r in warnings] == [note]
     names = {"model": "digits_student", "num_classes": 10, "in_channels": 1}
     named, none = peak_rss("torch", tmp_path / "plain.pt", batch, **names)  # named, it is measured
     assert named > 1_000_000 and none is None

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -136,8 +134,6 @@ except Exception as exc:
 print(json.dumps({"bytes": (kb("VmHWM") - base) * 1024}))
 """
 
-log = logging.getLogger("compress.bench")
-
 
 def peak_rss(
     kind: str,
@@ -185,12 +181,3 @@ def peak_rss(
         return int(json.loads(proc.stdout.strip().splitlines()[-1])["bytes"]), None
     except (IndexError, KeyError, TypeError, ValueError):
         return None, f"{what}: the measuring process printed no result"
-
-
-def isolated_peak_rss(kind: str, path: Path, batch: np.ndarray, **names: Any) -> int | None:
-    """:func:`peak_rss`'s bytes; when the measuring process failed, its note is logged as one warning
-    line, so an empty memory column is explained (None without /proc, non-Linux, quietly)."""
-    peak, note = peak_rss(kind, path, batch, **names)
-    if note is not None and Path("/proc/self/clear_refs").exists():
-        log.warning("%s", note)
-    return peak
