@@ -213,3 +213,9 @@ def model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 def dump_recipe(recipe: BaseModel) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def moved(prefix: str, *models: type[BaseModel], extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """``renamed`` hints for fields that moved into a sub-block ``prefix`` (old recipes get where they went)."""
+    names = [n for m in models for n in m.model_fields] + list(extra)
+    return {n: f"moved to {prefix}.{n}" for n in names}

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from compress.checkpoint import build_from_spec
+from compress.config import moved
 from compress.context import Context
 from compress.data import DataBundle
 from compress.distill import LOSSES, LossTerm
@@ -257,6 +258,10 @@ class KD(BaseModel):
         return metrics
 
 
+#: an optional ``kd:`` block: ``false`` (or absent) = none, ``true`` = :class:`KD`'s defaults
+OptionalKD = Annotated[KD | None, BeforeValidator(lambda v: None if v is False else v)]
+
+
 class FineTuneOptim(OptimConfig):
     """``optim:`` of a fine-tune: a pruned or sparsified student starts near its optimum."""
 
@@ -270,12 +275,7 @@ class FineTune(BaseModel):
 
     epochs: int = Field(ge=1, le=10_000, description="fine-tuning epochs (after each step when a stage has steps)")
     optim: FineTuneOptim = Field(default_factory=FineTuneOptim)
-    kd: KD | None = Field(None, description="distill from the teacher(s) while fine-tuning; kd: true = defaults")
-
-    @field_validator("kd", mode="before")
-    @classmethod
-    def _kd_flag(cls, v: Any) -> Any:
-        return None if v is False else v
+    kd: OptionalKD = Field(None, description="distill from the teacher(s) while fine-tuning; kd: true = defaults")
 
     def requirements(self) -> frozenset[str]:
         return self.kd.requirements() if self.kd is not None else frozenset()
@@ -304,12 +304,6 @@ def tune(
     if kd is not None:
         return kd.fit(ctx, model, epochs, optim, f"{field}.kd", f"{label} + KD", after_step)
     return fit(ctx, model, cross_entropy(optim.label_smoothing), epochs, optim, label, after_step)
-
-
-def moved(prefix: str, *models: type[BaseModel], extra: tuple[str, ...] = ()) -> dict[str, str]:
-    """Hints for fields that moved from a stage into a sub-block (recipes written before it)."""
-    names = [n for m in models for n in m.model_fields] + list(extra)
-    return {n: f"moved to {prefix}.{n}" for n in names}
 
 
 #: where a fine-tuning stage's old flat fields went (``finetune_epochs: 3, lr: 0.01``)

@@ -13,8 +13,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from compress.config import moved
 from compress.context import Context
-from compress.distill.kd import KD, SHORTHAND, moved
+from compress.distill.kd import KD, SHORTHAND
 from compress.stages.base import STAGES, Stage
 from compress.training import OptimConfig
 

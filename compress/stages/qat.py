@@ -18,12 +18,13 @@ import copy
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from compress import metadata
+from compress.config import moved
 from compress.context import Artifact, Context
 from compress.deploy import ModelInfo
-from compress.distill.kd import KD, SHORTHAND, moved, tune
+from compress.distill.kd import KD, SHORTHAND, OptionalKD, tune
 from compress.errors import StageFailed, first_line
 from compress.quantization.ptq import quantized_ops
 from compress.quantization.schemes import Scheme, choose
@@ -166,7 +167,7 @@ class QAT(Stage):
     kind: Literal["qat"] = "qat"
     epochs: int = Field(1, ge=1, le=10_000, description="fake-quantized fine-tuning epochs")
     optim: QATOptim = Field(default_factory=QATOptim)
-    kd: KD | None = Field(None, description="distill from the teacher's logits while fine-tuning; kd: true = defaults")
+    kd: OptionalKD = Field(None, description="distill from the teacher's logits while fine-tuning; kd: true = defaults")
     opset: int = Field(18, ge=17, le=23)
     max_relative_error: float = Field(
         0.1, gt=0, le=10, description="max ‖ORT − PyTorch‖ / ‖PyTorch‖ of the (centred) test logits"
@@ -183,11 +184,6 @@ class QAT(Stage):
         | {"finetune_epochs": "renamed to epochs", "distill": "replaced by kd (kd: true = KD with defaults)"}
     )
     example: ClassVar[dict[str, Any]] = {"kind": "qat", "epochs": 1}
-
-    @field_validator("kd", mode="before")
-    @classmethod
-    def _kd_flag(cls, v: Any) -> Any:
-        return None if v is False else v
 
     @model_validator(mode="after")
     def _logit_losses(self) -> QAT:

@@ -6,8 +6,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from compress.config import moved
 from compress.context import Context
-from compress.distill.kd import moved
 from compress.stages.base import STAGES, Stage
 from compress.training import OptimConfig, cross_entropy, fit
 
