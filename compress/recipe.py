@@ -12,6 +12,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Field, ValidationError, create_model
 
+from compress import userpath
 from compress.config import (
     BenchmarkConfig,
     RecipeBase,
@@ -79,6 +80,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override and validate a recipe; every problem is one-line CompressError."""
     path = Path(path)
     raw = read_yaml(path)
+    userpath.add_root(path.parent)  # a recipe's own modules (models, datasets) sit beside it
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate_recipe(raw, str(path))
