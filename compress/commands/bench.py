@@ -7,7 +7,7 @@ report directory like a run's: report.json, report.md, report.html and the Paret
 ``compress report`` can put benches and runs side by side.
 
 A checkpoint is rebuilt by the model factory it names. Registered names and ``torchvision:`` ones are
-code of this install; a user factory (``package.module:function``) is code that importing would run,
+code of this install (so are ``timm:`` ones); a user factory (``package.module:function``) is code that importing would run,
 so one named only by a file is refused: the user names it on the command line, ``FILE.pt:pkg.mod:fn``
 for a checkpoint, ``RUN_DIR:pkg.mod:fn[,other.mod:fn]`` for the checkpoints of a run that name it.
 """
@@ -39,7 +39,7 @@ STAGE_DIR = re.compile(r"^\d+-(?P<stage>.+)$")
 
 def is_user_factory(name: str) -> bool:
     """A ``package.module:function`` model name: building it imports that module and calls the function."""
-    return ":" in name and not name.startswith("torchvision:")
+    return ":" in name and not name.startswith(("torchvision:", "timm:"))
 
 
 def _unique(name: str, taken: set[str]) -> str:
