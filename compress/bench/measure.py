@@ -263,9 +263,14 @@ def measure(
     data: DataBundle,
     bench,
     device: torch.device,
+    *,
+    feed: Callable | None = None,
+    memory: bool = True,
 ) -> tuple[dict[str, Any], list[str]]:
-    """One row of report.json's ``artifacts``."""
-    cuda_peak, feed = None, None
+    """One row of report.json's ``artifacts``. ``feed`` turns uint8 test images into an ONNX file's
+    input (default: from its metadata, else the data's normalization); ``memory=False`` skips the
+    peak-memory child process (``peak_rss_bytes`` None)."""
+    cuda_peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if art.format == "torch":
@@ -276,7 +281,7 @@ def measure(
         nonzero = sum(int(torch.count_nonzero(p)) for p in art.model.parameters())
     else:
         sess = session(art.path)
-        feed = feeder(sess, data)
+        feed = feed or feeder(sess, data)
         top1, top5 = _onnx_topk(sess, feed, data)
         # What the file itself holds and computes (BatchNorm folded, biases included), so one file
         # reads the same in a run's report and in `compress bench`.
@@ -291,9 +296,11 @@ def measure(
     if device.type == "cuda" and art.format == "torch":
         cuda_peak = int(torch.cuda.max_memory_allocated(device))
     biggest = max(bench.batch_sizes)
-    if feed is not None:
+    peak, why = None, None
+    if memory and art.format == "onnx":
+        assert feed is not None
         peak, why = peak_rss("onnx", art.path, feed(raw_batch(data, biggest)))
-    else:  # rebuilt with the factory the recipe (or the command line) names, never one the file names
+    elif memory:  # rebuilt with the factory the recipe (or the command line) names, never one the file names
         names = {"model": art.factory, "num_classes": data.num_classes, "in_channels": data.channels}
         peak, why = peak_rss("torch", art.path, batch_of(data, biggest).numpy(), **names)
     if why:

@@ -73,3 +73,46 @@ class BatchReader:
         idx = self._index[self._pos * self.batch_size : (self._pos + 1) * self.batch_size]
         self._pos += 1
         return {self.input_name: self.feed(self.data.train_x[idx])}
+
+
+class ArrayReader:
+    """onnxruntime CalibrationDataReader over batches the caller already has (numpy arrays or
+    tensors, already shaped and normalized as the model's input takes them).
+
+    The batches are re-cut to one size (the first batch's, at most the images given): ORT's
+    histogram calibrators stack a chunk's batches and fail on a short last one. Sized and ranged
+    like :class:`BatchReader`, so strided calibration bounds memory the same way.
+    """
+
+    def __init__(self, batches: list[np.ndarray], input_name: str, batch_size: int | None = None) -> None:
+        if not batches:
+            raise ValueError("no calibration batches")
+        images = np.concatenate(batches)
+        size = max(1, min(batch_size or len(batches[0]), len(images)))
+        self.input_name, self.batch_size = input_name, size
+        self._images = images[: (len(images) // size) * size]
+        self.set_range(0, len(self))
+
+    def __len__(self) -> int:
+        return len(self._images) // self.batch_size
+
+    @property
+    def images(self) -> int:
+        return len(self._images)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pos, self._end = start_index, min(end_index, len(self))
+
+    def rewind(self) -> None:
+        self.set_range(0, len(self))
+
+    def __iter__(self):
+        while (batch := self.get_next()) is not None:
+            yield batch
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= self._end:
+            return None
+        batch = self._images[self._pos * self.batch_size : (self._pos + 1) * self.batch_size]
+        self._pos += 1
+        return {self.input_name: batch}

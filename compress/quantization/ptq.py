@@ -21,7 +21,7 @@ from compress import metadata
 from compress.errors import CompressError
 from compress.files import WRITE_HINT, write_failure
 from compress.onnx_utils import quiet_stdout
-from compress.quantization.calibration import METHODS, BatchReader
+from compress.quantization.calibration import METHODS, ArrayReader, BatchReader
 from compress.quantization.schemes import Scheme, choose
 
 QTYPES = {"uint8": "QUInt8", "int8": "QInt8"}
@@ -62,7 +62,7 @@ def stride(batches: int, chunk: int) -> int:
 def static(
     src: Path,
     dst: Path,
-    reader: BatchReader | None,
+    reader: BatchReader | ArrayReader | None,
     *,
     method: str = "minmax",
     percentile: float = 99.999,
@@ -148,3 +148,27 @@ def fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> None:
 def quantized_ops(path: Path) -> dict[str, int]:
     """How many nodes of each op type the file holds (what was quantized, what stayed float)."""
     return dict(Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node))
+
+
+def describe(
+    scheme: Scheme | None,
+    *,
+    mode: str = "static",
+    fmt: str = "qdq",
+    per_channel: bool = True,
+    calibration: str = "percentile",
+    symmetric_activations: bool = False,
+    keep_io_types: bool = True,
+) -> str:
+    """The ``quantization`` metadata line of a file quantized so (``scheme`` None: FP16); one wording
+    for the quantize stage and ``compress.onnx_api.quantize_onnx``."""
+    if scheme is None:
+        return "onnxruntime float16 conversion" + (", float32 inputs/outputs kept" if keep_io_types else "")
+    weights = f"weights {scheme.weight}{' 7-bit' * scheme.reduce_range}"
+    if mode == "dynamic":
+        return f"onnxruntime quantize_dynamic ({scheme.name}), {weights}{' per-channel' * per_channel}"
+    return (
+        f"onnxruntime quantize_static {fmt.upper()} ({scheme.name}), activations {scheme.activation}"
+        f"{' symmetric' * symmetric_activations}, {weights}"
+        f"{' per-channel' if per_channel else ' per-tensor'}, {calibration} calibration"
+    )

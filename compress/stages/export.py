@@ -73,7 +73,16 @@ class InGraphPreprocess(nn.Module):
         return (x.to(torch.float32) / 255.0 - self.mean) / self.std
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int, input_name: str = "input") -> None:
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    opset: int,
+    input_name: str = "input",
+    dynamic_batch: bool = True,
+) -> None:
+    """torch.onnx's dynamo exporter (batch axis dynamic unless ``dynamic_batch=False``), our graph
+    rules, then ``onnx.checker``'s full check."""
     model = model.eval().to("cpu")
     batch = torch.export.Dim("batch", min=1, max=65536)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +94,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int,
             opset_version=opset,
             input_names=[input_name],
             output_names=["logits"],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=({0: batch},) if dynamic_batch else None,
             optimize=True,
             verbose=False,
         )
@@ -109,6 +118,42 @@ def parity(model: nn.Module, path: Path, x: torch.Tensor, feed: torch.Tensor | N
         "relative_error": float(np.linalg.norm(got - ref) / max(float(np.linalg.norm(centred)), 1e-12)),
         "batch": int(x.shape[0]),
     }
+
+
+def export_checked(
+    model: nn.Module,
+    info: ModelInfo | None,
+    path: Path,
+    x: torch.Tensor,
+    feed: torch.Tensor,
+    *,
+    opset: int = 18,
+    atol: float = 1e-4,
+    rtol: float = 1e-5,
+    what: str = "model",
+    dynamic_batch: bool = True,
+) -> dict[str, float]:
+    """Export ``model`` to ``path`` (wrapped in :class:`InGraphPreprocess` when ``info`` puts the
+    preprocessing or an NHWC layout in the graph), pass onnx.checker, and prove ORT on ``feed``
+    reproduces PyTorch on ``x`` within ``atol + rtol * max|logit|``; one StageFailed line otherwise.
+    The export stage and ``compress.onnx_api.export_onnx`` both call this. ``model`` ends on the CPU."""
+    wrapped = InGraphPreprocess(model, info) if info and (info.preprocess_in_graph or info.layout == "nhwc") else model
+    try:
+        example = feed[:2] if len(feed) > 1 and dynamic_batch else feed
+        export_onnx(wrapped, example, path, opset, info.input_name if info else "input", dynamic_batch)
+    except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
+        raise StageFailed(f"export: {what} ({type(model).__name__}) could not be exported: {first_line(exc)}") from exc
+    check = parity(model, path, x, feed)
+    # fp32 rounding grows with the logits' scale (a random-init ResNet-56 emits |z| ~ 2000, where
+    # torch's own fp32 result is 1e-3 away from fp64), so the bound is atol + rtol * max|z|.
+    bound = atol + rtol * check["max_abs_logit"]
+    if not check["max_abs_diff"] <= bound:
+        raise StageFailed(
+            f"export: ONNX Runtime disagrees with PyTorch for the {what}: max |Δlogit| "
+            f"{check['max_abs_diff']:.3g} > {bound:.3g} (atol {atol:g} + rtol {rtol:g} × max|logit| "
+            f"{check['max_abs_logit']:.3g})"
+        )
+    return check
 
 
 @STAGES.register("export")
@@ -145,7 +190,18 @@ class Export(Stage):
             # ever appears under its real name.
             tmp = path.with_name(f".{path.stem}.unchecked.onnx")
             try:
-                check = self._export_and_check(ctx, role, model, info, tmp, x, feed)
+                try:
+                    check = export_checked(
+                        model, info, tmp, x, feed, opset=self.opset, atol=self.atol, rtol=self.rtol, what=role
+                    )
+                finally:
+                    model.to(ctx.device)
+                ctx.log.info(
+                    "export %s: max|Δ| %.2e, argmax agreement %.4f",
+                    role,
+                    check["max_abs_diff"],
+                    check["argmax_agreement"],
+                )
                 source = ctx.latest(role, "torch")
                 props = metadata.provenance(
                     ctx.recipe,
@@ -170,38 +226,3 @@ class Export(Stage):
                 )
             )
         return metrics
-
-    def _export_and_check(
-        self,
-        ctx: Context,
-        role: str,
-        model: nn.Module,
-        info: ModelInfo,
-        path: Path,
-        x: torch.Tensor,
-        feed: torch.Tensor,
-    ) -> dict[str, float]:
-        wrapped = InGraphPreprocess(model, info) if info.preprocess_in_graph or info.layout == "nhwc" else model
-        try:
-            try:
-                export_onnx(wrapped, feed[:2] if len(feed) > 1 else feed, path, self.opset, info.input_name)
-            except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
-                raise StageFailed(
-                    f"export: {role} ({type(model).__name__}) could not be exported: {first_line(exc)}"
-                ) from exc
-            check = parity(model, path, x, feed)
-        finally:
-            model.to(ctx.device)
-        ctx.log.info(
-            "export %s: max|Δ| %.2e, argmax agreement %.4f", role, check["max_abs_diff"], check["argmax_agreement"]
-        )
-        # fp32 rounding grows with the logits' scale (a random-init ResNet-56 emits |z| ~ 2000, where
-        # torch's own fp32 result is 1e-3 away from fp64), so the bound is atol + rtol * max|z|.
-        bound = self.atol + self.rtol * check["max_abs_logit"]
-        if not check["max_abs_diff"] <= bound:
-            raise StageFailed(
-                f"export: ONNX Runtime disagrees with PyTorch for the {role}: max |Δlogit| "
-                f"{check['max_abs_diff']:.3g} > {bound:.3g} (atol {self.atol:g} + rtol "
-                f"{self.rtol:g} × max|logit| {check['max_abs_logit']:.3g})"
-            )
-        return check

@@ -230,15 +230,14 @@ class Quantize(Stage):
         )
 
     def _describe(self, scheme: Scheme | None) -> str:
-        if scheme is None:
-            return "onnxruntime float16 conversion" + (", float32 inputs/outputs kept" if self.keep_io_types else "")
-        weights = f"weights {scheme.weight}{' 7-bit' * scheme.reduce_range}"
-        if self.mode == "dynamic":
-            return f"onnxruntime quantize_dynamic ({scheme.name}), {weights}{' per-channel' * self.per_channel}"
-        return (
-            f"onnxruntime quantize_static {self.format.upper()} ({scheme.name}), activations {scheme.activation}"
-            f"{' symmetric' * self.symmetric_activations}, {weights}"
-            f"{' per-channel' if self.per_channel else ' per-tensor'}, {self.calibration} calibration"
+        return ptq.describe(
+            scheme,
+            mode=self.mode,
+            fmt=self.format,
+            per_channel=self.per_channel,
+            calibration=self.calibration,
+            symmetric_activations=self.symmetric_activations,
+            keep_io_types=self.keep_io_types,
         )
 
 
