@@ -108,3 +108,115 @@ def safe_load(path: Path, field: str, *, device: Any = "cpu", mmap: bool = False
         raise CompressError(
             f"{field}: cannot load {path} as a weights-only checkpoint: {_why(exc)}{f'; {hint}' if hint else ''}"
         ) from None
+
+
+def is_safetensors(path: Path) -> bool:
+    """``path`` is (named or shaped like) a safetensors file: an 8-byte header length, then JSON."""
+    if Path(path).suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """Write ``tensors`` (with string ``metadata``) as one safetensors file, atomically (see atomic_write).
+
+    Tensors that share storage (tied weights) are stored as separate copies, which the format requires."""
+    from safetensors.torch import save
+
+    seen: set[tuple[int, int]] = set()
+    plain: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        where = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        plain[key] = t.clone() if where in seen and t.numel() else t
+        seen.add(where)
+    atomic_write(path, lambda fh: fh.write(save(plain, metadata=metadata)))
+
+
+def load_safetensors(path: Path, field: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, on the CPU; a bad file is one CompressError line.
+    Reading one runs no code: the format is a JSON header and raw tensor bytes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open is not a dict
+    except OSError as exc:
+        raise CompressError(f"{field}: cannot read {path}: {exc.strerror or first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and friends: a damaged or foreign file
+        raise CompressError(
+            f"{field}: cannot load {path} as a safetensors file: it is truncated or damaged ({first_line(exc)})"
+        ) from None
+    return tensors, metadata
+
+
+# --------------------------------------------------------------------------- plain data as JSON (safetensors metadata)
+_TAGS = ("$tuple", "$tensor", "$dtype", "$dict")
+
+
+def to_json(value: Any) -> str:
+    """``value`` (plain data as a weights-only load returns it: numbers, strings, lists, tuples, dicts,
+    tensors, dtypes) as JSON that :func:`from_json` turns back into the same types, tuples included."""
+    import json
+
+    return json.dumps(_encode(value), separators=(",", ":"))
+
+
+def from_json(text: str) -> Any:
+    """The inverse of :func:`to_json` (ValueError for text it did not write)."""
+    import json
+
+    return _decode(json.loads(text))
+
+
+def _encode(value: Any) -> Any:
+    kind = type(value)
+    if kind in (type(None), bool, int, float, str):
+        return value
+    if kind is list:
+        return [_encode(v) for v in value]
+    if kind in (tuple, torch.Size):
+        return {"$tuple": [_encode(v) for v in value]}
+    if kind is dict:
+        if not all(type(k) is str for k in value):
+            raise TypeError("only dicts with string keys are plain data")
+        body = {k: _encode(v) for k, v in value.items()}
+        return {"$dict": body} if len(body) == 1 and next(iter(body)).startswith("$") else body
+    if kind is torch.dtype:
+        return {"$dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.Tensor):
+        import base64
+
+        from safetensors.torch import save
+
+        return {"$tensor": base64.b64encode(save({"t": value.detach().cpu().contiguous()})).decode()}
+    raise TypeError(f"{kind.__name__} is not plain data")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and next(iter(value)) in _TAGS:
+        tag, body = next(iter(value.items()))
+        if tag == "$tuple" and isinstance(body, list):
+            return tuple(_decode(v) for v in body)
+        if tag == "$dict" and isinstance(body, dict):
+            return {k: _decode(v) for k, v in body.items()}
+        if tag == "$dtype" and isinstance(getattr(torch, str(body), None), torch.dtype):
+            return getattr(torch, body)
+        if tag == "$tensor" and isinstance(body, str):
+            import base64
+
+            from safetensors.torch import load
+
+            return load(base64.b64decode(body))["t"]
+        raise ValueError(f"malformed {tag} value")
+    return {k: _decode(v) for k, v in value.items()}
