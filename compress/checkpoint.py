@@ -30,11 +30,21 @@ provided that (1) every module is of an allowed class and (2) a module the facto
 at that path keeps its settings in plain attributes. ``Context.snapshot`` checks both when it saves
 (see :func:`rebuild_problem`), so a stage that breaks them fails at its own checkpoint, not later.
 
-Older files still load: ``compress/1`` (widths only, with a ``pruned`` flag) and plain state_dicts.
+The same record can be a ``.safetensors`` file (``save_model`` to a path with that suffix; every
+snapshot writes one beside its ``.pt``): the state_dict as its tensors, and ``format``, ``model``,
+``kwargs``, ``num_classes``, ``in_channels`` and ``structure`` as metadata, each value JSON
+(:func:`compress.files.to_json`). Reading one runs no code at all.
+
+Older files still load: ``compress/1`` (widths only, with a ``pruned`` flag) and plain state_dicts
+(``.pt``/``.pth``/``.safetensors``, bare or as ``{"state_dict": ...}`` / ``{"model": ...}``, with
+DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes dropped). A plain state_dict whose
+classifier has another class count than the data's gets a fresh classifier (``head:``, see
+:func:`build_from_spec`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,9 +53,18 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError, first_line
-from compress.files import atomic_save, safe_load
-from compress.models import ModelSpec, build_model
+from compress.files import (
+    atomic_save,
+    from_json,
+    is_safetensors,
+    load_safetensors,
+    safe_load,
+    save_safetensors,
+    to_json,
+)
+from compress.models import TORCHVISION, ModelSpec, build_model, size_argument
 from compress.models.attention import SelfAttention, decouple_attention
+from compress.models.heads import aux_heads, find_classifier, module_keys, notice, out_count, replace_head
 from compress.structure import StructureError, describe, rebuild
 
 if TYPE_CHECKING:
@@ -66,18 +85,21 @@ def save_model(
     in_channels: int,
     structure: list[dict[str, Any]] | None = None,
 ) -> None:
-    """Save ``model`` as a compress/2 checkpoint (its structure recorded, see the module docstring)."""
+    """Save ``model`` as a compress/2 checkpoint (its structure recorded, see the module docstring):
+    a torch file, or a safetensors file when ``path`` ends in ``.safetensors``."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {
+    record = {
         "format": FORMAT,
         "model": name,
         "kwargs": kwargs,
         "num_classes": num_classes,
         "in_channels": in_channels,
         "structure": structure if structure is not None else describe(model),
-        "state_dict": state,
     }
-    atomic_save(payload, path)
+    if Path(path).suffix == ".safetensors":
+        save_safetensors(state, {k: to_json(v) for k, v in record.items()}, path)
+    else:
+        atomic_save({**record, "state_dict": state}, path)
 
 
 @dataclass
@@ -124,9 +146,23 @@ class Checkpoint:
         load_weights(model, self.state, pruned=self.pruned, field=field)
 
 
+def _read_safetensors(path: Path, field: str) -> Any:
+    """A safetensors file as :func:`safe_load` would return its torch twin: the record with its state_dict,
+    or the bare tensors of a file compress did not write."""
+    tensors, metadata = load_safetensors(path, field)
+    if not metadata.get("format", "").startswith('"compress/'):
+        return tensors
+    try:
+        record = {k: from_json(v) for k, v in metadata.items() if k != "state_dict"}
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CompressError(f"{field}: {path} is a damaged compress checkpoint (metadata: {first_line(exc)})") from None
+    return {**record, "state_dict": tensors}
+
+
 def open_checkpoint(path: Path, field: str) -> Checkpoint:
-    """Read a compress checkpoint (compress/2 or compress/1), a plain state_dict or {"state_dict": ...}."""
-    obj = safe_load(path, field)
+    """Read a compress checkpoint (compress/2 or compress/1; torch or safetensors) or a plain state_dict
+    (bare, {"state_dict": ...} or {"model": ...})."""
+    obj = _read_safetensors(path, field) if is_safetensors(path) else safe_load(path, field)
     if isinstance(obj, dict) and obj.get("format") in FORMATS:
         state = obj.get("state_dict")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -147,8 +183,10 @@ def open_checkpoint(path: Path, field: str) -> Checkpoint:
             structure=structure,
             pruned=bool(obj.get("pruned")),
         )
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    for wrapper in ("state_dict", "model"):  # training scripts' {"model": ..., "optimizer": ...} too
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CompressError(f"{field}: {path} is not a state_dict (a mapping of names to tensors)")
     # Strip DataParallel/DDP and torch.compile prefixes, which users hit all the time.
@@ -201,8 +239,11 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], *, pruned: An
     _load_state(model, state, field)
 
 
-def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], field: str, *, exact: bool) -> None:
-    own = model.state_dict()
+def _check_keys(
+    model: nn.Module, state: dict[str, torch.Tensor], field: str, *, exact: bool, skip: frozenset[str] = frozenset()
+) -> None:
+    own = {k: v for k, v in model.state_dict().items() if k not in skip}
+    state = {k: v for k, v in state.items() if k not in skip}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
@@ -212,6 +253,7 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], field: str, *,
         if unexpected:
             bits.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]!r})")
         raise CompressError(f"{field}: checkpoint does not match the model: {', '.join(bits)}")
+    wrong = []
     for key, tensor in state.items():
         if own[key].shape != tensor.shape:
             shrinks = (
@@ -220,15 +262,15 @@ def _check_keys(model: nn.Module, state: dict[str, torch.Tensor], field: str, *,
                 and all(a <= b for a, b in zip(tensor.shape, own[key].shape, strict=True))
             )
             if not shrinks:
-                raise CompressError(
-                    f"{field}: checkpoint does not match the model: {key} has shape {tuple(tensor.shape)} "
-                    f"in the file but {tuple(own[key].shape)} in the model"
-                )
+                wrong.append(f"{key} has shape {tuple(tensor.shape)} in the file but {tuple(own[key].shape)}")
+    if wrong:
+        more = f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise CompressError(f"{field}: checkpoint does not match the model: {'; '.join(wrong[:3])}{more}")
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], field: str) -> None:
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], field: str, *, strict: bool = True) -> None:
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=strict)
     except RuntimeError as exc:  # e.g. a dtype a parameter cannot take; the detail is on the second line
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise CompressError(f"{field}: checkpoint does not load into the model: {' '.join(lines[:2])}") from None
@@ -283,20 +325,102 @@ def _fix_attributes(module: nn.Module) -> None:
 
 
 def build_from_spec(spec: ModelSpec, data: DataBundle, field: str, role: str = "") -> nn.Module:
-    """Build ``spec``'s model for ``data``, load its checkpoint and check one forward pass; every
-    user error is a CompressError naming ``field`` (``teacher``, ``stages.1.teachers.0``)."""
-    model = build_model(spec.model, data.num_classes, data.channels, **spec.kwargs)
-    if spec.checkpoint is not None:  # its recorded structure (pruned, folded, ...) included
-        open_checkpoint(spec.checkpoint, f"{field}.checkpoint").load_into(model, f"{field}.checkpoint")
+    """Build ``spec``'s model for ``data``, load its weights (``checkpoint:``, ``weights:`` or
+    ``pretrained:``, the classifier as ``head:`` says) and check one forward pass; every user error is
+    a CompressError naming ``field`` (``teacher``, ``stages.1.teachers.0``)."""
+    from compress.models import pretrained as published
+
+    n, channels = data.num_classes, data.channels
+    if spec.pretrained:  # timm's own loading (cache, in_chans, classifier) with our head rules
+        model = published.build_timm_pretrained(
+            spec.model, n, channels, head=spec.head, field=f"{field}.pretrained", **spec.kwargs
+        )
+    elif spec.weights is not None:
+        tv_name = spec.model.removeprefix(TORCHVISION)
+        model = build_model(spec.model, n, channels, **{**published.implied_kwargs(tv_name), **spec.kwargs})
+        state, label = published.torchvision_state(tv_name, spec.weights, f"{field}.weights")
+        ck = Checkpoint(path=Path(label), state=published.adapt_input(model, state))
+        load_pretrained(model, ck, f"{field}.weights", head=spec.head, num_classes=n, source=label, notice_as=field)
+    else:
+        model = build_model(spec.model, n, channels, **spec.kwargs)
+        if spec.checkpoint is not None:  # its recorded structure (pruned, folded, ...) included
+            ck = open_checkpoint(spec.checkpoint, f"{field}.checkpoint")
+            if ck.model is None:
+                ck.state = published.adapt_input(model, ck.state)
+            source = f"checkpoint {spec.checkpoint.name}"
+            load_pretrained(
+                model, ck, f"{field}.checkpoint", head=spec.head, num_classes=n, source=source, notice_as=field
+            )
     x = data.example_input(2)
     try:
         with torch.no_grad():
             out = model.eval()(x)
     except Exception as exc:  # noqa: BLE001 - a model that cannot take the data is a recipe error
+        why = first_line(exc)
+        hint = _size_hint(spec, data, x, model)
         raise CompressError(
-            f"{field}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: {first_line(exc)}"
+            f"{field}.model: {spec.model!r} cannot run on inputs of shape {tuple(x.shape)}: "
+            f"{why.rstrip('.') if hint else why}{hint}"
         ) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise CompressError(f"{field}.model: {spec.model!r} returns {shape}, expected logits (2, {data.num_classes})")
     return model
+
+
+def _size_hint(spec: ModelSpec, data: DataBundle, x: torch.Tensor, model: nn.Module) -> str:
+    """ "; ... kwargs: {image_size: 32}" for a native-image-size model whose input-size argument makes it
+    run on the data (tried: a fresh build and one forward pass); what still fails if it does not."""
+    extra = size_argument(model, spec.model, spec.kwargs, (int(x.shape[-2]), int(x.shape[-1])))
+    if not extra:
+        return ""
+    ((arg, value),) = extra.items()
+    shown = f"kwargs: {{{arg}: {value}}}".replace("'", "")
+    try:
+        with torch.no_grad():
+            build_model(spec.model, data.num_classes, data.channels, **spec.kwargs, **extra).eval()(x)
+    except Exception as exc:  # noqa: BLE001 - the model cannot take this size at all
+        why = first_line(exc).removeprefix(f"model {spec.model!r}: ")
+        return f"; its input-size argument does not make it fit either ({shown}: {why})"
+    return f"; this model takes its input size as an argument: {shown}"
+
+
+def load_pretrained(
+    model: nn.Module, ck: Checkpoint, field: str, *, head: str | None, num_classes: int, source: str, notice_as: str
+) -> None:
+    """Load ``ck`` into ``model`` (built for the data's ``num_classes``), the classifier as ``head`` says:
+    None = re-initialize it when the file's class count differs (with a notice), ``reset`` = always,
+    ``keep`` = load it (a different count is an error). Any other mismatch is one line."""
+    path = find_classifier(model)
+    if ck.structure is not None or ck.model is not None:  # a compress checkpoint: its own classifier record
+        theirs = ck.num_classes
+    else:
+        weight = ck.state.get(f"{path}.weight") if path is not None else None
+        theirs = int(weight.shape[0]) if weight is not None and weight.ndim else None
+    if path is None or theirs is None or (theirs == num_classes and head != "reset"):
+        ck.load_into(model, field)
+        return
+    if head == "keep":
+        shapes = ""
+        if f"{path}.weight" in ck.state:
+            mine = tuple(model.get_submodule(path).weight.shape)  # type: ignore[union-attr]
+            shapes = f" ({path}.weight is {tuple(ck.state[path + '.weight'].shape)} in the file, {mine} in the model)"
+        raise CompressError(
+            f"{field}: head: keep loads the classifier {path!r} from {source}, which has {theirs} classes, but "
+            f"the data has {num_classes}{shapes}; leave head unset (or head: reset) to re-initialize it"
+        )
+    donor = copy.deepcopy(model.get_submodule(path))
+    if ck.structure is not None:  # rebuild as recorded, then give the rebuilt model a fresh classifier
+        ck.load_into(model, field)
+        layer = model.get_submodule(path) if path in dict(model.named_modules()) else None
+        if layer is None or out_count(layer) is None:
+            raise CompressError(f"{field}: {source} has no classifier at {path!r} to re-initialize")
+        replace_head(model, path, num_classes, donor)
+    else:
+        skip = set(module_keys(model, path)) | aux_heads(model, ck.state, theirs, num_classes)
+        if ck.model is not None and ck.pruned:
+            raise CompressError(f"{field}: {source} is an old pruned checkpoint; its classifier cannot be reset")
+        _check_keys(model, ck.state, field, exact=True, skip=frozenset(skip))
+        _load_state(model, {k: v for k, v in ck.state.items() if k not in skip}, field, strict=False)
+    if theirs != num_classes:
+        notice(notice_as, source, theirs, num_classes, path)

@@ -88,6 +88,10 @@ class Context:
     def snapshot(self, role: str, label: str) -> Artifact:
         """Checkpoint ``role``'s current model and record a frozen copy for the report.
 
+        The weights are written twice, ``ROLE.pt`` (the artifact the report and --resume use) and
+        ``ROLE.safetensors`` beside it (the same record, for tools that read only safetensors; it
+        doubles the checkpoints' disk use, not the report's sizes, which measure the .pt).
+
         The checkpoint records the model's structure as it is now (see compress.checkpoint), so a
         stage that changed it needs to declare nothing; one that left a module no checkpoint can
         rebuild fails here, naming the module, instead of at a later --resume or bench.
@@ -99,15 +103,16 @@ class Context:
         problem = rebuild_problem(structure, self.reference(role))
         if problem is not None:
             raise StageFailed(f"stage {self.stage_index} ({label}) left a {role} no checkpoint can rebuild: {problem}")
-        save_model(
-            model,
-            path,
-            name=spec.model,
-            kwargs=spec.kwargs,
-            num_classes=self.data.num_classes,
-            in_channels=self.data.channels,
-            structure=structure,
-        )
+        for file in (path, path.with_suffix(".safetensors")):  # the same record; safetensors for other tools
+            save_model(
+                model,
+                file,
+                name=spec.model,
+                kwargs=spec.kwargs,
+                num_classes=self.data.num_classes,
+                in_channels=self.data.channels,
+                structure=structure,
+            )
         frozen = copy.deepcopy(model).eval()
         return self.add_artifact(
             Artifact(

@@ -2,34 +2,41 @@
 
 A model name is one of:
   * a registered name (``compress list`` shows them): CIFAR ResNets, the digits CNN pair;
-  * ``torchvision:<name>`` — any torchvision classifier, random init, ``num_classes`` adapted;
+  * ``torchvision:<name>`` — any torchvision classifier, ``num_classes`` adapted;
+  * ``timm:<name>`` — any timm model, ``num_classes`` and ``in_chans`` through timm's own arguments;
   * ``package.module:function`` — a user factory called as ``function(num_classes=..., in_channels=...,
-    **kwargs)`` (``in_channels`` only if the function accepts it).
-Nothing is ever downloaded: torchvision models are built with ``weights=None``.
+    **kwargs)`` (``in_channels`` only if the function accepts it), imported from the recipe's folder,
+    then the working directory (:mod:`compress.userpath`).
+Random init by default; weights come from ``checkpoint:`` (a file), ``weights:`` (torchvision's
+published weights) or ``pretrained: true`` (timm's), loaded by :func:`compress.checkpoint.build_from_spec`
+with ``head:`` deciding what happens to the classifier (see :mod:`compress.models.heads`).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
+from compress import userpath
 from compress.errors import CompressError
+from compress.models.timm_models import PREFIX as TIMM
+from compress.models.timm_models import build_timm, check_timm_name
 from compress.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
 #: discovered: every module of this package, plus installed plugins of the group ``compress.models``
 MODELS: Registry[ModelFactory] = Registry("model", package=__name__, group="compress.models")
+TORCHVISION = "torchvision:"
 
 
 def check_model_name(name: str) -> str:
     """Validate a model name without building it (used at recipe-load time)."""
-    if name.startswith("torchvision:"):
+    if name.startswith(TORCHVISION):
         import torchvision
 
         tv_name = name.split(":", 1)[1]
@@ -41,10 +48,10 @@ def check_model_name(name: str) -> str:
             hint = f"; did you mean {', '.join('torchvision:' + c for c in close)}?" if close else ""
             raise ValueError(f"unknown torchvision classifier {tv_name!r}{hint}")
         return name
+    if name.startswith(TIMM):
+        return check_timm_name(name)
     if ":" in name:
-        module, _, func = name.partition(":")
-        if not module or not func:
-            raise ValueError(f"user model {name!r} must look like 'package.module:function'")
+        userpath.split(name)
         return name
     if name not in MODELS:
         raise ValueError(MODELS.unknown_message(name))
@@ -56,9 +63,22 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="registered name, 'torchvision:<name>' or 'package.module:function'")
-    checkpoint: Path | None = Field(None, description="state_dict file (or a compress checkpoint), loaded weights_only")
+    model: str = Field(description="registered name, 'torchvision:<name>', 'timm:<name>' or 'package.module:function'")
+    checkpoint: Path | None = Field(
+        None,
+        description="weights file: .pt/.pth (read weights-only) or .safetensors; a state_dict, {state_dict: ...}, "
+        "{model: ...} or a compress checkpoint",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments for the model factory")
+    head: Literal["keep", "reset"] | None = Field(
+        None,
+        description="the loaded weights' classifier: keep (its class count must match the data's) or reset "
+        "(re-initialized); default: reset when the class counts differ, with a notice",
+    )
+    weights: str | None = Field(
+        None, description="torchvision: models only: published weights to start from (DEFAULT, IMAGENET1K_V1, ...)"
+    )
+    pretrained: bool = Field(False, description="timm: models only: start from timm's pretrained weights")
 
     @field_validator("model")
     @classmethod
@@ -72,13 +92,61 @@ class ModelSpec(BaseModel):
             raise ValueError(f"{str(v)!r} is not a file" if v.exists() else f"{str(v)!r} does not exist")
         return v
 
+    @field_validator("kwargs")
+    @classmethod
+    def _not_weights(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = str(info.data.get("model", ""))
+        if "weights" in v and name.startswith(TORCHVISION):
+            raise ValueError(f"weights are not a factory argument: use the model's own field, weights: {v['weights']}")
+        if "pretrained" in v and name.startswith(TIMM):
+            raise ValueError("pretrained is not a factory argument: use the model's own field, pretrained: true")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _published(cls, v: str | None, info: ValidationInfo) -> str | None:
+        name = info.data.get("model")
+        if v is None or name is None:
+            return v
+        if not name.startswith(TORCHVISION):
+            how = "pretrained: true" if name.startswith(TIMM) else "checkpoint: FILE"
+            raise ValueError(f"weights: names torchvision's published weights, not {name!r}'s; use {how}")
+        from compress.models.pretrained import torchvision_weights
+
+        torchvision_weights(name.removeprefix(TORCHVISION), v)
+        return v
+
+    @field_validator("pretrained")
+    @classmethod
+    def _timm_only(cls, v: bool, info: ValidationInfo) -> bool:
+        name = info.data.get("model")
+        if v and name is not None and not name.startswith(TIMM):
+            how = "weights: DEFAULT" if name.startswith(TORCHVISION) else "checkpoint: FILE"
+            raise ValueError(f"pretrained: true loads timm's weights, not {name!r}'s; use {how}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        sources = [s for s, on in (("checkpoint", self.checkpoint), ("weights", self.weights)) if on]
+        sources += ["pretrained"] if self.pretrained else []
+        if len(sources) > 1:
+            raise ValueError(f"{' and '.join(sources)} both give the model's weights: keep one")
+        if self.head is not None and not sources:
+            raise ValueError("head: applies to loaded weights; add checkpoint:, weights: or pretrained:")
+        return self
+
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any) -> nn.Module:
-    """Build a model by name; raises CompressError for anything the user can fix."""
-    if name.startswith("torchvision:"):
+    """Build a model by name, randomly initialized; raises CompressError for anything the user can fix."""
+    if name.startswith(TORCHVISION):
         return _torchvision(name.split(":", 1)[1], num_classes, in_channels, **kwargs)
+    if name.startswith(TIMM):
+        return build_timm(name, num_classes, in_channels, **kwargs)
     if ":" in name:
-        factory = _user_factory(name)
+        factory = userpath.import_object(name, f"model {name!r}")
+        if not callable(factory):
+            kind = type(factory).__name__
+            raise CompressError(f"model {name!r}: {name.partition(':')[2]!r} is a {kind}, not a function")
     else:
         factory = MODELS.get(name)
     try:
@@ -94,16 +162,22 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
     return model
 
 
-def _user_factory(name: str) -> ModelFactory:
-    module_name, _, func_name = name.partition(":")
+def size_argument(model: nn.Module, name: str, kwargs: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    """For a model that failed on the data's images: ``{argument: the data's size}`` when its class takes
+    the input size as an argument (torchvision's ViT ``image_size``, MaxViT ``input_size``, timm's
+    ``img_size``, read from the class's signature) that ``kwargs`` does not set yet; else ``{}``."""
+    if not name.startswith((TORCHVISION, TIMM)):
+        return {}
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise CompressError(f"model {name!r}: cannot import {module_name!r} ({exc})") from None
-    factory = getattr(module, func_name, None)
-    if not callable(factory):
-        raise CompressError(f"model {name!r}: {module_name!r} has no callable {func_name!r}")
-    return factory
+        params = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    order = ("img_size",) if name.startswith(TIMM) else ("image_size", "input_size")
+    arg = next((p for p in order if p in params), None)
+    if arg is None or arg in kwargs:
+        return {}
+    h, w = size
+    return {arg: [h, w] if arg == "input_size" or h != w else h}
 
 
 def _torchvision(tv_name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
