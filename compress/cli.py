@@ -1,4 +1,5 @@
-"""``compress run | validate | predict | bench | report | analyze | env | list | schema`` (and ``--version``).
+"""``compress run | validate | predict | bench | quantize | export | report | analyze | env | list | schema`` (and
+``--version``).
 
 User errors: one line on stderr, exit 2."""
 
@@ -87,6 +88,45 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench-<time>)")
     ben.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     ben.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    qua = sub.add_parser(
+        "quantize", help="an ONNX file from anywhere (float NCHW input) -> INT8, both measured side by side"
+    )
+    qua.add_argument(
+        "model", type=Path, help="MODEL.onnx: one float (N, C, H, W) input, logits out; no metadata needed"
+    )
+    qua.add_argument(
+        "--data",
+        required=True,
+        help="calibration and test data: a dataset name (digits, cifar10 --root PATH, synthetic), an ImageFolder "
+        "root (train/ + val/ or test/), or package.module:function",
+    )
+    qua.add_argument("--root", default=None, help="dataset root (for cifar10 / imagefolder by name)")
+    qua.add_argument(
+        "--calibration", default="percentile", choices=["minmax", "entropy", "percentile"], help="activation ranges"
+    )
+    qua.add_argument("--calibration-batches", type=int, default=16, help="training batches of 32 (default 16)")
+    qua.add_argument("--scheme", default="auto", help="INT8 scheme (compress list); auto = the fastest exact here")
+    qua.add_argument("--mean", type=_floats, default=None, help="per-channel mean the model expects, in [0, 1] units")
+    qua.add_argument("--std", type=_floats, default=None, help="per-channel std the model expects")
+    qua.add_argument("--image-size", type=int, default=None, help="for a graph whose height/width are not fixed")
+    qua.add_argument("--batch-sizes", type=_ints, default=[1], help="latency batch sizes, comma-separated (default 1)")
+    qua.add_argument("--threads", type=int, default=None, help="CPU threads to time at (default: all)")
+    qua.add_argument("--warmup", type=int, default=5)
+    qua.add_argument("--iters", type=int, default=50)
+    qua.add_argument("--out", type=Path, default=None, help="report directory (default runs/quantize-<name>-<time>)")
+    qua.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    qua.add_argument("--quiet", action="store_true", help="no progress or table")
+    exp = sub.add_parser("export", help="a checkpoint -> self-describing ONNX (preprocessing in the graph, parity)")
+    exp.add_argument("checkpoint", type=Path, help="a compress checkpoint, or a plain state_dict with --model")
+    exp.add_argument("--model", default=None, help="model name (registered, torchvision:NAME, package.module:fn)")
+    exp.add_argument(
+        "--data", default=None, help="dataset name, ImageFolder root or package.module:function (default: the run's)"
+    )
+    exp.add_argument("--root", default=None, help="dataset root (for cifar10 / imagefolder by name)")
+    exp.add_argument("--out", type=Path, default=None, help="FILE.onnx (default: beside the checkpoint)")
+    exp.add_argument("--opset", type=int, default=18)
+    exp.add_argument("--layout", default="nhwc", choices=["nhwc", "nchw"], help="uint8 input layout (default nhwc)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     rep = sub.add_parser("report", help="re-render one run's report, or compare several runs (Markdown, HTML, plots)")
     rep.add_argument("runs", nargs="+", type=Path, help="run directories (or their report.json)")
     rep.add_argument(
@@ -209,6 +249,55 @@ def _bench(args: argparse.Namespace) -> None:
     )
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from compress.commands.quantize import quantize
+
+    for name in ("calibration_batches", "warmup", "iters", "threads", "image_size"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            raise CompressError(f"--{name.replace('_', '-')}: {value} is too small")
+    if any(b < 1 for b in args.batch_sizes) or not args.batch_sizes:
+        raise CompressError(f"--batch-sizes: {args.batch_sizes} must be positive")
+    quantize(
+        args.model,
+        data=args.data,
+        root=args.root,
+        calibration=args.calibration,
+        calibration_batches=args.calibration_batches,
+        scheme=args.scheme,
+        mean=args.mean,
+        std=args.std,
+        image_size=args.image_size,
+        out=args.out,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        batch_sizes=args.batch_sizes,
+        threads=args.threads,
+        warmup=args.warmup,
+        iters=args.iters,
+    )
+
+
+def _export(args: argparse.Namespace) -> None:
+    from compress.commands.export import export
+
+    out, result = export(
+        args.checkpoint,
+        model=args.model,
+        data=args.data,
+        root=args.root,
+        out=args.out,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        layout=args.layout,
+    )
+    check = result.parity
+    print(
+        f"{out}: {result.input}; ONNX Runtime vs PyTorch on {check['batch']} test images: max |Δlogit| "
+        f"{check['max_abs_diff']:.2e}, argmax agreement {100 * check['argmax_agreement']:.1f}%"
+    )
+
+
 def _report(runs: list[Path], out: Path | None) -> None:
     import datetime as dt
 
@@ -248,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             _env(args.json)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "quantize":
+            _quantize(args)
+        elif args.command == "export":
+            _export(args)
         elif args.command == "report":
             _report(args.runs, args.out)
         elif args.command == "analyze":
