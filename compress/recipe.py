@@ -1,16 +1,19 @@
 """The recipe schema, assembled from the registries: ``data`` is a discriminated union on ``name``
 over the dataset registry and ``stages`` one on ``kind`` over the stage registry, so the union (and
-the JSON Schema) grow with the registries, discovered plugins included. Loading, overrides and
-one-line errors are in the registry-free :mod:`compress.config`.
+the JSON Schema) grow with the registries, discovered plugins included. A data ``name`` with a
+``:`` (``mypkg.data:load``) is the user's own function (:mod:`compress.data.user`); any other must
+be registered ("unknown name ..., did you mean"). Loading, overrides and one-line errors are in the
+registry-free :mod:`compress.config`.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError, create_model
 
 from compress import userpath
 from compress.config import (
@@ -22,6 +25,8 @@ from compress.config import (
     read_yaml,
 )
 from compress.data import DATASETS
+from compress.data.base import DatasetConfig
+from compress.data.user import USER_DATASET
 from compress.errors import CompressError
 from compress.stages import STAGES
 
@@ -33,8 +38,10 @@ __all__ = [
     "dump_recipe",
     "json_schema",
     "load_recipe",
+    "read_recipe",
     "read_yaml",
     "recipe_model",
+    "validate_data",
     "validate_recipe",
 ]
 
@@ -45,10 +52,41 @@ def _union(classes: list[type[BaseModel]], key: str) -> Any:
     return Annotated[Union[tuple(classes)], Field(discriminator=key)]  # noqa: UP007
 
 
+def _data_tag(value: Any) -> str | None:
+    """Which dataset config validates ``value``: its ``name``, or the user-dataset config for any
+    ``package.module:function``."""
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return USER_DATASET if isinstance(name, str) and ":" in name else name
+
+
+def _check_data_name(value: Any) -> Any:
+    """The one-line errors a data block's ``name`` gets before the union picks a member."""
+    if isinstance(value, DatasetConfig):
+        return value
+    known = [n for n in DATASETS.names() if n != USER_DATASET]
+    choices = f"{', '.join(known)}, or your own function 'package.module:function'"
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping such as {{name: digits}}, got {type(value).__name__} {value!r}")
+    name = value.get("name")
+    if name is None:
+        raise ValueError(f"give the dataset's name: {choices}")
+    if not isinstance(name, str) or (":" not in name and name not in known):
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {choices})"
+        raise ValueError(f"unknown name {str(name)!r}{hint}")
+    return value
+
+
+def _data_union(dataset_names: tuple[str, ...]) -> Any:
+    members = tuple(Annotated[DATASETS.get(n), Tag(n)] for n in dataset_names)
+    union = members[0] if len(members) == 1 else Union[members]  # noqa: UP007
+    return Annotated[union, Discriminator(_data_tag), BeforeValidator(_check_data_name)]
+
+
 @functools.cache
 def _recipe_model(stage_kinds: tuple[str, ...], dataset_names: tuple[str, ...]) -> type[RecipeBase]:
     stage_union = _union([STAGES.get(k) for k in stage_kinds], "kind")
-    data_union = _union([DATASETS.get(n) for n in dataset_names], "name")
+    data_union = _data_union(dataset_names)
     return create_model(
         "Recipe",
         __base__=RecipeBase,
@@ -69,18 +107,60 @@ def json_schema() -> dict[str, Any]:
     return recipe_model().model_json_schema()
 
 
+class _Located:
+    """A ValidationError whose locations name a user dataset by what the recipe wrote: pydantic puts
+    the union's tag (``package.module:function``) there, and the dotted path drops a tag only when
+    it is the block's own ``name``."""
+
+    def __init__(self, exc: ValidationError, raw: Any, data_at: tuple, prefix: tuple = ()) -> None:
+        self.exc, self.raw, self.data_at, self.prefix = exc, raw, data_at, prefix
+
+    def errors(self, **kwargs: Any) -> list[dict[str, Any]]:
+        node = self.raw
+        for part in self.data_at:
+            node = node.get(part) if isinstance(node, dict) else None
+        name = node.get("name") if isinstance(node, dict) else None
+        out, n = [], len(self.data_at)
+        for err in self.exc.errors(**kwargs):
+            loc = (*self.prefix, *err["loc"])
+            if isinstance(name, str) and loc[:n] == self.data_at and loc[n : n + 1] == (USER_DATASET,):
+                loc = (*loc[:n], name, *loc[n + 1 :])
+            out.append({**err, "loc": loc})
+        return out
+
+
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> RecipeBase:
     try:
         return recipe_model().model_validate(raw)
     except ValidationError as exc:
-        raise CompressError(format_validation_error(exc, raw, source, recipe_model())) from None
+        located: Any = _Located(exc, raw, ("data",))
+        raise CompressError(format_validation_error(located, raw, source, recipe_model())) from None
+
+
+def validate_data(raw: dict[str, Any], source: str = "data") -> DatasetConfig:
+    """A data block on its own (``compress bench --data``, ``compress quantize --data``), with the
+    recipe's one-line errors (field paths start at ``data``)."""
+    adapter = TypeAdapter(_data_union(tuple(DATASETS.names())))
+    try:
+        return adapter.validate_python(raw)
+    except ValidationError as exc:
+        wrapped = {"data": raw}
+        located: Any = _Located(exc, wrapped, ("data",), prefix=("data",))
+        raise CompressError(format_validation_error(located, wrapped, source)) from None
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a dict, its folder registered for the user modules it names (not validated)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    userpath.add_root(path.parent)  # a recipe's own modules (models, datasets) sit beside it
+    return raw
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeBase:
     """Read, override and validate a recipe; every problem is one-line CompressError."""
     path = Path(path)
-    raw = read_yaml(path)
-    userpath.add_root(path.parent)  # a recipe's own modules (models, datasets) sit beside it
+    raw = read_recipe(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate_recipe(raw, str(path))
