@@ -128,15 +128,18 @@ def run(
     quiet: bool = False,
     console: Console | None = None,
     resume: Path | None = None,
+    data: DataBundle | None = None,
 ) -> Path:
     """Run every stage, measure every artifact, write the run directory; return its path.
 
-    With ``resume``, continue that interrupted run directory instead (same recipe required).
+    With ``resume``, continue that interrupted run directory instead (same recipe required). With
+    ``data``, train on that bundle instead of loading the recipe's ``data:`` (``compress.run``
+    passes what the caller gave it; the recipe's ``data:`` still names it in the report).
     """
     rank, world = distributed.init()
     quiet = quiet or rank != 0
     console = console or Console(stderr=True, quiet=quiet)
-    device, data, models = _prepare(recipe, world)
+    device, data, models = _prepare(recipe, world, data)
     run_dir = _open_run_dir(recipe, out, overwrite, resume, rank)
     if not quiet:  # now, not only at the end: a long run's files can be watched while it runs
         console.print(f"run directory: {run_dir}" + (" (resuming)" if resume is not None else ""), soft_wrap=True)
@@ -158,13 +161,15 @@ def run(
     return run_dir
 
 
-def _prepare(recipe: RecipeBase, world: int) -> tuple[torch.device, DataBundle, dict[str, torch.nn.Module]]:
+def _prepare(
+    recipe: RecipeBase, world: int, data: DataBundle | None = None
+) -> tuple[torch.device, DataBundle, dict[str, torch.nn.Module]]:
     """Everything a bad recipe fails on, before anything is written: device, data, models, preflight."""
     device = resolve_device(recipe.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     seed_everything(recipe.seed)
-    data = load_data(recipe)
+    data = data if data is not None else load_data(recipe)
     roles = ["teacher", "student"] if recipe.teacher is not None else ["student"]
     models = {role: build_role(recipe, role, data) for role in roles}
     for i, stage in enumerate(recipe.stages):

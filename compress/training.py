@@ -164,14 +164,18 @@ def fit(
     after_step: Callable[[float], None] | None = None,
     aux: nn.Module | None = None,
     views: int | None = None,
+    loaders: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for ``epochs``; return metrics. Raises StageFailed on NaN/Inf loss.
 
     ``after_step(progress_in_epochs)`` runs after every optimizer step (AGP grows masks there).
     ``aux`` holds trainable parts of the loss (FitNets regressors), optimized with the model and
     discarded afterwards; ``views`` is passed to the train loader (replayed augmentations).
+    ``loaders`` = (train, test) replaces ``ctx.data``'s (the Python API trains on any batches):
+    train as :class:`TensorLoader` (``batches()``, ``set_epoch``, ``view``, ``len``), test any
+    iterable of (images, labels) or None (test_acc is then NaN).
     """
-    loop = _Training.setup(ctx, model, loss_fn, cfg, epochs, after_step, aux, views)
+    loop = _Training.setup(ctx, model, loss_fn, cfg, epochs, after_step, aux, views, loaders)
     start = time.perf_counter()
     # After every epoch the whole training state is saved atomically; a resumed run (the file only
     # survives an interrupted process) continues from the last finished epoch, bit for bit.
@@ -238,7 +242,7 @@ class _Training:
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     loader: TensorLoader
-    test_loader: TensorLoader
+    test_loader: TensorLoader | None
     dtype: torch.dtype | None
     after_step: Callable[[float], None] | None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -257,6 +261,7 @@ class _Training:
         after_step: Callable[[float], None] | None,
         aux: nn.Module | None,
         views: int | None,
+        loaders: tuple[Any, Any] | None = None,
     ) -> _Training:
         device = ctx.device
         model.to(device=device, memory_format=_memory_format(cfg)).train()
@@ -271,7 +276,11 @@ class _Training:
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
-        loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world, views=views)
+        if loaders is not None:
+            loader, test_loader = loaders
+        else:
+            loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world, views=views)
+            test_loader = ctx.data.eval_loader("test")
         trained = distributed.wrap(model, device)  # DDP averages gradients across ranks; else the model
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
         return cls(
@@ -285,7 +294,7 @@ class _Training:
             opt=opt,
             sched=sched,
             loader=loader,
-            test_loader=ctx.data.eval_loader("test"),
+            test_loader=test_loader,
             dtype=autocast_dtype(cfg.precision, device),
             after_step=after_step,
         )
@@ -325,6 +334,8 @@ class _Training:
         return loss, logits
 
     def evaluate(self) -> float:
+        if self.test_loader is None:
+            return math.nan
         return evaluate(self.model, self.test_loader, self.ctx.device, self.dtype, self.cfg.channels_last)
 
     def end_epoch(self, train_loss: float, train_acc: float, test_acc: float, seconds: float) -> dict[str, float]:
