@@ -103,6 +103,16 @@ def test_run_on_python_modules_and_datasets(digits, tmp_path):
     notes = [n for n in report["notes"] if "student.pt: peak memory not measured" in n]
     assert notes and "was a Python object passed to compress.run in another process" in notes[0]
     assert "\n" not in notes[0]
+    # compress bench on the run: its data came from Python (one line, exit 2); named, the ONNX files
+    # measure and each checkpoint of the Python module is a note, not a traceback
+    from compress.cli import main
+
+    bench = ["bench", str(result.run_dir), "--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--quiet"]
+    assert main([*bench, "--out", str(tmp_path / "b1")]) == 2
+    assert main([*bench, "--data", "digits", "--out", str(tmp_path / "b2")]) == 0
+    benched = json.loads((tmp_path / "b2" / "report.json").read_text())
+    assert {r["name"] for r in benched["artifacts"]} == {"teacher.onnx", "model.onnx", "model.int8.onnx"}
+    assert any("student.pt is a checkpoint of a model passed to compress.run" in n for n in benched["notes"])
 
 
 def test_run_refuses_bad_arguments_in_one_line(digits, tmp_path):

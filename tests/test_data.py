@@ -42,6 +42,7 @@ def configs(tmp_path: Path) -> dict[str, dict]:
         "synthetic": {"name": "synthetic", "num_classes": 4, "image_size": 8, "train_size": 40, "test_size": 12},
         "cifar10": {"name": "cifar10", "root": str(tmp_path / "cifar")},
         "imagefolder": {"name": "imagefolder", "root": str(tmp_path / "folder"), "image_size": 16},
+        "package.module:function": {"name": "tests.test_user_data:tiny_digits"},
     }
 
 

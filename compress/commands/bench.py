@@ -6,8 +6,8 @@ A MODEL is an ``.onnx`` file (its metadata names the dataset and how to feed it)
 report directory like a run's: report.json, report.md, report.html and the Pareto plots, so
 ``compress report`` can put benches and runs side by side.
 
-A checkpoint is rebuilt by the model factory it names. Registered names and ``torchvision:`` ones are
-code of this install (so are ``timm:`` ones); a user factory (``package.module:function``) is code that importing would run,
+A checkpoint is rebuilt by the model factory it names. Registered names, ``torchvision:`` and ``timm:``
+ones are code of this install; a user factory (``package.module:function``) is code that importing would run,
 so one named only by a file is refused: the user names it on the command line, ``FILE.pt:pkg.mod:fn``
 for a checkpoint, ``RUN_DIR:pkg.mod:fn[,other.mod:fn]`` for the checkpoints of a run that name it.
 """
@@ -37,6 +37,11 @@ from compress.recipe import BenchmarkConfig, format_validation_error, load_recip
 STAGE_DIR = re.compile(r"^\d+-(?P<stage>.+)$")
 
 
+#: what compress.api names a model or dataset passed to compress.run as a Python object: nothing in another
+#: process can rebuild it (the run's ONNX files still measure)
+PYTHON_OBJECT = "compress.api:python_"
+
+
 def is_user_factory(name: str) -> bool:
     """A ``package.module:function`` model name: building it imports that module and calls the function."""
     return ":" in name and not name.startswith(("torchvision:", "timm:"))
@@ -59,6 +64,7 @@ class Plan:
         self.torch: list[tuple[str, Path, str | None, frozenset[str]]] = []
         self.data_hints: list[tuple[str, Any]] = []  # (where it came from, data config dict)
         self.names: set[str] = set()
+        self.notes: list[str] = []
 
     def add(self, spec: str) -> None:
         path = Path(spec)
@@ -112,11 +118,25 @@ class Plan:
 
 def _data_config(plan: Plan, name: str | None, root: str | None) -> tuple[Any, str]:
     adapter = TypeAdapter(recipe_model().model_fields["data"].annotation)
-    if name is not None:
+    hinted = [(s, raw) for s, raw in plan.data_hints if raw.get("name") == name]
+    if name is not None and hinted and ":" in name:  # the user names the run's own dataset: its settings too
+        source, raw = hinted[0][0] + " (named by --data)", dict(hinted[0][1]) | ({"root": root} if root else {})
+    elif name is not None:
         raw, source = {"name": name, **({"root": root} if root else {})}, "--data"
     elif plan.data_hints:
         source, raw = plan.data_hints[0]
         raw = dict(raw) | ({"root": root} if root else {})
+        user = str(raw.get("name", ""))
+        if user.startswith(PYTHON_OBJECT):
+            raise CompressError(
+                f"{source}: the run's data was passed to compress.run from Python; nothing else can rebuild it: "
+                "pass --data NAME [--root PATH] to measure on a dataset"
+            )
+        if ":" in user:  # a user dataset function: code that importing would run
+            raise CompressError(
+                f"{source}: the run's data is the user dataset {user!r} (code that importing would run); "
+                f"compress bench does not run code a file chooses: if you trust it, name it yourself: --data {user}"
+            )
     else:
         raise CompressError("--data: name the dataset to measure on (e.g. --data cifar10 --root PATH)")
     try:
@@ -127,9 +147,18 @@ def _data_config(plan: Plan, name: str | None, root: str | None) -> tuple[Any, s
         raise CompressError(msg.replace("recipe.", "") + hint) from None
 
 
-def _load_torch(name: str, ckpt: Path, override: str | None, trusted: frozenset[str], data: DataBundle) -> Artifact:
-    """A checkpoint's model, rebuilt as the file records it (structure included), checked against the data."""
+def _load_torch(
+    name: str, ckpt: Path, override: str | None, trusted: frozenset[str], data: DataBundle, notes: list[str]
+) -> Artifact | None:
+    """A checkpoint's model, rebuilt as the file records it (structure included), checked against the data;
+    None (and a note) for one of a model passed to compress.run as a Python object."""
     ck = open_checkpoint(ckpt, str(ckpt))
+    if override is None and ck.model is not None and ck.model.startswith(PYTHON_OBJECT):
+        notes.append(
+            f"{ckpt} is a checkpoint of a model passed to compress.run as a Python object: not measured (only "
+            f"that process could rebuild it; load its weights into your model: {ckpt.with_suffix('.safetensors').name})"
+        )
+        return None
     check_factory(ckpt, ck.model, override, trusted)
     model_name = override or ck.model
     if model_name is None:
@@ -235,7 +264,7 @@ def bench(
         data = data_cfg.load()
     except (OSError, ValueError) as exc:
         raise CompressError(f"data ({data_cfg.name}): {exc}") from None
-    arts = [_load_torch(n, c, o, t, data) for n, c, o, t in plan.torch]
+    arts = [a for n, c, o, t in plan.torch if (a := _load_torch(n, c, o, t, data, plan.notes)) is not None]
     arts += [_onnx_artifact(n, p, props, data) for n, p, props in plan.onnx]
     # As in a run's report: teacher first, torch before ONNX, FP32 before INT8 (the speed-up reference).
     arts.sort(key=lambda a: (a.role != "teacher", a.format == "onnx", a.precision == "int8"))
@@ -275,7 +304,7 @@ def bench(
         "models": models,
         "stages": [],
         "artifacts": rows,
-        "notes": sorted(set(notes)),
+        "notes": sorted(set(notes + plan.notes)),
         "started": started.isoformat(timespec="seconds"),
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run_dir": str(out),
