@@ -23,11 +23,13 @@ def test_import_contracts_hold():
 
 def test_plugin_packages_do_not_list_their_plugins():
     """Stages, models, datasets and losses are discovered: their package never imports them by name."""
+    assert "register(" in (ROOT / "compress" / "models" / "cifar_resnet.py").read_text()  # the rule sees plugins
     import ast
 
     for pkg in ("stages", "models", "data", "distill/losses"):
         init = ROOT / "compress" / pkg / "__init__.py"
-        own = {p.stem for p in init.parent.glob("*.py")} - {"__init__"}
+        # the modules that register something (plugins); support modules (timm building, heads) may be imported
+        own = {p.stem for p in init.parent.glob("*.py") if ".register(" in p.read_text()} - {"__init__"}
         dotted = "compress." + pkg.replace("/", ".")
         for node in ast.walk(ast.parse(init.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:

@@ -50,12 +50,16 @@ class TeacherRef(ModelSpec):
 
     @model_validator(mode="after")
     def _weights_needed(self) -> TeacherRef:
-        if self.model != "teacher" and self.checkpoint is None:
+        if self.model != "teacher" and self.checkpoint is None and self.weights is None and not self.pretrained:
             raise ValueError(
-                f"teacher {self.model!r} needs a checkpoint: a randomly initialized teacher teaches nothing"
+                f"teacher {self.model!r} needs weights (checkpoint:, or weights:/pretrained: for torchvision:/timm: "
+                "models): a randomly initialized teacher teaches nothing"
             )
-        if self.model == "teacher" and (self.checkpoint is not None or self.kwargs):
-            raise ValueError("model 'teacher' is the recipe's teacher; set its checkpoint/kwargs under teacher:")
+        given = self.checkpoint is not None or self.kwargs or self.head or self.weights or self.pretrained
+        if self.model == "teacher" and given:
+            raise ValueError(
+                "model 'teacher' is the recipe's teacher; set its checkpoint/weights/kwargs/head under teacher:"
+            )
         return self
 
 
