@@ -111,7 +111,7 @@ CASES = {
     "extra teacher without weights": (
         "stages.1",
         {"kind": "distill", "epochs": 1, "kd": {"teachers": [{"model": "teacher"}, {"model": "resnet20"}]}},
-        ["stages.1.kd.teachers.1", "needs a checkpoint"],
+        ["stages.1.kd.teachers.1", "needs weights (checkpoint:"],
     ),
     "zero teacher weight": ("stages.1.kd", {"teachers": [{"weight": 0}]}, ["stages.1.kd.teachers.0.weight"]),
     "quantize before export": ("stages", [{"kind": "quantize"}], ["stages.0 (quantize) needs onnx"]),
