@@ -171,6 +171,9 @@ def quantize_onnx(
     if calibration == "distribution":
         raise CompressError("calibration: distribution gives symmetric ranges meant for FP8; use percentile")
     if isinstance(calibration_data, DataBundle):
+        fixed = bench_measure.fixed_batch(sess)  # a graph exported for one batch size takes only that one:
+        if fixed is not None:  # as many images, in batches of that size
+            batches, batch_size = max(1, batches * batch_size // fixed), fixed
         feed = _feeder(sess, calibration_data, mean, std)
         reader: BatchReader | ArrayReader = BatchReader(calibration_data, inp.name, batches, batch_size, feed)
         seen = {"calibration_data": "DataBundle training split, evenly spaced"}

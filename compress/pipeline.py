@@ -27,7 +27,7 @@ from compress import distributed, metadata
 from compress import resume as resume_mod
 from compress.bench import measure as bench
 from compress.bench import report as report_mod
-from compress.bench.size import gzip_bytes
+from compress.bench.size import file_bytes, gzip_bytes
 from compress.checkpoint import build_from_spec
 from compress.context import Context
 from compress.data import DataBundle
@@ -320,7 +320,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
                         "test_images": str(len(ctx.data.test_y)),
                     },
                 )
-                row["size_bytes"], row["gzip_bytes"] = art.path.stat().st_size, gzip_bytes(art.path)
+                row["size_bytes"], row["gzip_bytes"] = file_bytes(art.path), gzip_bytes(art.path)
                 row["input"] = metadata.describe_input(props)
             rows.append(row)
             notes.extend(art_notes)

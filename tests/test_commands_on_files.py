@@ -129,3 +129,25 @@ def test_export_user_errors_are_one_line(tmp_path, digits, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("compress: error:") and text in err and "\n" not in err, (why, err)
     assert not list(tmp_path.glob("*.onnx.*")) and not list(tmp_path.glob(".*"))
+
+
+def test_quantize_the_default_torch_onnx_export(digits, tmp_path):
+    """``torch.onnx.export(model, (x,), path)`` with no options: the batch axis fixed at 1 (baked into its
+    reshapes) and the weights in ``path.data``. Calibrated, evaluated and timed at batch 1; sized with
+    the external data."""
+    model = trained_digits_cnn(digits)
+    src = tmp_path / "cnn.onnx"
+    torch.onnx.export(model, (digits.example_input(1),), str(src))
+    assert session(src).get_inputs()[0].shape[0] == 1
+    data_file = tmp_path / "cnn.onnx.data"
+    out = tmp_path / "report"
+    argv = ["quantize", str(src), "--data", "digits", "--out", str(out), "--iters", "5", "--warmup", "1"]
+    assert main([*argv, "--quiet", "--calibration-batches", "4", "--batch-sizes", "1,8"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    fp32, int8 = report["artifacts"]
+    on_disk = src.stat().st_size + (data_file.stat().st_size if data_file.exists() else 0)
+    assert fp32["size_bytes"] == on_disk and int8["size_bytes"] < on_disk
+    assert fp32["accuracy"] > 0.85 and abs(fp32["accuracy"] - int8["accuracy"]) < 0.03  # every test image scored
+    assert [r["batch_size"] for r in fp32["latency"]] == [1] == [r["batch_size"] for r in int8["latency"]]
+    assert any("exported for batch 1 only" in n for n in report["notes"])
+    assert report["stages"][0]["metrics"]["calibration_images"] == 4 * 32  # as many images, one at a time

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from compress.bench.size import gzip_bytes, onnx_macs, onnx_weight_counts, peak_rss
+from compress.bench.size import file_bytes, gzip_bytes, onnx_macs, onnx_weight_counts, peak_rss
 from compress.context import Artifact
 from compress.data import DataBundle
 from compress.deploy import int8_portability, read_metadata
@@ -114,13 +114,24 @@ def onnx_accuracy(
     return (top1, top5_acc) if top5 else top1
 
 
+def fixed_batch(sess: ort.InferenceSession) -> int | None:
+    """The batch size a graph exported for one batch size only takes (plain ``torch.onnx.export``
+    bakes it into its reshapes), or None when the batch axis is dynamic."""
+    dims = sess.get_inputs()[0].shape
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+
+
 def _onnx_topk(sess: ort.InferenceSession, feed: Callable, data: DataBundle, images: int | None = None):
     n = min(images or len(data.test_x), len(data.test_x))
+    fixed = fixed_batch(sess)
+    step = fixed or data.eval_batch_size
     hits = np.zeros(2, dtype=np.int64)
-    for start in range(0, n, data.eval_batch_size):
-        x = data.test_x[start : min(n, start + data.eval_batch_size)]
-        y = data.test_y[start : min(n, start + data.eval_batch_size)].cpu().numpy()
-        hits += _correct(run(sess, feed(x)), y)
+    for start in range(0, n, step):
+        x = data.test_x[start : min(n, start + step)]
+        y = data.test_y[start : min(n, start + step)].cpu().numpy()
+        if fixed is not None and len(x) < fixed:  # the last batch of a fixed-batch graph: pad, score the real ones
+            x = x[torch.arange(fixed) % len(x)]
+        hits += _correct(run(sess, feed(x))[: len(y)], y)
     return hits[0] / n, hits[1] / n
 
 
@@ -217,11 +228,20 @@ def latency_rows(
             notes += missing
         # Thread counts matter on CPU; a GPU run uses one host thread setting (the first).
         counts = thread_counts(bench.threads)
-        if art.format == "onnx" and feed_of is None:
-            feed_of = feeder(session(art.path), data)
+        sizes = list(bench.batch_sizes)
+        if art.format == "onnx":
+            sess = session(art.path)
+            feed_of = feed_of or feeder(sess, data)
+            fixed = fixed_batch(sess)
+            if fixed is not None and sizes != [fixed]:  # the graph runs at its one batch size only
+                notes.append(
+                    f"{art.name}: the graph is exported for batch {fixed} only; timed at batch {fixed}, "
+                    f"not {', '.join(map(str, sizes))} (export with a dynamic batch axis for others)"
+                )
+                sizes = [fixed]
         for runtime, target in targets:
             for threads in counts if device == "cpu" else counts[:1]:
-                for bs in bench.batch_sizes:
+                for bs in sizes:
                     if art.format == "torch":
                         x = batch_of(data, bs)
                         model: Any = art.model
@@ -315,7 +335,7 @@ def measure(
         "precision": art.precision,
         "accuracy": top1,
         "top5": top5,
-        "size_bytes": art.path.stat().st_size,
+        "size_bytes": file_bytes(art.path),
         "gzip_bytes": gzip_bytes(art.path),
         "params": params,
         "nonzero_params": nonzero,

@@ -15,9 +15,31 @@ import onnx
 from onnx import numpy_helper
 
 
+def parts(path: Path) -> list[Path]:
+    """The files a model is: an ONNX file and the external data files it names (``torch.onnx.export``
+    writes weights to ``model.onnx.data`` by default), any other file alone."""
+    if path.suffix != ".onnx":
+        return [path]
+    model = onnx.load(str(path), load_external_data=False)
+    names = {
+        entry.value
+        for init in model.graph.initializer
+        if init.data_location == onnx.TensorProto.EXTERNAL
+        for entry in init.external_data
+        if entry.key == "location"
+    }
+    return [path, *(path.parent / n for n in sorted(names) if (path.parent / n).is_file())]
+
+
+def file_bytes(path: Path) -> int:
+    """Bytes on disk of the model at ``path``, its external data included."""
+    return sum(p.stat().st_size for p in parts(path))
+
+
 def gzip_bytes(path: Path) -> int:
-    """Bytes after gzip -9: what a download of the file costs (pruned zeros and INT8 compress well)."""
-    return len(gzip.compress(path.read_bytes(), compresslevel=9, mtime=0))
+    """Bytes after gzip -9: what a download of the file (and its external data) costs (pruned zeros
+    and INT8 compress well)."""
+    return sum(len(gzip.compress(p.read_bytes(), compresslevel=9, mtime=0)) for p in parts(path))
 
 
 def onnx_weight_counts(path: Path) -> tuple[int, int]:

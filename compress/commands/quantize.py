@@ -97,12 +97,8 @@ def _input(sess: Any, path: Path, image_size: int | None) -> tuple[str, int | No
             f"{path}: input {inp.name!r} has rank {len(inp.shape)} ({inp.shape}); compress quantize takes "
             "(N, C, H, W) images"
         )
-    n, c, h, w = (d if isinstance(d, int) and d > 0 else None for d in inp.shape)
-    if n is not None:
-        raise CompressError(
-            f"{path}: the batch axis of input {inp.name!r} is fixed at {n} ({inp.shape}); calibration and "
-            "measurement batch images: export with a dynamic batch (torch.onnx.export(..., dynamic_shapes=...))"
-        )
+    # A fixed batch axis (plain torch.onnx.export's default): calibrated, evaluated and timed at that size.
+    _, c, h, w = (d if isinstance(d, int) and d > 0 else None for d in inp.shape)
     if described:
         return inp.name, None, None, True
     if image_size is not None:
