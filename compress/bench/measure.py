@@ -320,6 +320,11 @@ def measure(
     if memory and art.format == "onnx":
         assert feed is not None
         peak, why = peak_rss("onnx", art.path, feed(raw_batch(data, biggest)))
+    elif memory and (art.factory or "").startswith("compress.api:python_"):  # (compress.api's private names)
+        why = (
+            f"{art.path.name}: peak memory not measured: the model was a Python object passed to compress.run, "
+            "which a fresh process cannot rebuild"
+        )
     elif memory:  # rebuilt with the factory the recipe (or the command line) names, never one the file names
         names = {"model": art.factory, "num_classes": data.num_classes, "in_channels": data.channels}
         peak, why = peak_rss("torch", art.path, batch_of(data, biggest).numpy(), **names)
