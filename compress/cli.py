@@ -177,7 +177,10 @@ def _list() -> None:
             doc = (getattr(obj, "summary", None) or obj.__doc__ or "").strip().splitlines()
             table.add_row(name, doc[0] if doc else "")
         console.print(table)
-    console.print("models also: torchvision:<name> (any torchvision classifier), package.module:function")
+    console.print(
+        "models also: torchvision:<name> (any torchvision classifier), timm:<name> (any timm model), "
+        "package.module:function"
+    )
 
 
 def _env(as_json: bool) -> None:
