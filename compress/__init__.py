@@ -26,6 +26,7 @@ _LAZY = {
     "export_onnx": "compress.onnx_api",
     "quantize_onnx": "compress.onnx_api",
     "measure": "compress.onnx_api",
+    "load_data": "compress.onnx_api",
 }
 
 

@@ -203,7 +203,7 @@ def quantize_onnx(
 
 def measure(
     path_or_model: str | Path | nn.Module,
-    data: DataBundle,
+    data: Any,
     *,
     batch_sizes: Sequence[int] = (1,),
     threads: int | None = None,
@@ -215,7 +215,8 @@ def measure(
     name: str | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5 on ``data``'s test split, size, parameters, MACs and CPU latency of an ONNX file
-    or an ``nn.Module``, measured as a run's report measures them (``bench.measure``).
+    or an ``nn.Module``, measured as a run's report measures them (``bench.measure``). ``data``: anything
+    :func:`load_data` takes.
 
     Returns ``{"top1", "top5", "size_bytes", "params", "macs", "latency": {batch: {"p50_ms",
     "p90_ms"}}, "row": report row, "notes": [...]}``. An ONNX file without compress metadata is fed
@@ -227,6 +228,7 @@ def measure(
         print(numbers["top1"], numbers["latency"][1]["p50_ms"])
     """
     cfg = BenchmarkConfig(batch_sizes=list(batch_sizes), threads=threads, warmup=warmup, iters=iters, devices=["cpu"])
+    data = load_data(data)
     with tempfile.TemporaryDirectory(prefix="compress-measure-") as tmp:
         if isinstance(path_or_model, nn.Module):
             model = path_or_model
@@ -245,6 +247,30 @@ def measure(
     keys = ("size_bytes", "gzip_bytes", "params", "nonzero_params", "macs", "peak_rss_bytes")
     return {"top1": row["accuracy"], "top5": row["top5"], **{k: row[k] for k in keys}, "latency": latency,
             "row": row, "notes": notes}  # fmt: skip
+
+
+def load_data(data: Any, *, image_size: int | None = None, field: str = "data") -> DataBundle:
+    """The DataBundle every function here (and ``compress.run``'s ``data=``) works on, from: a
+    DataBundle; a dataset config dict (``{"name": "cifar10", "root": ...}``, ``{"name": "mydata:load"}``),
+    validated like a recipe's ``data:``; or torch Datasets of (image, label) as ``(train, test,
+    class_names)`` (or ``(train, test)`` with a ``.classes`` attribute), decoded once.
+
+        data = compress.load_data((train_set, test_set, ["cat", "dog"]), image_size=64)
+    """
+    if isinstance(data, DataBundle):
+        return data
+    if isinstance(data, dict):
+        from compress.recipe import validate_data
+
+        cfg = validate_data(data, field)
+        try:
+            return cfg.load()
+        except (OSError, ValueError) as exc:
+            raise CompressError(f"{field} ({cfg.name}): {exc}") from None
+    from compress.data.user import split_return, to_bundle
+
+    train, test, names = split_return(data, f"{field}: got")
+    return to_bundle(train, test, names, image_size=image_size, field=field)
 
 
 # --------------------------------------------------------------------------- helpers
