@@ -3,7 +3,9 @@ and a search for the ratio that meets a MACs or parameter budget.
 
 Coupled layers (a residual add, a concat, a channel split, a BN after a conv, attention's q/k/v)
 are found by tracing, so removing a channel removes it everywhere it flows and the tensors really
-shrink. The classifier (any Linear producing the class logits) is never pruned.
+shrink. The classifier (the layers making the logits, found in the graph) is never pruned. Layers
+the tracer cannot follow (Swin's attention and patch merging, ShuffleNet's channel shuffle) are
+customized layers: compress/pruning/layers.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import copy
 import difflib
 import fnmatch
 import math
-import traceback
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
@@ -25,6 +26,8 @@ from compress.checkpoint import sync_attributes
 from compress.errors import CompressError, StageFailed
 from compress.importance import IMPORTANCES
 from compress.models.attention import SelfAttention, decouple_attention
+from compress.pruning import layers
+from compress.pruning.explain import explain
 
 T = TypeVar("T")
 #: (heads per attention layer at the start of a schedule, a pruner's first step, the schedule's steps)
@@ -113,11 +116,14 @@ class StructuredOptions(BaseModel):
         except CompressError as exc:
             raise CompressError(f"{field}.head_ratio: {exc}") from None
 
-    def ignored(self, model: nn.Module, num_classes: int) -> list[nn.Module]:
-        """The classifier (every Linear producing ``num_classes`` outputs) plus the ``ignore``
-        patterns, each with its submodules (as torch-pruning expands them)."""
+    def ignored(self, model: nn.Module, num_classes: int, graph: tp.DependencyGraph) -> list[nn.Module]:
+        """The classifier plus the ``ignore`` patterns, each with its submodules (as torch-pruning
+        expands them). The classifier is every layer making the logits in ``graph`` (a Linear, a
+        1×1 Conv, ...) and any Linear with ``num_classes`` outputs (an auxiliary head off the
+        traced path, e.g. GoogLeNet's in eval mode)."""
         named = dict(model.named_modules())
-        roots = [m for m in named.values() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+        roots = layers.logit_layers(graph, ROOT_TYPES)
+        roots += [m for m in named.values() if isinstance(m, nn.Linear) and m.out_features == num_classes]
         for pattern in self.ignore:
             roots.extend(m for n, m in named.items() if n and fnmatch.fnmatch(n, pattern))
         return list({id(sub): sub for m in roots for sub in m.modules()}.values())
@@ -173,27 +179,33 @@ class StructuredOptions(BaseModel):
         # An nn.MultiheadAttention keeps its heads; its width (every head's dims together) must stay
         # divisible by the head count. (Telling torch-pruning num_heads stops it pruning that width.)
         heads = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        heads += layers.head_counts_for_rounding(model)  # Swin: head width = width // heads
         round_to = self.round_to
         if heads and round_to is None:
             round_to = math.lcm(*heads)
-        pruner = tp.pruner.BasePruner(
-            model,
-            example,
-            importance=IMPORTANCES.get(self.method)(),
-            pruning_ratio=ratio,
-            # torch-pruning visits a group's heads only when the group has channels to prune: give the
-            # q/k/v layers a ratio of their own (their head widths stay; prune_head_dims is off)
-            pruning_ratio_dict={**self.overrides(model, scale), **dict.fromkeys(separable, self.head_ratio)} or None,
-            max_pruning_ratio=self.max_ratio,
-            global_pruning=self.global_pruning,
-            ignored_layers=self.ignored(model, num_classes),
-            round_to=round_to,
-            iterative_steps=steps,
-            num_heads=separable,
-            prune_num_heads=bool(self.head_ratio),
-            prune_head_dims=not self.head_ratio,
-            head_pruning_ratio=self.head_ratio,  # its schedule is replaced by an exact one below
-        )
+        ignored = self.ignored(model, num_classes, trace(model, example))
+        with layers.traceable(model):
+            pruner = tp.pruner.BasePruner(
+                model,
+                example,
+                importance=IMPORTANCES.get(self.method)(),
+                pruning_ratio=ratio,
+                # torch-pruning visits a group's heads only when the group has channels to prune: give the
+                # q/k/v layers a ratio of their own (their head widths stay; prune_head_dims is off)
+                pruning_ratio_dict={**self.overrides(model, scale), **dict.fromkeys(separable, self.head_ratio)}
+                or None,
+                max_pruning_ratio=self.max_ratio,
+                global_pruning=self.global_pruning,
+                ignored_layers=ignored,
+                customized_pruners=layers.customized_pruners(),
+                round_to=round_to,
+                iterative_steps=steps,
+                num_heads=separable,
+                prune_num_heads=bool(self.head_ratio),
+                prune_head_dims=not self.head_ratio,
+                head_pruning_ratio=self.head_ratio,  # its schedule is replaced by an exact one below
+            )
+        layers.install_mappings(pruner.DG)
         if self.head_ratio:
             start, first, total = head_plan or (head_counts(model), 1, steps)
             self._schedule_heads(pruner, model, start, range(first, first + steps), total)
@@ -226,10 +238,23 @@ class StructuredOptions(BaseModel):
 ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]  # BasePruner's default
 
 
+def trace(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """torch-pruning's dependency graph of ``model``, with the layers it cannot trace through as
+    customized layers (compress.pruning.layers)."""
+    with layers.traceable(model):
+        graph = tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, customized_pruners=layers.customized_pruners()
+        )
+    layers.install_mappings(graph)
+    return graph
+
+
 def groups(model: nn.Module, example: torch.Tensor, opts: StructuredOptions, num_classes: int) -> list:
     """The prunable dependency groups, as BasePruner sees them (same ignored layers, root types)."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    return list(graph.get_all_groups(ignored_layers=opts.ignored(model, num_classes), root_module_types=ROOT_TYPES))
+    graph = trace(model, example)
+    return list(
+        graph.get_all_groups(ignored_layers=opts.ignored(model, num_classes, graph), root_module_types=ROOT_TYPES)
+    )
 
 
 def group_roots(model: nn.Module, example: torch.Tensor, opts: StructuredOptions, num_classes: int) -> list[str]:
@@ -293,44 +318,6 @@ def guarded(model: nn.Module, action: Callable[[], T], example: torch.Tensor | N
                 "(a width the layer needs divisible by something? set round_to, or ignore the layer)"
             ) from exc
     return result
-
-
-def explain(exc: BaseException, model: nn.Module) -> str:
-    """``at layer 'features.3.conv' (Conv2d): <error>``: the innermost torch-pruning frame that was
-    handling a layer of ``model`` — or a graph node (an op such as a reshape), reported with the
-    nearest layer feeding it — names where it failed; torch-pruning's own messages rarely do."""
-    names = {id(m): n for n, m in model.named_modules() if n}
-    where = ""
-    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
-        inside = "torch_pruning" in frame.f_code.co_filename
-        if not inside and id(frame.f_locals.get("self")) not in names:  # forward(): the running layer
-            continue
-        for value in frame.f_locals.values() if inside else [frame.f_locals["self"]]:
-            if isinstance(value, nn.Module) and id(value) in names:
-                where = f"at layer {names[id(value)]!r} ({type(value).__name__}): "
-            elif hasattr(value, "module") and hasattr(value, "inputs"):  # a torch-pruning graph node
-                layer = _nearest_layer(value, names)
-                op = type(value.module).__name__.strip("_").removesuffix("Op").lower()
-                where = f"at the {op} after layer {layer!r}: " if layer else f"at a {op}: "
-            if where:
-                break
-        if where:
-            break
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{where}{type(exc).__name__}{': ' + msg if msg else ''}"
-
-
-def _nearest_layer(node, names: dict[int, str]) -> str | None:
-    """Breadth-first up the graph from ``node`` to the first node that is a layer of the model."""
-    seen, queue = set(), [node]
-    while queue:
-        n = queue.pop(0)
-        if id(n.module) in names:
-            return names[id(n.module)]
-        if id(n) not in seen:
-            seen.add(id(n))
-            queue.extend(n.inputs)
-    return None
 
 
 def pruned_copy(
