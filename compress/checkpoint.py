@@ -269,6 +269,14 @@ def _check_keys(
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], field: str, *, strict: bool = True) -> None:
+    if getattr(state, "_metadata", None) is None:
+        # A file without state_dict's per-module versions (ours store tensors only; so do safetensors):
+        # it is read as the version the model's own code writes. Modules that check it (MNASNet refuses
+        # None) load, and none takes the old-format path of a version it was not written in.
+        from collections import OrderedDict
+
+        state = OrderedDict(state)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as exc:  # e.g. a dtype a parameter cannot take; the detail is on the second line

@@ -46,9 +46,8 @@ KWARGS = {"vit_b_32": {"image_size": 32}, "vit_b_16": {"image_size": 32}}  # a n
 OPTS = {"vit_b_16": StructuredOptions(head_ratio=0.25)}  # whole heads too (3 of 12 per block)
 # Fast run: the ones torch-pruning needs our help with (classifier conv, customized layers, channel
 # shuffle) and one plain residual net; every other family in the slow run (10-30 s each on 2 cores).
-FAST = {"squeezenet1_1", "shufflenet_v2_x0_5", "swin_t", "resnet18"}
-# torchvision's MNASNet refuses a state_dict without its version metadata (load_weights' strict load)
-KNOWN = {"mnasnet0_5": "MNASNet's _load_from_state_dict: 'version should be set to 1 or 2 instead of None'"}
+FAST = {"squeezenet1_1", "shufflenet_v2_x0_5", "swin_t", "resnet18", "mnasnet0_5"}  # mnasnet: versioned state
+KNOWN: dict[str, str] = {}  # member -> why it is expected to fail (none today)
 # Swin's export folds each block's relative-position bias (gathered from the table) into a constant
 DERIVED_CONSTANTS = {"swin_t", "swin_v2_t"}
 ZOO = sorted({PICK.get(family, members[0]) for family, members in families().items()} | {"resnet50", "vit_b_16"})
