@@ -334,3 +334,45 @@ def test_cli_a_bad_checkpoint_is_exit_2_and_one_line(tmp_path, capsys):
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "student.weights" in err[0]
+
+
+def test_pretrained_torchvision_teacher_and_timm_student_run_the_quickstart_stages_to_int8(tmp_path, caplog):
+    """The issue's main path: a torchvision ResNet-18 and a timm MobileNetV3 from 1000-class "ImageNet"
+    files (a .pt and a .safetensors), heads reset for 10 classes, through train → distill → prune →
+    export → INT8 like the quickstart, via the CLI."""
+    torch.manual_seed(0)
+    torch.save(build_model("torchvision:resnet18", 1000).state_dict(), tmp_path / "r18_imagenet.pt")
+    save_file(build_model("timm:mobilenetv3_small_050", 1000).state_dict(), str(tmp_path / "mnv3.safetensors"))
+    recipe = {
+        "name": "pretrained",
+        "device": "cpu",
+        "data": {"name": "synthetic", "image_size": 32, "train_size": 64, "test_size": 32, "batch_size": 32},
+        "teacher": {"model": "torchvision:resnet18", "checkpoint": str(tmp_path / "r18_imagenet.pt")},
+        "student": {"model": "timm:mobilenetv3_small_050", "checkpoint": str(tmp_path / "mnv3.safetensors")},
+        "stages": [
+            {"kind": "train", "target": "teacher", "epochs": 1, "optim": {"lr": 0.01, "precision": "fp32"}},
+            {"kind": "distill", "epochs": 1, "optim": {"lr": 0.01, "precision": "fp32"}},
+            {"kind": "prune", "ratio": 0.3, "round_to": 8},
+            {"kind": "export"},
+            {"kind": "quantize", "calibration_batches": 2},
+        ],
+        "benchmark": {"batch_sizes": [1], "warmup": 0, "iters": 2, "devices": ["cpu"], "torch_snapshots": False},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with caplog.at_level(logging.WARNING, logger="compress.models"):
+        assert main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    notices = [r.getMessage() for r in caplog.records if "re-initialized" in r.getMessage()]
+    assert len(notices) == 2 and all("1000 classes" in n for n in notices), notices
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    int8 = next(a for a in report["artifacts"] if a["name"] == "model.int8.onnx")
+    assert int8["precision"] == "int8" and 0 <= int8["accuracy"] <= 1
+    prune = next(s["metrics"] for s in report["stages"] if s["kind"] == "prune")
+    assert prune["params_after"] < prune["params_before"]
+    # the run's pruned student reloads from its .safetensors twin, pruned shapes and all
+    twin = next((tmp_path / "run" / "checkpoints").glob("*-prune/student.safetensors"))
+    ck = open_checkpoint(twin, "test")
+    assert ck.model == "timm:mobilenetv3_small_050"
+    assert sum(v.numel() for v in ck.state.values() if v.is_floating_point()) < sum(
+        v.numel() for v in build_model("timm:mobilenetv3_small_050", 10).state_dict().values() if v.is_floating_point()
+    )
