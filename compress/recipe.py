@@ -149,18 +149,21 @@ def validate_data(raw: dict[str, Any], source: str = "data") -> DatasetConfig:
         raise CompressError(format_validation_error(located, wrapped, source)) from None
 
 
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """A recipe file as a dict, its folder registered for the user modules it names (not validated)."""
+def read_recipe(path: str | Path, *, user_code: bool = True) -> dict[str, Any]:
+    """A recipe file as a dict (not validated), its folder registered for the user modules it names
+    unless ``user_code=False``: a run directory's recorded recipe is data, and a module planted beside
+    it must never be what a later import finds."""
     path = Path(path)
     raw = read_yaml(path)
-    userpath.add_root(path.parent)  # a recipe's own modules (models, datasets) sit beside it
+    if user_code:
+        userpath.add_root(path.parent)  # a recipe's own modules (models, datasets) sit beside it
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeBase:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, user_code: bool = True) -> RecipeBase:
     """Read, override and validate a recipe; every problem is one-line CompressError."""
     path = Path(path)
-    raw = read_recipe(path)
+    raw = read_recipe(path, user_code=user_code)
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate_recipe(raw, str(path))

@@ -151,3 +151,44 @@ def test_quantize_the_default_torch_onnx_export(digits, tmp_path):
     assert [r["batch_size"] for r in fp32["latency"]] == [1] == [r["batch_size"] for r in int8["latency"]]
     assert any("exported for batch 1 only" in n for n in report["notes"])
     assert report["stages"][0]["metrics"]["calibration_images"] == 4 * 32  # as many images, one at a time
+
+
+def test_export_never_runs_a_dataset_function_a_run_names(digits, tmp_path, monkeypatch, capsys):
+    """A run directory is data: the user dataset its recorded recipe names (code) is not imported,
+    nor is a module planted beside it found by a later import."""
+    from compress.checkpoint import save_model
+    from compress.models import build_model
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "01-train").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "01-train" / "student.pt"
+    save_model(build_model("digits_student", 10, 1), ckpt, name="digits_student", kwargs={}, num_classes=10,
+               in_channels=1)  # fmt: skip
+    recipe = {"name": "r", "data": {"name": "plantedmod:load"}, "student": {"model": "digits_student"},
+              "stages": [{"kind": "export"}]}  # fmt: skip
+    (run / "recipe.resolved.yaml").write_text(json.dumps(recipe))
+    marker = tmp_path / "ran"
+    (run / "plantedmod.py").write_text(f"open({str(marker)!r}, 'w').write('x')\ndef load(): pass\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "s.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "user dataset 'plantedmod:load'" in err and "--data plantedmod:load" in err and len(err.splitlines()) == 1
+    assert main(["bench", str(run), "--quiet", "--out", str(tmp_path / "b")]) == 2
+    assert not marker.exists() and not (tmp_path / "s.onnx").exists()
+    assert main(["export", str(ckpt), "--data", "digits", "--out", str(tmp_path / "s.onnx")]) == 0
+    assert not marker.exists()  # and nothing of the run's folder became importable
+
+
+def test_quantize_overwrite_replaces_only_a_report_directory(plain, tmp_path, capsys):
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    argv = ["quantize", str(plain), "--data", "digits", "--overwrite", "--quiet"]
+    assert main([*argv, "--out", str(precious)]) == 2
+    assert "is not a compress report directory" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "mine"
+    inside = plain.parent  # the folder holding the model itself, made to look like a report
+    (inside / "report.json").write_text("{}")
+    assert main([*argv, "--out", str(inside)]) == 2
+    assert "which --overwrite would delete" in capsys.readouterr().err and plain.is_file()
+    (inside / "report.json").unlink()

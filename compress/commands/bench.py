@@ -88,7 +88,7 @@ class Plan:
 
     def _hint_from_recipe(self, recipe_file: Path) -> None:
         if recipe_file.is_file():
-            recipe = load_recipe(recipe_file)
+            recipe = load_recipe(recipe_file, user_code=False)
             self.data_hints.append((str(recipe_file), recipe.data.model_dump(mode="json")))
 
     def _add_onnx(self, path: Path, name: str) -> None:
@@ -126,17 +126,7 @@ def _data_config(plan: Plan, name: str | None, root: str | None) -> tuple[Any, s
     elif plan.data_hints:
         source, raw = plan.data_hints[0]
         raw = dict(raw) | ({"root": root} if root else {})
-        user = str(raw.get("name", ""))
-        if user.startswith(PYTHON_OBJECT):
-            raise CompressError(
-                f"{source}: the run's data was passed to compress.run from Python; nothing else can rebuild it: "
-                "pass --data NAME [--root PATH] to measure on a dataset"
-            )
-        if ":" in user:  # a user dataset function: code that importing would run
-            raise CompressError(
-                f"{source}: the run's data is the user dataset {user!r} (code that importing would run); "
-                f"compress bench does not run code a file chooses: if you trust it, name it yourself: --data {user}"
-            )
+        check_recorded_data(source, raw, "compress bench")
     else:
         raise CompressError("--data: name the dataset to measure on (e.g. --data cifar10 --root PATH)")
     try:
@@ -145,6 +135,22 @@ def _data_config(plan: Plan, name: str | None, root: str | None) -> tuple[Any, s
         msg = format_validation_error(exc, raw, source)
         hint = "" if name else " (pass --data NAME [--root PATH])"
         raise CompressError(msg.replace("recipe.", "") + hint) from None
+
+
+def check_recorded_data(source: str, raw: dict[str, Any], command: str) -> None:
+    """Refuse data a file chooses that would run code: a user dataset function a run's recipe names
+    (the user names it on the command line instead), or data passed to compress.run from Python."""
+    user = str(raw.get("name", ""))
+    if user.startswith(PYTHON_OBJECT):
+        raise CompressError(
+            f"{source}: the run's data was passed to compress.run from Python; nothing else can rebuild it: "
+            "pass --data NAME [--root PATH]"
+        )
+    if ":" in user:  # a user dataset function: code that importing would run
+        raise CompressError(
+            f"{source}: the run's data is the user dataset {user!r} (code that importing would run); "
+            f"{command} does not run code a file chooses: if you trust it, name it yourself: --data {user}"
+        )
 
 
 def _load_torch(

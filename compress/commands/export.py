@@ -15,7 +15,7 @@ from typing import Any
 
 from compress import onnx_api
 from compress.checkpoint import open_checkpoint
-from compress.commands.bench import check_factory
+from compress.commands.bench import PYTHON_OBJECT, check_factory, check_recorded_data
 from compress.commands.quantize import data_config, load_data
 from compress.errors import CompressError
 
@@ -27,7 +27,9 @@ def _run_data(ckpt: Path) -> dict[str, Any] | None:
         return None
     from compress.recipe import load_recipe
 
-    return load_recipe(recipe_file).data.model_dump(mode="json")
+    raw = load_recipe(recipe_file, user_code=False).data.model_dump(mode="json")
+    check_recorded_data(str(recipe_file), raw, "compress export")
+    return raw
 
 
 def export(
@@ -53,7 +55,18 @@ def export(
     if not 17 <= opset <= 23:
         raise CompressError(f"--opset: {opset} is outside 17..23")
     ck = open_checkpoint(checkpoint, str(checkpoint))  # not a checkpoint, damaged: one line
-    check_factory(checkpoint, ck.model, model, frozenset([model]) if model else frozenset())
+    if model is None and ck.model is not None and ck.model.startswith(PYTHON_OBJECT):
+        raise CompressError(
+            f"{checkpoint}: a checkpoint of a model passed to compress.run as a Python object; only that process "
+            "could rebuild it: export from Python (compress.export_onnx), or pass --model NAME"
+        )
+    try:
+        check_factory(checkpoint, ck.model, model, frozenset([model]) if model else frozenset())
+    except CompressError as exc:  # bench's wording names its own syntax; export's is --model
+        raise CompressError(
+            str(exc).replace("compress bench", "compress export").split(": if you trust it")[0]
+            + f": if you trust it, name it yourself: --model {ck.model}"
+        ) from None
     name = model or ck.model
     if name is None:
         raise CompressError(f"{checkpoint}: a plain state_dict does not name its model; pass --model NAME")

@@ -147,8 +147,13 @@ def quantize(
     if described and mean is not None:
         raise CompressError(f"{model}: its metadata says how it normalizes; drop --mean/--std")
     out = out or Path("runs") / f"quantize-{model.stem}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    out = out.resolve()  # ("--out ." has no name to stage a sibling under)
     if out.exists() and not overwrite:
         raise CompressError(f"--out: {out} already exists; pass --overwrite or choose another directory")
+    if out.exists() and (not out.is_dir() or not (out / "report.json").is_file()):
+        raise CompressError(f"--out: {out} exists and is not a compress report directory; refusing to replace it")
+    if model.resolve().is_relative_to(out):
+        raise CompressError(f"--out: {out} holds {model.name}, which --overwrite would delete; choose another folder")
     classes = _classes(sess)
     cfg = data_config(data, root=root, image_size=size, channels=channels, num_classes=classes)
     bundle = load_data(cfg)
