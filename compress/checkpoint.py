@@ -399,7 +399,12 @@ def load_pretrained(
     """Load ``ck`` into ``model`` (built for the data's ``num_classes``), the classifier as ``head`` says:
     None = re-initialize it when the file's class count differs (with a notice), ``reset`` = always,
     ``keep`` = load it (a different count is an error). Any other mismatch is one line."""
-    path = find_classifier(model)
+    path = find_classifier(model, num_classes)
+    if path is None and head == "reset":
+        raise CompressError(
+            f"{field}: head: reset needs the model's classifier, but no layer producing the {num_classes} "
+            "logits was found (timm's get_classifier(), fc/classifier/heads, or a Linear with that many outputs)"
+        )
     if ck.structure is not None or ck.model is not None:  # a compress checkpoint: its own classifier record
         theirs = ck.num_classes
     else:

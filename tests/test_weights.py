@@ -376,3 +376,37 @@ def test_pretrained_torchvision_teacher_and_timm_student_run_the_quickstart_stag
     assert sum(v.numel() for v in ck.state.values() if v.is_floating_point()) < sum(
         v.numel() for v in build_model("timm:mobilenetv3_small_050", 10).state_dict().values() if v.is_floating_point()
     )
+
+
+class HiddenFc(nn.Module):
+    """A user model whose hidden layer is called ``fc``; the logits come from ``out``."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(in_channels * 64, 64)
+        self.out = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc(self.flat(x))))
+
+
+def hidden_fc(num_classes: int, in_channels: int = 1) -> nn.Module:
+    return HiddenFc(num_classes, in_channels)
+
+
+def test_a_hidden_layer_named_fc_is_not_taken_for_the_classifier(digits, tmp_path, caplog):
+    torch.manual_seed(0)
+    trained = HiddenFc(10)
+    torch.save(trained.state_dict(), tmp_path / "ten.pt")
+    with caplog.at_level(logging.WARNING, logger="compress.models"):
+        model = build_from_spec(
+            _spec(model="tests.test_weights:hidden_fc", checkpoint=tmp_path / "ten.pt"), digits, "s"
+        )
+    assert not [r for r in caplog.records if "re-initialized" in r.getMessage()]
+    for key, value in trained.state_dict().items():  # every layer loaded, the hidden fc included
+        torch.testing.assert_close(model.state_dict()[key], value)
+    assert find_classifier(model, 10) == "out"
+    torch.save(HiddenFc(3).state_dict(), tmp_path / "three.pt")  # another class count: only `out` is reset
+    model = build_from_spec(_spec(model="tests.test_weights:hidden_fc", checkpoint=tmp_path / "three.pt"), digits, "s")
+    torch.testing.assert_close(model.fc.weight, torch.load(tmp_path / "three.pt", weights_only=True)["fc.weight"])

@@ -23,8 +23,14 @@ def _last_layer(module: nn.Module) -> nn.Module | None:
     return layers[-1] if layers else None
 
 
-def find_classifier(model: nn.Module) -> str | None:
-    """The module path of the layer producing ``model``'s logits, or None when there is none."""
+def find_classifier(model: nn.Module, num_classes: int | None = None) -> str | None:
+    """The module path of the layer producing ``model``'s logits, or None when there is none. With
+    ``num_classes`` (the count the model was built for) a candidate must produce that many outputs:
+    a hidden layer that happens to be called ``fc`` is never taken for the classifier."""
+
+    def fits(layer: nn.Module) -> bool:
+        return num_classes is None or out_count(layer) == num_classes
+
     paths = {id(m): p for p, m in model.named_modules()}
     candidates: list[nn.Module] = []
     get = getattr(model, "get_classifier", None)
@@ -39,9 +45,9 @@ def find_classifier(model: nn.Module) -> str | None:
     candidates += [getattr(model, n) for n in _HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
     for cand in candidates:
         layer = _last_layer(cand)
-        if layer is not None and id(layer) in paths:
+        if layer is not None and id(layer) in paths and fits(layer):
             return paths[id(layer)]
-    linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and fits(m)]
     return linears[-1] if linears else None
 
 
