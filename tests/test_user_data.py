@@ -64,6 +64,14 @@ def load(n=64):
     return Shapes(n, 0), Shapes(n // 2, 1)  # class names from .classes
 
 
+def _truncated_png():
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(8, 8, 3) * 255).byte().numpy()).save(buf, "PNG")
+    return Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2]))  # the header reads; decoding fails
+
+
 class Bad(Dataset):
     def __init__(self, sample):
         self.sample = sample
@@ -78,6 +86,7 @@ class Bad(Dataset):
         samples = {
             "tensor": (x, 0), "three": (x, 0, 1), "label": (x, 7), "float": (x * 4, 0), "flabel": (x, 0.5),
             "sizes": (torch.rand(3, 8 + i, 8), 0), "raise": (x, 0), "string": ("img.png", 0),
+            "nan": (x * float("nan"), 0), "truncated": (_truncated_png(), 0),
         }
         return samples[self.sample]
 
@@ -168,6 +177,8 @@ def test_user_dataset_and_model_beside_the_recipe_run_from_another_cwd(project, 
         ({"kind": "float"}, "float image values span"),
         ({"kind": "raise"}, "data: train[2]: the dataset raised IndexError: disk on fire"),
         ({"kind": "string"}, "the image is a str; expected a PIL image or a torch tensor"),
+        ({"kind": "nan"}, "data: train[0]: the float image holds NaN or infinite values"),
+        ({"kind": "truncated"}, "data: train[0]: the image cannot be decoded (OSError"),
         ({"kind": "nope"}, "KeyError"),
         ({"wrong": 1}, "got an unexpected keyword argument 'wrong'"),
     ],

@@ -171,7 +171,13 @@ def to_bundle(
     for split, ds in (("train", train), ("test", test)):
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
             raise CompressError(f"{field}: the {split} split is a {type(ds).__name__}, not a Dataset (len + indexing)")
-        if len(ds) == 0:
+        try:
+            n = len(ds)
+        except Exception as exc:  # noqa: BLE001 - the user's __len__ raised: one line
+            raise CompressError(
+                f"{field}: len() of the {split} split raised {type(exc).__name__}: {first_line(exc)}"
+            ) from None
+        if n == 0:
             raise CompressError(f"{field}: the {split} split is empty")
     first, _ = _sample(train, 0, "train", size, len(class_names), field)
     need = (len(train) + len(test)) * first.numel()
@@ -234,7 +240,13 @@ def _sample(
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         got = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
         raise CompressError(f"{where} is {got}; expected (image, label)")
-    return image_tensor(item[0], size, where), _label(item[1], classes, where)
+    try:
+        image = image_tensor(item[0], size, where)
+    except CompressError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a truncated file, a decompression bomb, an odd mode: name the sample
+        raise CompressError(f"{where}: the image cannot be decoded ({type(exc).__name__}: {first_line(exc)})") from None
+    return image, _label(item[1], classes, where)
 
 
 def _label(label: Any, classes: int, where: str) -> int:
@@ -267,6 +279,8 @@ def image_tensor(img: Any, size: tuple[int, int] | None, where: str) -> torch.Te
     if x.ndim != 3:
         raise CompressError(f"{where}: the image tensor has shape {tuple(img.shape)}; expected C×H×W or H×W")
     if x.is_floating_point():
+        if not bool(torch.isfinite(x).all()):
+            raise CompressError(f"{where}: the float image holds NaN or infinite values")
         lo, hi = float(x.min()), float(x.max())
         if lo < -1e-4 or hi > 1 + 1e-4:
             raise CompressError(

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from torch import nn
 
 from compress import userpath
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.models.timm_models import PREFIX as TIMM
 from compress.models.timm_models import build_timm, check_timm_name
 from compress.registry import Registry
@@ -157,6 +157,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
         model = factory(**call)
     except TypeError as exc:
         raise CompressError(f"model {name!r}: {exc}") from None
+    except CompressError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's (or library's) factory raised: one line naming it
+        raise CompressError(f"model {name!r}: the factory raised {type(exc).__name__}: {first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise CompressError(f"model {name!r}: factory returned {type(model).__name__}, not nn.Module")
     return model

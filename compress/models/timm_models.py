@@ -29,8 +29,11 @@ def check_timm_name(name: str) -> str:
     """Validate ``timm:<architecture>[.<pretrained tag>]``; ValueError with close matches if unknown."""
     import timm
 
-    arch = name.removeprefix(PREFIX).split(".", 1)[0]
+    arch, _, tag = name.removeprefix(PREFIX).partition(".")
     if arch and timm.is_model(arch):
+        if tag and f"{arch}.{tag}" not in timm.list_pretrained(f"{arch}.*"):
+            tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch}.*")]
+            raise ValueError(f"timm model {arch!r} has no pretrained tag {tag!r} (known: {', '.join(tags) or 'none'})")
         return name
     close = difflib.get_close_matches(arch, _known(), n=3)
     hint = f"; did you mean {', '.join(PREFIX + c for c in close)}?" if close else " (`timm.list_models()` lists them)"
@@ -44,5 +47,5 @@ def build_timm(name: str, num_classes: int, in_channels: int, *, pretrained: boo
     arch = name.removeprefix(PREFIX)
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, **kwargs)
-    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError) as exc:  # RuntimeError: unknown tag
         raise CompressError(f"model {name!r}: {first_line(exc)}") from None
