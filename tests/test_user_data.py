@@ -161,6 +161,9 @@ def test_user_dataset_and_model_beside_the_recipe_run_from_another_cwd(project, 
     assert report["data"]["train_images"] == 64 and report["data"]["test_images"] == 32
     assert report["data"]["input_shape"] == [3, 16, 16] and report["data"]["num_classes"] == 2  # resized, RGB
     assert (out / "model.onnx").is_file()
+    # the memory measurement's fresh process finds the user's model module beside the recipe too
+    assert not [n for n in report["notes"] if "peak memory not measured" in n], report["notes"]
+    assert all(a["peak_rss_bytes"] for a in report["artifacts"])
 
 
 @pytest.mark.parametrize(

@@ -268,6 +268,8 @@ def _recipe(student: dict) -> dict:
         ({"model": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}}, "use the model's own field, weights"),
         ({"model": "timm:resnet10tt"}, "unknown timm model 'resnet10tt'; did you mean timm:resnet10t"),
         ({"model": "resnet20", "head": "keep"}, "head: applies to loaded weights"),
+        ({"model": "timm:resnet18.nosuchtag"}, "has no pretrained tag 'nosuchtag' (known: a1_in1k"),
+        ({"model": "resnet20", "kwargs": {"a": {1: 2}}}, "student.kwargs: factory arguments must be plain data"),
     ],
 )
 def test_weight_fields_are_checked_when_the_recipe_loads(student, message):

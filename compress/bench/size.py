@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from compress import userpath
 
 
 def parts(path: Path) -> list[Path]:
@@ -28,7 +31,9 @@ def parts(path: Path) -> list[Path]:
         for entry in init.external_data
         if entry.key == "location"
     }
-    return [path, *(path.parent / n for n in sorted(names) if (path.parent / n).is_file())]
+    folder = path.parent.resolve()
+    inside = [folder / n for n in sorted(names) if (folder / n).resolve().is_relative_to(folder)]
+    return [path, *(p for p in inside if p.is_file())]  # (ONNX Runtime refuses data outside the folder too)
 
 
 def file_bytes(path: Path) -> int:
@@ -185,7 +190,10 @@ def peak_rss(
         named = json.dumps({k: v for k, v in names.items() if v is not None})
         argv = [sys.executable, "-c", _CHILD, kind, str(path), str(Path(tmp) / "batch.npy"), named]
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            # the user modules a recipe names are found as in this process (its folder, then the cwd)
+            paths = [str(r) for r in userpath.roots()] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+            env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
         except subprocess.TimeoutExpired:
             return None, f"{what}: the measuring process took over 600 s"
         except OSError as exc:

@@ -95,6 +95,12 @@ class ModelSpec(BaseModel):
     @field_validator("kwargs")
     @classmethod
     def _not_weights(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from compress.files import to_json
+
+        try:  # every checkpoint records the kwargs (the .safetensors twin as JSON): they must be plain data
+            to_json(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"factory arguments must be plain data (string keys, numbers, strings): {exc}") from None
         name = str(info.data.get("model", ""))
         if "weights" in v and name.startswith(TORCHVISION):
             raise ValueError(f"weights are not a factory argument: use the model's own field, weights: {v['weights']}")
