@@ -20,7 +20,39 @@ from compress.data import DataBundle
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
 
 
-class BatchReader:
+class _Ranged:
+    """ORT's CalibrationDataReader protocol over numbered batches (``len`` and ``_batch(i)``), with the
+    range that strided calibration sets."""
+
+    input_name: str
+    _pos: int
+    _end: int
+
+    def __len__(self) -> int:  # pragma: no cover - defined by each reader
+        raise NotImplementedError
+
+    def _batch(self, i: int) -> np.ndarray:  # pragma: no cover - defined by each reader
+        raise NotImplementedError
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Serve batches [start_index, end_index) from the next get_next() on (ORT's strided calibration)."""
+        self._pos, self._end = start_index, min(end_index, len(self))
+
+    def rewind(self) -> None:
+        self.set_range(0, len(self))
+
+    def __iter__(self):
+        while (batch := self.get_next()) is not None:
+            yield batch
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pos >= self._end:
+            return None
+        self._pos += 1
+        return {self.input_name: self._batch(self._pos - 1)}
+
+
+class BatchReader(_Ranged):
     """onnxruntime CalibrationDataReader over the training split, one batch in memory at a time."""
 
     def __init__(
@@ -56,26 +88,12 @@ class BatchReader:
         """The training images calibrated on, by index, in the order they are served."""
         return self._index.copy()
 
-    def set_range(self, start_index: int, end_index: int) -> None:
-        """Serve batches [start_index, end_index) from the next get_next() on (ORT's strided calibration)."""
-        self._pos, self._end = start_index, min(end_index, len(self))
-
-    def rewind(self) -> None:
-        self.set_range(0, len(self))
-
-    def __iter__(self):
-        while (batch := self.get_next()) is not None:
-            yield batch
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._pos >= self._end:
-            return None
-        idx = self._index[self._pos * self.batch_size : (self._pos + 1) * self.batch_size]
-        self._pos += 1
-        return {self.input_name: self.feed(self.data.train_x[idx])}
+    def _batch(self, i: int) -> np.ndarray:
+        idx = self._index[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.feed(self.data.train_x[idx])
 
 
-class ArrayReader:
+class ArrayReader(_Ranged):
     """onnxruntime CalibrationDataReader over batches the caller already has (numpy arrays or
     tensors, already shaped and normalized as the model's input takes them).
 
@@ -100,19 +118,5 @@ class ArrayReader:
     def images(self) -> int:
         return len(self._images)
 
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._pos, self._end = start_index, min(end_index, len(self))
-
-    def rewind(self) -> None:
-        self.set_range(0, len(self))
-
-    def __iter__(self):
-        while (batch := self.get_next()) is not None:
-            yield batch
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._pos >= self._end:
-            return None
-        batch = self._images[self._pos * self.batch_size : (self._pos + 1) * self.batch_size]
-        self._pos += 1
-        return {self.input_name: batch}
+    def _batch(self, i: int) -> np.ndarray:
+        return self._images[i * self.batch_size : (i + 1) * self.batch_size]
