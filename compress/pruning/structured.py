@@ -26,7 +26,7 @@ from compress.checkpoint import sync_attributes
 from compress.errors import CompressError, StageFailed
 from compress.importance import IMPORTANCES
 from compress.models.attention import SelfAttention, decouple_attention
-from compress.pruning import layers
+from compress.pruning import budget, layers
 from compress.pruning.explain import explain
 
 T = TypeVar("T")
@@ -301,12 +301,20 @@ def guarded(model: nn.Module, action: Callable[[], T], example: torch.Tensor | N
     """Run a torch-pruning action on ``model``, make the modules' hyper-parameters agree with their
     shrunken tensors, and (given ``example``) check the pruned model still runs. Any failure is
     one line naming the layer. Returns what ``action`` returned."""
+    cap = None
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), budget.capped() as cap:
             torch.manual_seed(0)  # 'random' importance: the same draw for a trial copy and the real prune
             result = action()
     except Exception as exc:  # noqa: BLE001 - torch-pruning raises anything; we name the layer
-        raise StageFailed(f"prune: torch-pruning cannot prune {type(model).__name__}: {explain(exc, model)}") from exc
+        name = type(model).__name__
+        if cap is not None and budget.is_out_of_memory(exc):
+            raise StageFailed(
+                f"prune: torch-pruning needed more than its {cap / budget.GIB:.1f} GiB memory budget to trace "
+                f"{name} (its reshapes multiply index mappings; {explain(exc, model)}): refused rather than let "
+                "it eat the machine; ignore the layers around there, or set COMPRESS_PRUNE_MEMORY_GB"
+            ) from None
+        raise StageFailed(f"prune: torch-pruning cannot prune {name}: {explain(exc, model)}") from exc
     sync_attributes(model)
     if example is not None:
         try:
