@@ -178,24 +178,35 @@ def _load_torch(
     return Artifact(name, role, "torch", "fp32", ckpt, "checkpoint", model=model, factory=model_name)
 
 
-def check_factory(ckpt: Path, recorded: str | None, override: str | None, trusted: frozenset[str]) -> None:
+def check_factory(
+    ckpt: Path,
+    recorded: str | None,
+    override: str | None,
+    trusted: frozenset[str],
+    *,
+    command: str = "compress bench",
+    how: str | None = None,
+) -> None:
     """Refuse a user factory (code) that only the file names: the user names it, or it is not built.
+    ``command`` and ``how`` (the way that command lets the user name it) word the refusal.
 
     Also refused: a file that names a user factory measured as another model (``FILE.pt:OTHER``): the
     memory measurement's fresh process rebuilds the model the file names."""
     if recorded is None or not is_user_factory(recorded) or recorded in trusted:
         return
-    how = f"if you trust it, name it yourself: {ckpt}:{recorded}"
-    if ckpt.parent.parent.name == "checkpoints":  # in a run: one name covers all its checkpoints
-        how += f" (or {ckpt.parent.parent.parent}:{recorded} for the whole run)"
+    if how is None:
+        how = f"{ckpt}:{recorded}"
+        if ckpt.parent.parent.name == "checkpoints":  # in a run: one name covers all its checkpoints
+            how += f" (or {ckpt.parent.parent.parent}:{recorded} for the whole run)"
+    how = f"if you trust it, name it yourself: {how}"
     if override is not None:
         raise CompressError(
-            f"{ckpt}: the file records the user model factory {recorded!r}, not {override!r}; compress bench "
+            f"{ckpt}: the file records the user model factory {recorded!r}, not {override!r}; {command} "
             f"measures a file as the model it records, and does not run code a file chooses: {how}"
         )
     raise CompressError(
         f"{ckpt}: the file names the user model factory {recorded!r} (code that importing would run); "
-        f"compress bench does not run code a file chooses: {how}"
+        f"{command} does not run code a file chooses: {how}"
     )
 
 

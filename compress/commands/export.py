@@ -60,13 +60,8 @@ def export(
             f"{checkpoint}: a checkpoint of a model passed to compress.run as a Python object; only that process "
             "could rebuild it: export from Python (compress.export_onnx), or pass --model NAME"
         )
-    try:
-        check_factory(checkpoint, ck.model, model, frozenset([model]) if model else frozenset())
-    except CompressError as exc:  # bench's wording names its own syntax; export's is --model
-        raise CompressError(
-            str(exc).replace("compress bench", "compress export").split(": if you trust it")[0]
-            + f": if you trust it, name it yourself: --model {ck.model}"
-        ) from None
+    trusted = frozenset([model]) if model else frozenset()
+    check_factory(checkpoint, ck.model, model, trusted, command="compress export", how=f"--model {ck.model}")
     name = model or ck.model
     if name is None:
         raise CompressError(f"{checkpoint}: a plain state_dict does not name its model; pass --model NAME")
