@@ -49,10 +49,13 @@ from compress.files import atomic_write_text  # noqa: E402
 QUALITY = 90
 
 
-def synth_image(rng: np.random.Generator, size: int) -> Image.Image:
+def synth_image(rng: np.random.Generator, size: int, tint: tuple[int, int, int] | None = None) -> Image.Image:
     """A photo-like RGB image: a smooth random colour field (coarse noise, bicubic-upsampled), a few
-    blurred shapes, and per-pixel sensor-like noise; JPEG-compresses to ~20-40 KB at 256² / q90."""
+    blurred shapes, and per-pixel sensor-like noise; ~20 KB at 256² / q90. ``tint`` pulls the colour
+    field halfway to one colour (data_throughput.py's classes: something a model can learn)."""
     coarse = rng.integers(0, 256, size=(rng.integers(3, 9), rng.integers(3, 9), 3), dtype=np.uint8)
+    if tint is not None:
+        coarse = ((coarse.astype(np.uint16) + np.array(tint, dtype=np.uint16)) // 2).astype(np.uint8)
     img = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(3, 9))):
