@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from compress import distributed
 from compress.context import Context
 from compress.data import TensorLoader
+from compress.data.mixing import Mixing
 from compress.errors import CompressError, StageFailed
 from compress.files import atomic_save, safe_load
 
@@ -62,6 +63,11 @@ class Batch:
     index: Tensor  # positions of these images in the training split
     view: int | None  # the replayed augmentation (see DataBundle.train_loader), None if fresh
     epoch: float  # progress in epochs: 0.5 = half-way through the first
+    target: Tensor | None = None  # soft labels (N, classes) of a mixed batch (compress.data.mixing); else None
+
+    def labels(self) -> Tensor:
+        """What a loss learns from: the soft targets of a mixed batch, else the class indices."""
+        return self.y if self.target is None else self.target
 
 
 LossFn = Callable[[nn.Module, Batch], tuple[Tensor, Tensor]]  # (model, batch) -> (loss, logits)
@@ -106,8 +112,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-        logits = model(batch.x)
-        return F.cross_entropy(logits, batch.y, label_smoothing=label_smoothing), logits
+        logits = model(batch.x)  # F.cross_entropy smooths soft targets too: (1 - s) * target + s / C
+        return F.cross_entropy(logits, batch.labels(), label_smoothing=label_smoothing), logits
 
     return loss_fn
 
@@ -245,6 +251,7 @@ class _Training:
     test_loader: TensorLoader | None
     dtype: torch.dtype | None
     after_step: Callable[[float], None] | None
+    mixing: Mixing | None = None  # the data's mixup/cutmix, applied to every training batch; never in evaluation
     history: list[dict[str, float]] = field(default_factory=list)
     best_acc: float = -1.0
     best_state: dict[str, Tensor] | None = None
@@ -276,11 +283,13 @@ class _Training:
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
+        mixing = None
         if loaders is not None:
             loader, test_loader = loaders
         else:
             loader = ctx.data.train_loader(seed=ctx.recipe.seed, rank=ctx.rank, world=ctx.world, views=views)
             test_loader = ctx.data.eval_loader("test")
+            mixing = Mixing.of(ctx.data, ctx.recipe.seed)
         trained = distributed.wrap(model, device)  # DDP averages gradients across ranks; else the model
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, len(loader), epochs))
         return cls(
@@ -297,6 +306,7 @@ class _Training:
             test_loader=test_loader,
             dtype=autocast_dtype(cfg.precision, device),
             after_step=after_step,
+            mixing=mixing,
         )
 
     def train_epoch(self, epoch: int, advance: Callable[[], None]) -> tuple[float, float]:
@@ -310,11 +320,15 @@ class _Training:
         for step, (x, y, idx) in enumerate(loader.batches()):
             x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
-            loss, logits = self.step(Batch(x, y, idx, view, epoch + step / len(loader)))
+            batch = Batch(x, y, idx, view, epoch + step / len(loader))
+            if self.mixing is not None:  # a function of (seed, epoch, step): resumed runs mix the same
+                batch.x, batch.target = self.mixing(x, y, epoch, step)
+            loss, logits = self.step(batch)
             if self.after_step is not None:
                 self.after_step(epoch + (step + 1) / len(loader))  # progress in epochs
             loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
+            hit = y if batch.target is None else batch.target.argmax(1)  # mixed: the dominant image's label
+            correct += (logits.detach().argmax(1) == hit).sum()
             seen += len(y)
             advance()
         seen_t = torch.tensor(seen, device=device)

@@ -20,6 +20,7 @@ from compress.checkpoint import build_from_spec
 from compress.config import moved
 from compress.context import Context
 from compress.data import DataBundle
+from compress.data.mixing import mixes
 from compress.distill import LOSSES, LossTerm
 from compress.distill.objective import DistillObjective, TeacherCache
 from compress.distill.taps import find_module
@@ -167,6 +168,13 @@ class KD(BaseModel):
                         find_module(teacher, pair.teacher, f"teacher {k}" if len(teachers) > 1 else "teacher")
                     except ValueError as exc:
                         raise CompressError(f"{where}.teacher: {exc}") from None
+        mixing = [f"data.{k}" for k in ("mixup", "cutmix") if getattr(data, k, 0.0) > 0] if mixes(data) else []
+        if self.cache_teacher and mixing:
+            raise CompressError(
+                f"{field}.cache_teacher: {' and '.join(mixing)} blend every training image with another one anew "
+                "at each step, so cached teacher logits would belong to other images; turn cache_teacher off "
+                f"or set {' and '.join(f'{m}: 0' for m in mixing)}"
+            )
         if self.cache_teacher and data.augment and self.augment_views is None:
             raise CompressError(
                 f"{field}.cache_teacher: the training images are randomly augmented anew every epoch, so cached "
@@ -183,7 +191,15 @@ class KD(BaseModel):
                     f"images × classes × 4 B), over a quarter of this machine's {have / 2**30:.0f} GiB; lower "
                     "augment_views or turn cache_teacher off"
                 )
-        self.objective(models["student"], models.get("teacher"), data.example_input(2), field, "fp32", 0.0)
+        objective = self.objective(models["student"], models.get("teacher"), data.example_input(2), field, "fp32", 0.0)
+        if mixing:  # every term must take the soft labels of mixed images (DKD needs one true class)
+            failed = objective.soft_label_failure(models["student"], data.example_input(2), data.num_classes)
+            if failed is not None:
+                i, reason = failed
+                raise CompressError(
+                    f"{field}.losses.{i}: {self.losses[i].name} cannot learn from the soft labels of mixed images "
+                    f"({' and '.join(mixing)} are on: {reason}); use ce/hinton terms or turn the mixing off"
+                )
 
     def teacher_list(self, recipe_teacher: nn.Module | None) -> list[tuple[nn.Module, float]]:
         if not self.teachers:

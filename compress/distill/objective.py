@@ -140,7 +140,7 @@ class DistillObjective:
         """Teacher logits and captured teacher features; with a cache, the teachers run only on the
         images whose logits are not cached yet (a teacher in eval mode treats images independently)."""
         cache, view = self.cache, batch.view
-        if cache is None or view is None:
+        if cache is None or view is None or batch.target is not None:  # a mixed image is new every epoch
             return self._run_teachers(batch.x)
         missing = cache.missing(view, batch.index)
         n_missing = int(missing.sum())
@@ -165,18 +165,42 @@ class DistillObjective:
         return z_t, feats_t
 
     def __call__(self, student: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+        out = self.outputs(student, batch)
+        loss = sum(term.weight * module(out) for term, module in zip(self.terms, self.aux, strict=True))
+        return loss, out.z_s  # type: ignore[return-value]
+
+    def outputs(self, student: nn.Module, batch: Batch) -> Outputs:
+        """One step's :class:`Outputs`: the teachers and the student on ``batch.x`` (mixed images
+        when the data mixes, so the teachers' soft targets describe the image the student sees)."""
         z_t, feats_t = self.teacher_outputs(batch)
         z_s = student(batch.x)
-        out = Outputs(
+        return Outputs(
             z_s=z_s,
             z_t=z_t,
             weights=self.weights,
             combine=self.combine,
-            y=batch.y,
+            y=batch.labels(),  # soft (N, classes) for a mixed batch: F.cross_entropy takes probabilities
             epoch=batch.epoch,
             label_smoothing=self.label_smoothing,
             feats_s=dict(self.student_taps.outputs),
             feats_t=feats_t,
         )
-        loss = sum(term.weight * module(out) for term, module in zip(self.terms, self.aux, strict=True))
-        return loss, z_s  # type: ignore[return-value]
+
+    def soft_label_failure(self, student: nn.Module, x: Tensor, num_classes: int) -> tuple[int, str] | None:
+        """(index, reason) of the first term that cannot learn from soft labels (those of mixed images),
+        found by computing every term once on ``x`` without gradients (student in eval mode: BN untouched)."""
+        target = torch.full((len(x), num_classes), 1.0 / num_classes, device=x.device)
+        batch = Batch(x, target.argmax(1), torch.arange(len(x), device=x.device), None, 0.0, target=target)
+        was = student.training
+        student.eval()
+        try:
+            with self, torch.no_grad():
+                out = self.outputs(student, batch)
+                for i, module in enumerate(self.aux):
+                    try:
+                        module(out)
+                    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                        return i, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        finally:
+            student.train(was)
+        return None
