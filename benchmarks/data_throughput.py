@@ -368,7 +368,7 @@ def main() -> int:
     ap.add_argument("--teacher", default="resnet34")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="loader,train,eval")
+    ap.add_argument("--only", default="loader,train,eval", help="or 'trees': generate the trees and stop")
     ap.add_argument("--quick", action="store_true", help="small trees, few steps: does it all run")
     ap.add_argument("--work", type=Path, default=Path("/tmp/compress-bench-data-throughput"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -403,6 +403,8 @@ def main() -> int:
     small = make_tree(Path(f"/tmp/compress-bench-tree-{args.small}"), args.small, args.small // 20)
     ntrain = args.steps * args.train_batch
     steps_tree = make_tree(Path(f"/tmp/compress-bench-tree-{ntrain}"), ntrain, args.eval_images)
+    if only == {"trees"}:
+        return 0
     loader_rows, train_rows, evaluation = {}, {}, None
     if "loader" in only:
         for r in range(args.rounds):
