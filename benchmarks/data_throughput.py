@@ -406,7 +406,11 @@ def main() -> int:
     if only == {"trees"}:
         return 0
     loader_rows, train_rows, evaluation = {}, {}, None
-    if "loader" in only:
+    sizes = (args.images, args.small)
+    loader_cells = [f"loader/{k}/{n}/{r}" for r in range(args.rounds) for n in sizes for k in LOADERS]
+    train_cells = [f"train/{m}/{i}" for m in ("train", "distill") for i in ("plain", "ours")]
+    # a part not asked for this time is still reported when an earlier run (same settings) finished it
+    if "loader" in only or all(c in cells for c in loader_cells):
         for r in range(args.rounds):
             for tree, n in ((big, args.images), (small, args.small)):
                 for kind in LOADERS:
@@ -422,13 +426,13 @@ def main() -> int:
                     "peak_pss_mb": max(c["peak_pss_mb"] for c in runs),
                     "processes": max(c["processes"] for c in runs),
                 }  # fmt: skip
-    if "train" in only:
+    if "train" in only or all(c in cells for c in train_cells):
         for mode in ("train", "distill"):
             for impl in ("plain", "ours"):
                 spec = {"mode": mode, "impl": impl, "tree": str(steps_tree), "batch": args.train_batch,
                         "teacher": args.teacher, "work": str(work / f"{mode}-{impl}")}  # fmt: skip
                 train_rows[f"{mode} {impl}"] = cell(f"train/{mode}/{impl}", spec)
-    if "eval" in only:
+    if "eval" in only or "eval/equivalence" in cells:
         spec = {"tree": str(steps_tree), "work": str(work / "train-plain")}
         evaluation = cell("eval/equivalence", spec, {"COMPRESS_CACHE": str(work / "cache")})
     write(args, started, loader_rows, train_rows, evaluation)
