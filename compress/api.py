@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from compress.data.base import DataBundle, DatasetConfig
+from compress.data.base import DatasetConfig, ImageData
 from compress.errors import CompressError, StageFailed, first_line
 
 if TYPE_CHECKING:  # the rest is imported when used: a process that only resolves a name stays light
@@ -107,10 +107,9 @@ def register_module(module: Any, role: str) -> str:
     return f"compress.api:{name}"
 
 
-def register_data(bundle: DataBundle) -> str:
+def register_data(bundle: ImageData) -> str:
     """The data name under which ``bundle`` loads (a user dataset returning it)."""
-    tensors = (bundle.train_x, bundle.train_y, bundle.test_x, bundle.test_y)
-    name = f"{PREFIX}data_{_digest(*tensors, json.dumps(bundle.class_names).encode())}"
+    name = f"{PREFIX}data_{_digest(bundle.fingerprint())}"
     if name not in _OBJECTS:
         _OBJECTS[name] = lambda: dataclasses.replace(bundle)  # the pipeline moves tensors on its own copy
     return f"compress.api:{name}"
@@ -185,7 +184,7 @@ def _raw_recipe(recipe: Any) -> tuple[dict[str, Any], str]:
     raise CompressError(f"recipe: expected a path, a dict or a recipe object, got {type(recipe).__name__}")
 
 
-_DECODE_OPTIONS = ("image_size", "mean", "std", "augment", "batch_size", "eval_batch_size")
+_DECODE_OPTIONS = ("image_size", "mean", "std", "augment", "batch_size", "eval_batch_size", "stream", "workers")
 
 
 def _data_block(data: Any, given: Any) -> dict[str, Any]:
@@ -200,7 +199,7 @@ def _data_block(data: Any, given: Any) -> dict[str, Any]:
         raise CompressError(f"data.{unknown[0]}: unknown field (a data: block without name: takes {_DECODE_OPTIONS})")
     from compress.data.user import split_return, to_bundle
 
-    if isinstance(data, DataBundle):
+    if isinstance(data, ImageData):
         bundle = dataclasses.replace(data)
         for key in ("batch_size", "eval_batch_size", "augment", "mean", "std"):
             if key in options:

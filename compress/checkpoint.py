@@ -68,7 +68,7 @@ from compress.models.heads import aux_heads, find_classifier, module_keys, notic
 from compress.structure import StructureError, describe, rebuild
 
 if TYPE_CHECKING:
-    from compress.data import DataBundle
+    from compress.data import ImageData
 
 FORMAT = "compress/2"
 LEGACY = "compress/1"  # no structure record; ``pruned: true`` meant "tensors may be narrower"
@@ -332,7 +332,7 @@ def _fix_attributes(module: nn.Module) -> None:
         module.num_channels = module.weight.shape[0]
 
 
-def build_from_spec(spec: ModelSpec, data: DataBundle, field: str, role: str = "") -> nn.Module:
+def build_from_spec(spec: ModelSpec, data: ImageData, field: str, role: str = "") -> nn.Module:
     """Build ``spec``'s model for ``data``, load its weights (``checkpoint:``, ``weights:`` or
     ``pretrained:``, the classifier as ``head:`` says) and check one forward pass; every user error is
     a CompressError naming ``field`` (``teacher``, ``stages.1.teachers.0``)."""
@@ -376,7 +376,7 @@ def build_from_spec(spec: ModelSpec, data: DataBundle, field: str, role: str = "
     return model
 
 
-def _size_hint(spec: ModelSpec, data: DataBundle, x: torch.Tensor, model: nn.Module) -> str:
+def _size_hint(spec: ModelSpec, data: ImageData, x: torch.Tensor, model: nn.Module) -> str:
     """ "; ... kwargs: {image_size: 32}" for a native-image-size model whose input-size argument makes it
     run on the data (tried: a fresh build and one forward pass); what still fails if it does not."""
     extra = size_argument(model, spec.model, spec.kwargs, (int(x.shape[-2]), int(x.shape[-1])))

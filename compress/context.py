@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from compress.checkpoint import save_model
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.errors import StageFailed
 from compress.structure import describe, rebuild_problem
 
@@ -44,7 +44,7 @@ class Context:
     recipe: RecipeBase
     device: torch.device
     run_dir: Path
-    data: DataBundle
+    data: ImageData
     models: dict[str, nn.Module]
     specs: dict[str, ModelSpec]
     artifacts: list[Artifact] = field(default_factory=list)

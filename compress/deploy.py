@@ -9,8 +9,10 @@ imports torch, so a deployer can copy this one file next to the model:
     python deploy.py model.onnx photo.jpg images/ --top-k 3
     compress predict model.onnx photo.jpg images/ --top-k 3      # the same, installed
 
-Image loading matches training: ``PIL.Image.convert`` to the model's colour mode, then a bilinear
-resize only when the size differs (what ``compress``'s data loaders do when decoding a folder).
+Image loading matches evaluation in training: ``PIL.Image.convert`` to the model's colour mode, then,
+when the metadata has ``resize_shorter`` (an image folder with ``crop_ratio``), a bilinear resize of
+the shorter side to it and a center crop to the input size (:func:`eval_view`, the very function
+``compress``'s data loaders evaluate with); otherwise a bilinear resize only when the size differs.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class ModelInfo:
     input_name: str = "images"
     output_name: str = "logits"
     resize: str = "bilinear"
+    resize_shorter: int | None = None  # resize the shorter side to this, then center-crop height x width
 
     @property
     def color_mode(self) -> str | None:
@@ -93,6 +96,7 @@ class ModelInfo:
             "mean": json.dumps(list(self.mean)),
             "std": json.dumps(list(self.std)),
             "resize": self.resize,
+            **({"resize_shorter": str(self.resize_shorter)} if self.resize_shorter else {}),
             "output_name": self.output_name,
             "output": "logits (apply softmax for probabilities)",
         }
@@ -124,6 +128,7 @@ class ModelInfo:
                 input_name=props["input_name"],
                 output_name=props.get("output_name", "logits"),
                 resize=props.get("resize", "bilinear"),
+                resize_shorter=int(props["resize_shorter"]) if props.get("resize_shorter") else None,
             )
         except KeyError as exc:
             raise DeployError(f"{source}: metadata key {exc.args[0]!r} is missing") from None
@@ -172,11 +177,31 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
+def eval_view(im: Any, height: int, width: int, resize_shorter: int | None) -> Any:
+    """A PIL image as evaluation sees it: with ``resize_shorter``, its shorter side resized to that
+    (bilinear, the longer side in proportion, truncated) and the center ``height`` x ``width`` cropped
+    (offsets rounded, as torchvision's CenterCrop); without, a bilinear resize to the size when it differs."""
+    from PIL import Image
+
+    if resize_shorter is None:
+        return im if im.size == (width, height) else im.resize((width, height), Image.BILINEAR)
+    w, h = im.size
+    short = min(w, h)
+    size = (resize_shorter, int(resize_shorter * h / w)) if w <= h else (int(resize_shorter * w / h), resize_shorter)
+    if short != resize_shorter:
+        im = im.resize(size, Image.BILINEAR)
+    w, h = im.size
+    if w < width or h < height:
+        raise DeployError(f"image of {w}x{h} after resizing is smaller than the {width}x{height} crop")
+    left, top = int(round((w - width) / 2.0)), int(round((h - height) / 2.0))
+    return im.crop((left, top, left + width, top + height))
+
+
 def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.ndarray:
     """One image file -> uint8 (H, W, C) in the model's colour mode and size.
 
-    As in training: ``convert`` to the colour mode (alpha dropped, EXIF orientation not applied),
-    then a bilinear resize only when the size differs.
+    As in evaluation: ``convert`` to the colour mode (alpha dropped, EXIF orientation not applied),
+    then :func:`eval_view` (resize and center crop as the metadata says).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -195,7 +220,7 @@ def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.nda
                         f"{path}: image is {im.size[0]}x{im.size[1]}, the model takes {info.width}x{info.height} "
                         "(resizing is off)"
                     )
-                im = im.resize((info.width, info.height), Image.BILINEAR)
+            im = eval_view(im, info.height, info.width, info.resize_shorter)
             arr = np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
         raise DeployError(f"{path}: not an image Pillow can read") from None

@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from compress.config import dump_recipe
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.deploy import ModelInfo, read_metadata
 from compress.env import library_versions
 from compress.errors import CompressError, first_line
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from compress.config import RecipeBase
 
 
-def model_info(data: DataBundle, *, preprocess_in_graph: bool, layout: str) -> ModelInfo:
+def model_info(data: ImageData, *, preprocess_in_graph: bool, layout: str) -> ModelInfo:
     _, h, w = data.input_shape
     return ModelInfo(
         class_names=tuple(data.class_names),
@@ -45,6 +45,7 @@ def model_info(data: DataBundle, *, preprocess_in_graph: bool, layout: str) -> M
         mean=tuple(float(m) for m in data.mean),
         std=tuple(float(s) for s in data.std),
         input_name="images" if preprocess_in_graph else "input",
+        resize_shorter=data.eval_resize,
     )
 
 
@@ -129,7 +130,7 @@ def doc_string(props: dict[str, str]) -> str:
     )
 
 
-def feeder(sess: ort.InferenceSession, data: DataBundle) -> Callable[[torch.Tensor], np.ndarray]:
+def feeder(sess: ort.InferenceSession, data: ImageData) -> Callable[[torch.Tensor], np.ndarray]:
     """uint8 NCHW test images -> what this session's input takes, read from the model's metadata.
 
     A model without compress metadata (e.g. exported by hand in a benchmark) gets the normalized

@@ -29,7 +29,7 @@ from compress import metadata
 from compress.bench import measure as bench_measure
 from compress.config import BenchmarkConfig
 from compress.context import Artifact
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.deploy import ModelInfo
 from compress.env import library_versions
 from compress.errors import CompressError, first_line
@@ -73,7 +73,7 @@ def export_onnx(
     *,
     opset: int = 18,
     dynamic_batch: bool = True,
-    data: DataBundle | None = None,
+    data: ImageData | None = None,
     atol: float = 1e-4,
     rtol: float = 1e-5,
     preprocess_in_graph: bool = True,
@@ -105,7 +105,7 @@ def export_onnx(
         if input_layout not in ("nhwc", "nchw"):
             raise CompressError(f"input_layout: {input_layout!r} is not nhwc or nchw")
         info = metadata.model_info(data, preprocess_in_graph=preprocess_in_graph, layout=input_layout)
-        raw = data.test_x[: min(parity_batch, len(data.test_x))].cpu()
+        raw = data.raw("test", range(min(parity_batch, data.test_size)))
         x, feed = data.normalize(raw), torch.from_numpy(info.prepare(raw.numpy(), layout="nchw"))
     else:
         x = example_inputs if isinstance(example_inputs, torch.Tensor) else _single(example_inputs)
@@ -170,7 +170,7 @@ def quantize_onnx(
         raise CompressError(f"calibration: {calibration!r} is not one of {', '.join(METHODS)}")
     if calibration == "distribution":
         raise CompressError("calibration: distribution gives symmetric ranges meant for FP8; use percentile")
-    if isinstance(calibration_data, DataBundle):
+    if isinstance(calibration_data, ImageData):
         fixed = bench_measure.fixed_batch(sess)  # a graph exported for one batch size takes only that one:
         if fixed is not None:  # as many images, in batches of that size
             batches, batch_size = max(1, batches * batch_size // fixed), fixed
@@ -223,7 +223,7 @@ def measure(
     the test images normalized with ``mean``/``std`` (default: the data's); a module's size is that
     of its saved state_dict. ``memory=True``: peak RSS of an ONNX file in a fresh process.
 
-        data = DATASETS.get("digits")().load()
+        data = DATASETS.get("digits")().open()
         numbers = compress.measure("model.int8.onnx", data, batch_sizes=(1, 32))
         print(numbers["top1"], numbers["latency"][1]["p50_ms"])
     """
@@ -249,7 +249,7 @@ def measure(
             "row": row, "notes": notes}  # fmt: skip
 
 
-def load_data(data: Any, *, image_size: int | None = None, field: str = "data") -> DataBundle:
+def load_data(data: Any, *, image_size: int | None = None, field: str = "data") -> ImageData:
     """The DataBundle every function here (and ``compress.run``'s ``data=``) works on, from: a
     DataBundle; a dataset config dict (``{"name": "cifar10", "root": ...}``, ``{"name": "mydata:load"}``),
     validated like a recipe's ``data:``; or torch Datasets of (image, label) as ``(train, test,
@@ -257,14 +257,14 @@ def load_data(data: Any, *, image_size: int | None = None, field: str = "data") 
 
         data = compress.load_data((train_set, test_set, ["cat", "dog"]), image_size=64)
     """
-    if isinstance(data, DataBundle):
+    if isinstance(data, ImageData):
         return data
     if isinstance(data, dict):
         from compress.recipe import validate_data
 
         cfg = validate_data(data, field)
         try:
-            return cfg.load()
+            return cfg.open()
         except (OSError, ValueError) as exc:
             raise CompressError(f"{field} ({cfg.name}): {exc}") from None
     from compress.data.user import split_return, to_bundle
@@ -289,7 +289,7 @@ def _open(path: Path):
     return sess
 
 
-def _feeder(sess, data: DataBundle, mean, std) -> Callable[[torch.Tensor], np.ndarray]:
+def _feeder(sess, data: ImageData, mean, std) -> Callable[[torch.Tensor], np.ndarray]:
     """uint8 NCHW images -> this file's input: its compress metadata, else ``mean``/``std`` (default
     the data's) in DataBundle.normalize's arithmetic."""
     if mean is None and std is None:

@@ -30,7 +30,8 @@ from compress.bench import report as report_mod
 from compress.bench.size import file_bytes, gzip_bytes
 from compress.checkpoint import build_from_spec
 from compress.context import Context
-from compress.data import DataBundle
+from compress.data import ImageData
+from compress.data.stream import loader_failure
 from compress.env import environment
 from compress.errors import CompressError, StageFailed, out_of_memory
 from compress.files import atomic_write_text
@@ -54,9 +55,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_data(recipe: RecipeBase) -> DataBundle:
+def load_data(recipe: RecipeBase) -> ImageData:
     try:
-        data = recipe.data.load()
+        data = recipe.data.open()
     except CompressError:
         raise
     except (OSError, ValueError) as exc:
@@ -64,7 +65,7 @@ def load_data(recipe: RecipeBase) -> DataBundle:
     return data
 
 
-def build_role(recipe: RecipeBase, role: str, data: DataBundle) -> torch.nn.Module:
+def build_role(recipe: RecipeBase, role: str, data: ImageData) -> torch.nn.Module:
     return build_from_spec(getattr(recipe, role), data, role, role)
 
 
@@ -128,7 +129,7 @@ def run(
     quiet: bool = False,
     console: Console | None = None,
     resume: Path | None = None,
-    data: DataBundle | None = None,
+    data: ImageData | None = None,
 ) -> Path:
     """Run every stage, measure every artifact, write the run directory; return its path.
 
@@ -162,8 +163,8 @@ def run(
 
 
 def _prepare(
-    recipe: RecipeBase, world: int, data: DataBundle | None = None
-) -> tuple[torch.device, DataBundle, dict[str, torch.nn.Module]]:
+    recipe: RecipeBase, world: int, data: ImageData | None = None
+) -> tuple[torch.device, ImageData, dict[str, torch.nn.Module]]:
     """Everything a bad recipe fails on, before anything is written: device, data, models, preflight."""
     device = resolve_device(recipe.device)
     if world > 1 and device.type == "cuda":
@@ -199,7 +200,7 @@ def _context(
     recipe: RecipeBase,
     device: torch.device,
     run_dir: Path,
-    data: DataBundle,
+    data: ImageData,
     models: dict[str, torch.nn.Module],
     quiet: bool,
     console: Console,
@@ -226,10 +227,12 @@ def _context(
         "run %s on %s: %d train / %d test images, %d classes",
         recipe.name,
         device,
-        len(data.train_y),
-        len(data.test_y),
+        data.train_size,
+        data.test_size,
         data.num_classes,
     )
+    if data.streaming:
+        ctx.log.info("data: %s", data.describe)
     return ctx
 
 
@@ -278,6 +281,9 @@ def _apply(ctx: Context, stage: Any, i: int, started: dt.datetime) -> dict[str, 
         if what is not None:  # a setting to lower, not a bug: one line (the last epoch stays resumable)
             field = f"stages.{i - 1}"
             raise StageFailed(f"{field} ({stage.kind}): {what}; {stage.memory_hint(field)}") from exc
+        what = loader_failure(exc)
+        if what is not None:  # a data loader worker died mid-step (killed, crashed decoder): one line
+            raise CompressError(what) from None
         raise
 
 
@@ -317,7 +323,7 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
                     {
                         "top1": json.dumps(row["accuracy"]),
                         "top1_split": "test",
-                        "test_images": str(len(ctx.data.test_y)),
+                        "test_images": str(ctx.data.test_size),
                     },
                 )
                 row["size_bytes"], row["gzip_bytes"] = file_bytes(art.path), gzip_bytes(art.path)
@@ -333,8 +339,8 @@ def _measure(ctx: Context, stages_out: list[dict[str, Any]], started: dt.datetim
         "environment": environment(bench_cfg.threads),
         "data": {
             "name": ctx.recipe.data.name,
-            "train_images": len(data.train_y),
-            "test_images": len(data.test_y),
+            "train_images": data.train_size,
+            "test_images": data.test_size,
             "num_classes": data.num_classes,
             "input_shape": list(data.input_shape),
         },

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from compress import distributed
 from compress.context import Context
-from compress.data import TensorLoader
 from compress.data.mixing import Mixing
 from compress.errors import CompressError, StageFailed
 from compress.files import atomic_save, safe_load
@@ -121,7 +120,7 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    loader: TensorLoader,
+    loader: Any,
     device: torch.device,
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
@@ -247,8 +246,8 @@ class _Training:
     cfg: OptimConfig
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
-    loader: TensorLoader
-    test_loader: TensorLoader | None
+    loader: Any
+    test_loader: Any | None
     dtype: torch.dtype | None
     after_step: Callable[[float], None] | None
     mixing: Mixing | None = None  # the data's mixup/cutmix, applied to every training batch; never in evaluation

@@ -202,9 +202,9 @@ def test_sizes_must_match_without_image_size_and_memory_is_bounded(project, tmp_
     err = capsys.readouterr().err.strip()
     assert "images differ in sizes" in err and "set data.image_size" in err and len(err.splitlines()) == 1
     monkeypatch.setenv("COMPRESS_DATA_MAX_GB", "0.00001")  # ~10 KB: 96 images of 3x16x16 are 74 KB
-    assert main(["run", str(project({})), "--out", str(out)]) == 2
+    assert main(["run", str(project({"stream": False})), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "64 + 32 images of 3x16x16 would take" in err and "streaming from disk is a later feature" in err
+    assert "64 + 32 images of 3x16x16 would take" in err and "set stream: true" in err and len(err.splitlines()) == 1
     assert not out.exists()
     recipe = project({"name": f"mydata_{project.token}:NOT_A_FUNCTION"})
     assert main(["run", str(recipe), "--out", str(out)]) == 2

@@ -22,7 +22,7 @@ from torch import nn
 
 from compress.bench.size import file_bytes, gzip_bytes, onnx_macs, onnx_weight_counts, peak_rss
 from compress.context import Artifact
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.deploy import int8_portability, read_metadata
 from compress.errors import first_line
 from compress.metadata import feeder
@@ -75,13 +75,12 @@ def thread_counts(threads: int | list[int] | None) -> list[int]:
     return [threads] if isinstance(threads, int) else list(dict.fromkeys(threads))
 
 
-def raw_batch(data: DataBundle, batch_size: int) -> torch.Tensor:
+def raw_batch(data: ImageData, batch_size: int) -> torch.Tensor:
     """A real uint8 NCHW test batch of exactly ``batch_size`` images (repeated if the split is small)."""
-    idx = torch.arange(batch_size) % len(data.test_x)
-    return data.test_x.cpu()[idx]
+    return data.raw("test", torch.arange(batch_size) % data.test_size)
 
 
-def batch_of(data: DataBundle, batch_size: int) -> torch.Tensor:
+def batch_of(data: ImageData, batch_size: int) -> torch.Tensor:
     """The same batch, normalized as the torch model takes it."""
     return data.normalize(raw_batch(data, batch_size))
 
@@ -95,17 +94,17 @@ def _correct(logits: np.ndarray, y: np.ndarray) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def torch_accuracy(model: nn.Module, data: DataBundle, device: torch.device) -> tuple[float, float]:
+def torch_accuracy(model: nn.Module, data: ImageData, device: torch.device) -> tuple[float, float]:
     """(top-1, top-5) on the test split."""
     model = model.eval().to(device)
     hits = np.zeros(2, dtype=np.int64)
     for x, y in data.eval_loader("test"):
         hits += _correct(model(x.to(device)).float().cpu().numpy(), y.cpu().numpy())
-    return hits[0] / len(data.test_y), hits[1] / len(data.test_y)
+    return hits[0] / data.test_size, hits[1] / data.test_size
 
 
 def onnx_accuracy(
-    path, data: DataBundle, top5: bool = False, feed: Callable | None = None, images: int | None = None
+    path, data: ImageData, top5: bool = False, feed: Callable | None = None, images: int | None = None
 ) -> float | tuple[float, float]:
     """Top-1 (and top-5) of an ONNX file on the first ``images`` raw test images (all by default),
     fed the way its metadata says — or by ``feed``, for a file without our metadata."""
@@ -121,14 +120,13 @@ def fixed_batch(sess: ort.InferenceSession) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
-def _onnx_topk(sess: ort.InferenceSession, feed: Callable, data: DataBundle, images: int | None = None):
-    n = min(images or len(data.test_x), len(data.test_x))
+def _onnx_topk(sess: ort.InferenceSession, feed: Callable, data: ImageData, images: int | None = None):
+    n = min(images or data.test_size, data.test_size)
     fixed = fixed_batch(sess)
     step = fixed or data.eval_batch_size
     hits = np.zeros(2, dtype=np.int64)
-    for start in range(0, n, step):
-        x = data.test_x[start : min(n, start + step)]
-        y = data.test_y[start : min(n, start + step)].cpu().numpy()
+    for x, y in data.raw_batches("test", n, step):
+        y = y.numpy()
         if fixed is not None and len(x) < fixed:  # the last batch of a fixed-batch graph: pad, score the real ones
             x = x[torch.arange(fixed) % len(x)]
         hits += _correct(run(sess, feed(x))[: len(y)], y)
@@ -209,7 +207,7 @@ def _compiled(model: nn.Module, device: str, x: torch.Tensor) -> tuple[Any, str 
 
 
 def latency_rows(
-    art: Artifact, data: DataBundle, bench: Any, feed_of: Callable | None = None
+    art: Artifact, data: ImageData, bench: Any, feed_of: Callable | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per (device, runtime, threads, batch size); notes for what could not be measured.
 
@@ -280,7 +278,7 @@ def latency_rows(
 
 def measure(
     art: Artifact,
-    data: DataBundle,
+    data: ImageData,
     bench,
     device: torch.device,
     *,

@@ -3,7 +3,6 @@ with :mod:`compress.pruning.sensitivity` (a library on any ``nn.Module``), write
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ def _measure(args: Any, recipe: Any, data: Any, model: nn.Module, device: torch.
                    TextColumn("{task.fields[info]}"))  # fmt: skip
         with Progress(*columns) as prog:
             result = sweep(model, example, data.eval_loader("test"), device, opts, ratios, num_classes, prog)
-    result.update(recipe=str(args.recipe), student=recipe.student.model, images=len(data.test_x),
+    result.update(recipe=str(args.recipe), student=recipe.student.model, images=data.test_size,
                   method=opts.method, date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
     if args.target_macs is not None:
         result["derived"] = derive(model, example, opts, result, args.target_macs, num_classes)
@@ -54,7 +53,7 @@ def analyze(args: Any) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     seed_everything(recipe.seed)
     data = load_data(recipe)
-    data = dataclasses.replace(data, test_x=data.test_x[: args.images], test_y=data.test_y[: args.images])
+    data = data.limit("test", args.images)
     model = build_role(recipe, "student", data).eval()
     device = resolve_device(recipe.device)
     model.to(device)

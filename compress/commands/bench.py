@@ -28,7 +28,7 @@ from compress.bench import report as report_mod
 from compress.bench.measure import measure
 from compress.checkpoint import open_checkpoint
 from compress.context import Artifact
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.env import environment
 from compress.errors import CompressError, first_line
 from compress.onnx_utils import session
@@ -154,7 +154,7 @@ def check_recorded_data(source: str, raw: dict[str, Any], command: str) -> None:
 
 
 def _load_torch(
-    name: str, ckpt: Path, override: str | None, trusted: frozenset[str], data: DataBundle, notes: list[str]
+    name: str, ckpt: Path, override: str | None, trusted: frozenset[str], data: ImageData, notes: list[str]
 ) -> Artifact | None:
     """A checkpoint's model, rebuilt as the file records it (structure included), checked against the data;
     None (and a note) for one of a model passed to compress.run as a Python object."""
@@ -234,7 +234,7 @@ def _meta_size(path: Path, props: dict[str, str]) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def _onnx_artifact(name: str, path: Path, props: dict[str, str], data: DataBundle) -> Artifact:
+def _onnx_artifact(name: str, path: Path, props: dict[str, str], data: ImageData) -> Artifact:
     if props.get("num_classes") and _meta_int(path, props, "num_classes") != data.num_classes:
         raise CompressError(f"{path}: the model has {props['num_classes']} classes but the data has {data.num_classes}")
     if props.get("image_size") and props.get("channels"):
@@ -278,7 +278,7 @@ def bench(
         raise CompressError(format_validation_error(exc, options, "bench options")) from None
     data_cfg, data_source = _data_config(plan, data_name, root)
     try:
-        data = data_cfg.load()
+        data = data_cfg.open()
     except (OSError, ValueError) as exc:
         raise CompressError(f"data ({data_cfg.name}): {exc}") from None
     arts = [a for n, c, o, t in plan.torch if (a := _load_torch(n, c, o, t, data, plan.notes)) is not None]
@@ -313,8 +313,8 @@ def bench(
         "data": {
             "name": data_cfg.name,
             "source": data_source,
-            "train_images": len(data.train_y),
-            "test_images": len(data.test_y),
+            "train_images": data.train_size,
+            "test_images": data.test_size,
             "num_classes": data.num_classes,
             "input_shape": list(data.input_shape),
         },

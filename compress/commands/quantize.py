@@ -24,7 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from compress import onnx_api
 from compress.bench import report as report_mod
-from compress.data import DATASETS, DataBundle, DatasetConfig
+from compress.data import DATASETS, DatasetConfig, ImageData
 from compress.deploy import ModelInfo
 from compress.env import environment
 from compress.errors import CompressError, first_line
@@ -73,9 +73,9 @@ def data_config(
         raise CompressError(format_validation_error(exc, raw, field).replace("recipe.", "")) from None
 
 
-def load_data(cfg: DatasetConfig, field: str = "--data") -> DataBundle:
+def load_data(cfg: DatasetConfig, field: str = "--data") -> ImageData:
     try:
-        return cfg.load()
+        return cfg.open()
     except (OSError, ValueError) as exc:
         raise CompressError(f"{field} ({cfg.name}): {first_line(exc)}") from None
 
@@ -271,8 +271,8 @@ def _run(model, stage, out, sess, name, described, bundle, cfg, stats, normaliza
         "data": {
             "name": cfg.name,
             "source": "--data",
-            "train_images": len(bundle.train_y),
-            "test_images": len(bundle.test_y),
+            "train_images": bundle.train_size,
+            "test_images": bundle.test_size,
             "num_classes": bundle.num_classes,
             "input_shape": list(bundle.input_shape),
         },

@@ -1,14 +1,22 @@
-"""Tensor-resident data: decode once, then every epoch is slicing, not per-sample Python.
+"""The data interface every stage uses (:class:`ImageData`) and its tensor-resident form.
 
-Following airbench/nanoGPT, a split is a uint8 tensor (N, C, H, W) plus int64 labels. A loader
-shuffles with a seeded generator, slices batches, converts to float, normalizes and augments the
-whole batch at once (random crop with padding + horizontal flip), on whatever device the data is.
+Two forms sit behind one interface: :class:`DataBundle` (here) decodes once and holds each split as a
+uint8 tensor (N, C, H, W) plus int64 labels; following airbench/nanoGPT, a loader then shuffles with
+a seeded generator, slices batches, normalizes and augments the whole batch at once (random crop with
+padding + horizontal flip) on whatever device the data is: the fastest path for data that fits in
+memory. :class:`compress.data.stream.StreamBundle` decodes from disk in DataLoader worker processes,
+for data that does not. Stages only use what :class:`ImageData` declares: loaders yielding
+normalized float batches, and ``raw`` uint8 evaluation views (what an exported uint8-input model takes).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,13 +31,70 @@ class DatasetConfig(BaseModel):
     name: str
     batch_size: int = Field(128, gt=0, le=65536, description="training batch size")
     eval_batch_size: int = Field(500, gt=0, le=65536, description="batch size for evaluation/calibration")
+    mixup: float = Field(0.0, ge=0, le=10, description="mixup's Beta alpha while training (0: off)")
+    cutmix: float = Field(0.0, ge=0, le=10, description="cutmix's Beta alpha while training (0: off)")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="share of training batches mixed, when mixup/cutmix is on")
+    mix_switch: float = Field(0.5, ge=0, le=1, description="chance a mixed batch uses cutmix, when both are on")
 
-    def load(self) -> DataBundle:  # pragma: no cover - abstract
+    def load(self) -> ImageData:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def open(self) -> ImageData:
+        """``load()``, with the batch mixing every dataset takes (see :mod:`compress.data.mixing`)."""
+        data = self.load()
+        for key in ("mixup", "cutmix", "mix_prob", "mix_switch"):
+            setattr(data, key, getattr(self, key))
+        return data
+
+
+@dataclass(kw_only=True)
+class ImageData:
+    """What stages may use of a dataset, whatever its form (tensor-resident or streaming).
+
+    Every form provides, besides the attributes ``class_names``, ``mean``, ``std``, ``augment``,
+    ``batch_size``, ``eval_batch_size``, ``mixup``/``cutmix``/``mix_prob``/``mix_switch`` (batch mixing while
+    training, see :mod:`compress.data.mixing`) and ``eval_resize`` (the shorter side evaluation images are
+    resized to before their center crop; None: resized straight to the input size):
+
+    - ``train_size`` / ``test_size``, ``input_shape`` (C, H, W);
+    - ``train_loader(seed, augment=, rank=, world=, views=)`` and ``eval_loader(split)``;
+    - ``raw(split, index)``: the uint8 evaluation views of those images (no augmentation);
+    - ``raw_batches(split, images=None, batch_size=None)``: (uint8 images, labels) in order;
+    - ``limit(split, n)``: a copy whose split holds only its first ``n`` images;
+    - ``fingerprint()``: bytes identifying the content; ``to(device)``.
+    """
+
+    streaming = False
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    extra: dict = field(default_factory=dict)
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch: float = 0.5
+    eval_resize: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return self.input_shape[0]
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return normalize(x, self.mean, self.std)
+
+    def example_input(self, batch_size: int = 1) -> Tensor:
+        """A real, normalized test batch (for tracing, export and parity checks)."""
+        return self.normalize(self.raw("test", range(min(batch_size, self.test_size))))
+
+    def size(self, split: str) -> int:
+        return self.test_size if split == "test" else self.train_size
 
 
 @dataclass
-class DataBundle:
+class DataBundle(ImageData):
     train_x: Tensor  # uint8 (N, C, H, W)
     train_y: Tensor  # int64 (N,)
     test_x: Tensor
@@ -40,9 +105,7 @@ class DataBundle:
     augment: bool = False  # random crop (padding `pad`) + horizontal flip
     pad: int = 4
     flip: bool = True
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    extra: dict = field(default_factory=dict)
+    train_view: Any = None  # a compress.data.transforms.TrainView: per-image augmentation instead of pad/flip
 
     def __post_init__(self) -> None:
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
@@ -54,12 +117,42 @@ class DataBundle:
             raise ValueError("mean/std must have one value per channel")
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def channels(self) -> int:
         return self.train_x.shape[1]
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_y)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test_y)
+
+    def _split(self, split: str) -> tuple[Tensor, Tensor]:
+        return (self.test_x, self.test_y) if split == "test" else (self.train_x, self.train_y)
+
+    def raw(self, split: str, index) -> Tensor:  # noqa: ANN001 - any index sequence
+        x, _ = self._split(split)
+        return x[torch.as_tensor(list(index) if isinstance(index, range) else index, dtype=torch.long)].cpu()
+
+    def raw_batches(
+        self, split: str, images: int | None = None, batch_size: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        x, y = self._split(split)
+        n, step = min(images or len(y), len(y)), batch_size or self.eval_batch_size
+        for start in range(0, n, step):
+            yield x[start : min(n, start + step)].cpu(), y[start : min(n, start + step)].cpu()
+
+    def limit(self, split: str, n: int) -> DataBundle:
+        if split == "test":
+            return dataclasses.replace(self, test_x=self.test_x[:n], test_y=self.test_y[:n])
+        return dataclasses.replace(self, train_x=self.train_x[:n], train_y=self.train_y[:n])
+
+    def fingerprint(self) -> bytes:
+        h = hashlib.sha256(json.dumps(self.class_names).encode())
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            h.update(repr(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        return h.digest()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -91,15 +184,6 @@ class DataBundle:
     def eval_loader(self, split: str = "test") -> TensorLoader:
         x, y = (self.test_x, self.test_y) if split == "test" else (self.train_x, self.train_y)
         return TensorLoader(self, x, y, self.eval_batch_size, seed=None, augment=False, drop_last=False)
-
-    def normalize(self, x: Tensor) -> Tensor:
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x.float().div_(255.0) - mean) / std
-
-    def example_input(self, batch_size: int = 1) -> Tensor:
-        """A real, normalized test batch (for tracing, export and parity checks)."""
-        return self.normalize(self.test_x[:batch_size])
 
 
 class TensorLoader:
@@ -151,9 +235,13 @@ class TensorLoader:
             if self.world > 1:  # every rank draws the same permutation and keeps its own stride
                 order = order[self.rank :: self.world]
         view = self.view() if self.augment else None
-        table = self._view_table(view) if view is not None else None
+        per_image = self.augment and self.bundle.train_view is not None
+        table = self._view_table(view) if view is not None and not per_image else None
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            if per_image:  # the streaming path's per-image augmentation, with its per-image seeds
+                yield self.bundle.normalize(self._per_image(idx, view)), self.y[idx], idx
+                continue
             xb = self.bundle.normalize(self.x[idx])
             if table is not None:
                 dy, dx, flip = (t[idx] for t in table)
@@ -161,6 +249,14 @@ class TensorLoader:
             elif self.augment:
                 xb = augment_batch(xb, self.bundle.pad, self.bundle.flip, gen)
             yield xb, self.y[idx], idx
+
+    def _per_image(self, idx: Tensor, view: int | None) -> Tensor:
+        from compress.data.transforms import sample_key
+
+        which = view if view is not None else 1_000_000 + self.epoch
+        aug = self.bundle.train_view
+        imgs = [aug(self.x[j].cpu(), sample_key(self.seed or 0, which, j)) for j in idx.tolist()]
+        return torch.stack(imgs).to(self.x.device)
 
     def _view_table(self, view: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per-image crop offsets and flips of fixed augmentation ``view`` (a function of seed, view)."""
@@ -196,6 +292,14 @@ def crop_flip(x: Tensor, pad: int, dy: Tensor | None, dx: Tensor | None, flip: T
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous()
+
+
+def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """uint8 NCHW -> float (x / 255 - mean) / std: the exported graph's preprocessing op for op, in
+    place on one new tensor (three allocations per batch cost more than the arithmetic at 224²)."""
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.float().div_(255.0).sub_(m).div_(s)
 
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

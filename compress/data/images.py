@@ -32,7 +32,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("COMPRESS_CACHE", Path.home() / ".cache" / "compress"))
 
 
-def load_cached(source: Path, splits: tuple[str, ...], image_size: int | None, field: str) -> dict:
+def load_cached(
+    source: Path, splits: tuple[str, ...], image_size: int | None, field: str, shorter: int | None = None
+) -> dict:
     """Return {split: (uint8 NCHW tensor, int64 labels)} and ``classes``, decoding on first use.
 
     A damaged cache file (truncated by a kill or a full disk in an older version, or not a cache at
@@ -41,6 +43,8 @@ def load_cached(source: Path, splits: tuple[str, ...], image_size: int | None, f
     """
     stat = source.stat()
     key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{splits}|{image_size}"
+    if shorter is not None:  # resize the shorter side + center crop (compress.deploy.eval_view)
+        key += f"|shorter={shorter}"
     path = cache_dir() / f"images-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if path.exists():
         cached, why = _read_cache(path, splits)
@@ -49,7 +53,7 @@ def load_cached(source: Path, splits: tuple[str, ...], image_size: int | None, f
         log.warning("image cache %s is damaged (%s); decoding %s again", path, why, source)
         with contextlib.suppress(OSError):  # gone already, or not ours to delete: the write below says so
             path.unlink()
-    data = decode_tree(source, splits, image_size, field)
+    data = decode_tree(source, splits, image_size, field, shorter)
     atomic_save(data, path)
     return data
 
@@ -80,15 +84,15 @@ def _read_cache(path: Path, splits: tuple[str, ...]) -> tuple[dict | None, str]:
     return obj, ""
 
 
-def decode_tree(source: Path, splits: tuple[str, ...], image_size: int | None, field: str) -> dict:
-    from PIL import Image
-
+def index_tree(source: Path, splits: tuple[str, ...], field: str) -> tuple[list[str], dict[str, list]]:
+    """(classes, {split: [(path or member name, reader, label)]}) of an image tree, sorted by class then
+    file name; the tree may sit at any depth. One CompressError line when a split or class is missing."""
     found: dict[str, dict[str, list]] = {s: defaultdict(list) for s in splits}
-    for parts, read in _walk(source):
+    for parts, where, read in _walk(source):
         # Accept the tree at any depth: find the split folder, then class, then file.
         for i, part in enumerate(parts[:-2]):
             if part in found and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES and len(parts) - i == 3:
-                found[part][parts[i + 1]].append((parts[-1], read))
+                found[part][parts[i + 1]].append((parts[-1], where, read))
                 break
     for split, by_class in found.items():
         if not by_class:
@@ -97,17 +101,39 @@ def decode_tree(source: Path, splits: tuple[str, ...], image_size: int | None, f
     for split in splits[1:]:
         if sorted(found[split]) != classes:
             raise CompressError(f"{field}: classes in '{split}/' differ from '{splits[0]}/' in {source}")
+    out = {
+        split: [
+            (where, read, label)
+            for label, cls in enumerate(classes)
+            for _, where, read in sorted(by_class[cls], key=lambda t: t[0])
+        ]
+        for split, by_class in found.items()
+    }
+    return classes, out
+
+
+def decode_tree(
+    source: Path, splits: tuple[str, ...], image_size: int | None, field: str, shorter: int | None = None
+) -> dict:
+    from PIL import Image
+
+    from compress.data.transforms import why_undecodable
+    from compress.deploy import eval_view
+
+    classes, found = index_tree(source, splits, field)
     out: dict = {"classes": classes}
-    for split, by_class in found.items():
+    for split, items in found.items():
         xs, ys = [], []
-        for label, cls in enumerate(classes):
-            for _, read in sorted(by_class[cls], key=lambda t: t[0]):
+        for where, read, label in items:
+            try:
                 with Image.open(io.BytesIO(read())) as im:
                     im = im.convert("RGB")
-                    if image_size is not None and im.size != (image_size, image_size):
-                        im = im.resize((image_size, image_size), Image.BILINEAR)
+                    if image_size is not None:
+                        im = eval_view(im, image_size, image_size, shorter)
                     xs.append(np.asarray(im))
-                ys.append(label)
+            except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file: name it
+                raise CompressError(f"{field}: {where}: cannot decode the image ({why_undecodable(exc)})") from None
+            ys.append(label)
         sizes = {x.shape for x in xs}
         if len(sizes) != 1:
             raise CompressError(
@@ -118,12 +144,15 @@ def decode_tree(source: Path, splits: tuple[str, ...], image_size: int | None, f
     return out
 
 
-def _walk(source: Path) -> Iterator[tuple[tuple[str, ...], callable]]:
-    """Yield (path parts, reader) for every file in a folder or a tar archive."""
+def _walk(source: Path) -> Iterator[tuple[tuple[str, ...], str, callable]]:
+    """Yield (path parts, where (a path, or archive:member), reader) for every file in a folder or a tar archive."""
     if source.is_dir():
-        for p in source.rglob("*"):
-            if p.is_file():
-                yield p.relative_to(source).parts, p.read_bytes
+        for dirpath, _, names in os.walk(source):
+            base = Path(dirpath)
+            rel = base.relative_to(source).parts
+            for name in names:
+                p = base / name
+                yield (*rel, name), str(p), p.read_bytes
         return
     try:
         tar = tarfile.open(source)
@@ -135,4 +164,4 @@ def _walk(source: Path) -> Iterator[tuple[tuple[str, ...], callable]]:
         # Read each member's bytes now: the tar stream is only valid inside this block.
         blobs = {m.name: tar.extractfile(m).read() for m in members}
     for name, blob in blobs.items():
-        yield tuple(Path(name).parts), (lambda b=blob: b)
+        yield tuple(Path(name).parts), f"{source}:{name}", (lambda b=blob: b)

@@ -7,30 +7,33 @@ then the working directory) and called with ``kwargs``. It may return ``(train, 
 names then come from the datasets' ``.classes``, as torchvision's datasets carry them),
 ``(train, test, class_names)``, a dict with the keys ``train``, ``test`` and ``class_names``, or a
 ready :class:`DataBundle`. A sample is ``(image, label)``: a PIL image or a tensor (C×H×W or H×W;
-uint8, or float in [0, 1] as ``ToTensor`` gives), and an integer label. Everything is held in
-memory; a dataset whose decoded images would not fit is refused before decoding (streaming is a
-later feature). Every problem is one line naming ``data.*`` and the sample.
+uint8, or float in [0, 1] as ``ToTensor`` gives), and an integer label. With ``stream: false`` every
+image is decoded into memory (refused early when it would not fit); ``stream: true`` reads samples
+as training goes, in DataLoader workers (:mod:`compress.data.stream`); ``auto`` (the default) streams
+when the decoded set would not fit the memory budget. Every problem is one line naming ``data.*``
+and the sample.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from compress import userpath
 from compress.data import DATASETS
-from compress.data.base import DataBundle, DatasetConfig
+from compress.data.base import DataBundle, DatasetConfig, ImageData
+from compress.data.samples import read_sample
+from compress.data.stream import memory_budget
 from compress.errors import CompressError, first_line
+
+log = logging.getLogger("compress.data")
 
 #: the registry name (and the recipe schema's tag) of every ``package.module:function`` dataset
 USER_DATASET = "package.module:function"
-#: decoded images may take at most this fraction of the machine's memory (env COMPRESS_DATA_MAX_GB overrides)
-MEMORY_SHARE = 0.5
 
 
 @DATASETS.register(USER_DATASET)
@@ -46,6 +49,10 @@ class UserDataset(DatasetConfig):
     mean: tuple[float, ...] | None = Field(None, description="per channel, in [0, 1] units; default: computed on train")
     std: tuple[float, ...] | None = None
     augment: bool = Field(False, description="random crop (padding size/8) + horizontal flip while training")
+    stream: Literal["auto"] | bool = Field(
+        "auto", description="true: read samples while training (workers); false: decode once; auto: by memory"
+    )
+    workers: int | None = Field(None, ge=0, le=64, description="streaming: DataLoader worker processes")
 
     @field_validator("name")
     @classmethod
@@ -69,7 +76,7 @@ class UserDataset(DatasetConfig):
             raise ValueError("std must be positive")
         return self
 
-    def load(self) -> DataBundle:
+    def load(self) -> ImageData:
         fn = userpath.import_object(self.name, "data.name")
         if not callable(fn):
             raise CompressError(f"data.name: {self.name!r} is a {type(fn).__name__}, not a function")
@@ -93,12 +100,17 @@ class UserDataset(DatasetConfig):
             augment=self.augment,
             batch_size=self.batch_size,
             eval_batch_size=self.eval_batch_size,
+            stream=self.stream,
+            workers=self.workers,
         )
 
     def _adjust(self, bundle: DataBundle) -> DataBundle:
         """A DataBundle is used as it is, except for the settings the recipe gives explicitly."""
         if "image_size" in self.model_fields_set:
             raise CompressError(f"data.image_size: {self.name!r} returns a DataBundle, which is not resized")
+        for key in ("stream", "workers"):
+            if key in self.model_fields_set:
+                raise CompressError(f"data.{key}: {self.name!r} returns a DataBundle, which is in memory already")
         for key in ("batch_size", "eval_batch_size", "augment", "mean", "std"):
             if key in self.model_fields_set:
                 setattr(bundle, key, getattr(self, key))
@@ -141,18 +153,6 @@ def _classes_of(ds: Any) -> Sequence[str] | None:
     return None
 
 
-def memory_budget() -> tuple[int, str]:
-    """(bytes the decoded images may take, what sets it)."""
-    env = os.environ.get("COMPRESS_DATA_MAX_GB")
-    if env:
-        try:
-            return int(float(env) * 2**30), "COMPRESS_DATA_MAX_GB"
-        except ValueError:
-            raise CompressError(f"COMPRESS_DATA_MAX_GB: {env!r} is not a number of GB") from None
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(total * MEMORY_SHARE), f"half of this machine's {total / 2**30:.0f} GiB; COMPRESS_DATA_MAX_GB overrides"
-
-
 def to_bundle(
     train: Any,
     test: Any,
@@ -165,8 +165,11 @@ def to_bundle(
     batch_size: int = 128,
     eval_batch_size: int = 500,
     field: str = "data",
-) -> DataBundle:
-    """Decode two Datasets of (image, label) into a DataBundle, refusing early what would not fit."""
+    stream: str | bool = "auto",
+    workers: int | None = None,
+) -> ImageData:
+    """Two Datasets of (image, label) as a DataBundle (decoded now) or a StreamBundle (decoded as read),
+    as ``stream`` says (auto: stream what would not fit the memory budget; false: refuse it early)."""
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
     for split, ds in (("train", train), ("test", test)):
         if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
@@ -179,14 +182,26 @@ def to_bundle(
             ) from None
         if n == 0:
             raise CompressError(f"{field}: the {split} split is empty")
-    first, _ = _sample(train, 0, "train", size, len(class_names), field)
+    first, _ = read_sample(train, 0, "train", size, len(class_names), field)
     need = (len(train) + len(test)) * first.numel()
     budget, why = memory_budget()
+    what = f"{len(train)} + {len(test)} images of {'x'.join(map(str, first.shape))}"
+    if stream is True or (stream == "auto" and need > budget):
+        if stream == "auto":
+            log.warning(
+                "%s: %s would take %.1f GiB decoded, over the %.1f GiB memory budget (%s): streaming them "
+                "(stream: auto)", field, what, need / 2**30, budget / 2**30, why,
+            )  # fmt: skip
+        from compress.data.user_stream import stream_datasets
+
+        return stream_datasets(
+            train, test, class_names, first, size=size, mean=mean, std=std, augment=augment, batch_size=batch_size,
+            eval_batch_size=eval_batch_size, field=field, workers=workers,
+        )  # fmt: skip
     if need > budget:
         raise CompressError(
-            f"{field}: {len(train)} + {len(test)} images of {'x'.join(map(str, first.shape))} would take "
-            f"{need / 2**30:.1f} GiB in memory, over the {budget / 2**30:.1f} GiB budget ({why}); every image "
-            "is decoded into memory (streaming from disk is a later feature): set a smaller image_size or use a subset"
+            f"{field}: {what} would take {need / 2**30:.1f} GiB in memory, over the {budget / 2**30:.1f} GiB "
+            f"budget ({why}); set stream: true (or auto) to read them while training, or a smaller image_size"
         )
     xs = {s: _decode(ds, s, first, size, len(class_names), field) for s, ds in (("train", train), ("test", test))}
     (train_x, train_y), (test_x, test_y) = xs["train"], xs["test"]
@@ -217,7 +232,7 @@ def _decode(
     x = torch.empty((len(ds), *first.shape), dtype=torch.uint8)
     y = torch.empty(len(ds), dtype=torch.long)
     for i in range(len(ds)):
-        img, label = _sample(ds, i, split, size, classes, field)
+        img, label = read_sample(ds, i, split, size, classes, field)
         if img.shape != first.shape:
             what = "channels" if img.shape[0] != first.shape[0] else "sizes"
             fix = "convert them to one mode" if what == "channels" else "set data.image_size"
@@ -227,77 +242,6 @@ def _decode(
             )
         x[i], y[i] = img, label
     return x, y
-
-
-def _sample(
-    ds: Any, i: int, split: str, size: tuple[int, int] | None, classes: int, field: str
-) -> tuple[torch.Tensor, int]:
-    where = f"{field}: {split}[{i}]"
-    try:
-        item = ds[i]
-    except Exception as exc:  # noqa: BLE001 - the user's dataset failed: one line naming the sample
-        raise CompressError(f"{where}: the dataset raised {type(exc).__name__}: {first_line(exc)}") from None
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        got = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else f"a {type(item).__name__}"
-        raise CompressError(f"{where} is {got}; expected (image, label)")
-    try:
-        image = image_tensor(item[0], size, where)
-    except CompressError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a truncated file, a decompression bomb, an odd mode: name the sample
-        raise CompressError(f"{where}: the image cannot be decoded ({type(exc).__name__}: {first_line(exc)})") from None
-    return image, _label(item[1], classes, where)
-
-
-def _label(label: Any, classes: int, where: str) -> int:
-    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
-        label = label.item()
-    if isinstance(label, np.integer):
-        label = int(label)
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise CompressError(f"{where}: the label is {label!r} ({type(label).__name__}); expected a class index")
-    if not 0 <= label < classes:
-        raise CompressError(f"{where}: label {label} is out of range for {classes} class names")
-    return label
-
-
-def image_tensor(img: Any, size: tuple[int, int] | None, where: str) -> torch.Tensor:
-    """A PIL image or a tensor as uint8 C×H×W, resized to ``size`` (height, width) when given."""
-    from PIL import Image
-
-    if isinstance(img, Image.Image):
-        img = img.convert("L" if img.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-        if size is not None and img.size != (size[1], size[0]):
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-        arr = np.asarray(img)
-        return torch.from_numpy(arr.copy()).reshape(arr.shape[0], arr.shape[1], -1).permute(2, 0, 1).contiguous()
-    if not isinstance(img, torch.Tensor):
-        raise CompressError(f"{where}: the image is a {type(img).__name__}; expected a PIL image or a torch tensor")
-    x = img.detach().cpu()
-    if x.ndim == 2:
-        x = x[None]
-    if x.ndim != 3:
-        raise CompressError(f"{where}: the image tensor has shape {tuple(img.shape)}; expected C×H×W or H×W")
-    if x.is_floating_point():
-        if not bool(torch.isfinite(x).all()):
-            raise CompressError(f"{where}: the float image holds NaN or infinite values")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-4 or hi > 1 + 1e-4:
-            raise CompressError(
-                f"{where}: float image values span [{lo:.3g}, {hi:.3g}]; expected [0, 1] (ToTensor's range) — "
-                "leave normalization out: the pipeline normalizes with data.mean/std"
-            )
-        x = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
-    elif x.dtype != torch.uint8:
-        if x.dtype == torch.bool or int(x.min()) < 0 or int(x.max()) > 255:
-            raise CompressError(f"{where}: {x.dtype} image values must be in 0..255")
-        x = x.to(torch.uint8)
-    if size is not None and tuple(x.shape[1:]) != size:
-        resized = torch.nn.functional.interpolate(
-            x[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
-        )
-        x = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    return x.contiguous()
 
 
 def chunked_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -19,7 +19,7 @@ from torch import nn
 from compress.checkpoint import build_from_spec
 from compress.config import moved
 from compress.context import Context
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.data.mixing import mixes
 from compress.distill import LOSSES, LossTerm
 from compress.distill.objective import DistillObjective, TeacherCache
@@ -147,7 +147,7 @@ class KD(BaseModel):
         return f"{names}{extra}{', cached teacher' if self.cache_teacher else ''}"
 
     # ------------------------------------------------------------------ preflight: before anything is written
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+    def preflight(self, models: dict[str, nn.Module], data: ImageData, field: str) -> None:
         """Build extra teachers (their checkpoints must fit), check every layer name and output rank
         with one dry forward, and check that caching teacher logits is correct for this data."""
         self._extra_teachers = {
@@ -183,7 +183,7 @@ class KD(BaseModel):
             )
         if self.cache_teacher:
             views = self.augment_views if data.augment else 1
-            need = TeacherCache.nbytes(views or 1, len(self.teachers) or 1, len(data.train_x), data.num_classes)
+            need = TeacherCache.nbytes(views or 1, len(self.teachers) or 1, data.train_size, data.num_classes)
             have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             if need > have // 4:
                 raise CompressError(
@@ -257,7 +257,7 @@ class KD(BaseModel):
         cache = None
         if self.cache_teacher:
             views = (self.augment_views or 1) if ctx.data.augment else 1
-            cache = TeacherCache(views, len(teachers), len(ctx.data.train_x), ctx.data.num_classes, ctx.device)
+            cache = TeacherCache(views, len(teachers), ctx.data.train_size, ctx.data.num_classes, ctx.device)
         objective = self.objective(
             student, ctx.teacher, ctx.example_input(2), field, cfg.precision, cfg.label_smoothing, cache
         )
@@ -300,7 +300,7 @@ class FineTune(BaseModel):
     def requirements(self) -> frozenset[str]:
         return self.kd.requirements() if self.kd is not None else frozenset()
 
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+    def preflight(self, models: dict[str, nn.Module], data: ImageData, field: str) -> None:
         if self.kd is not None:
             self.kd.preflight(models, data, f"{field}.kd")
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from compress.data import DataBundle
+from compress.data import ImageData
 
 #: our name -> onnxruntime.quantization.CalibrationMethod member
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "distribution": "Distribution"}
@@ -57,7 +57,7 @@ class BatchReader(_Ranged):
 
     def __init__(
         self,
-        data: DataBundle,
+        data: ImageData,
         input_name: str,
         batches: int,
         batch_size: int,
@@ -65,7 +65,7 @@ class BatchReader(_Ranged):
     ) -> None:
         self.data, self.input_name = data, input_name
         self.feed = feed or (lambda x: data.normalize(x.cpu()).numpy())
-        n = len(data.train_x)
+        n = data.train_size
         # Every batch the same size: ORT's histogram calibrators (entropy, percentile, distribution)
         # stack a chunk's batches into one array and fail on a short last batch. With fewer images
         # than batches * batch_size, the batches shrink instead (120 images, 4 x 32 -> 4 x 30).
@@ -90,7 +90,7 @@ class BatchReader(_Ranged):
 
     def _batch(self, i: int) -> np.ndarray:
         idx = self._index[i * self.batch_size : (i + 1) * self.batch_size]
-        return self.feed(self.data.train_x[idx])
+        return self.feed(self.data.raw("train", idx))
 
 
 class ArrayReader(_Ranged):

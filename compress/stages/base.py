@@ -21,7 +21,7 @@ from compress.registry import Registry
 
 if TYPE_CHECKING:
     from compress.context import Context
-    from compress.data import DataBundle
+    from compress.data import ImageData
 
 
 class Stage(BaseModel):
@@ -52,7 +52,7 @@ class Stage(BaseModel):
         """Per-instance needs: ``needs`` plus the components' (prune needs a teacher only with ``finetune.kd``)."""
         return self.needs.union(*(block.requirements() for _, block in self.components()))
 
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+    def preflight(self, models: dict[str, nn.Module], data: ImageData, field: str) -> None:
         """Check the recipe against the built models and data before anything is written.
 
         Raise CompressError naming ``field`` (e.g. ``stages.2``) for a user error that the schema

@@ -180,7 +180,7 @@ class Export(Stage):
     def apply(self, ctx: Context) -> dict[str, Any]:
         roles = ["student"] + (["teacher"] if self.teacher and ctx.teacher is not None else [])
         info = metadata.model_info(ctx.data, preprocess_in_graph=self.preprocess_in_graph, layout=self.input_layout)
-        raw = ctx.data.test_x[: min(self.parity_batch, len(ctx.data.test_x))].cpu()
+        raw = ctx.data.raw("test", range(min(self.parity_batch, ctx.data.test_size)))
         x, feed = ctx.data.normalize(raw), torch.from_numpy(info.prepare(raw.numpy(), layout="nchw"))
         metrics: dict[str, Any] = {"input": info.describe()}
         for role in roles:

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import Context
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.distill.kd import FINETUNE_MOVES, FineTune
 from compress.errors import StageFailed
 from compress.importance import needs_gradients
@@ -69,7 +69,7 @@ class Prune(Stage, StructuredOptions):
     def changes(self) -> tuple[str, ...]:
         return ("student",)
 
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+    def preflight(self, models: dict[str, nn.Module], data: ImageData, field: str) -> None:
         super().preflight(models, data, field)  # the finetune: block
         self.check_patterns(models["student"], field)
         student = models["student"].eval()

@@ -200,7 +200,7 @@ class QAT(Stage):
         assert fp32 is not None  # guaranteed by the recipe's stage-order check
         info = ModelInfo.from_metadata(metadata.read(fp32.path))
         student = copy.deepcopy(ctx.student).to("cpu")  # captured in train mode: BN folds in the loop
-        example = ctx.data.normalize(ctx.data.train_x[:2]).cpu()
+        example = ctx.data.normalize(ctx.data.raw("train", range(min(2, ctx.data.train_size)))).cpu()
         choice = choose(self.scheme)
         (ctx.log.info if choice.probe.exact else ctx.log.warning)("qat: scheme %s", choice.reason)
         scheme = choice.scheme
@@ -214,7 +214,7 @@ class QAT(Stage):
         model = converted(prepared.to("cpu"))
         out = fp32.path.with_name(f"{fp32.path.stem}.qat.onnx")
         tmp = out.with_name(f".{out.stem}.unchecked.onnx")
-        raw = ctx.data.test_x[: min(256, len(ctx.data.test_x))].cpu()
+        raw = ctx.data.raw("test", range(min(256, ctx.data.test_size)))
         feed = torch.from_numpy(info.prepare(raw.numpy(), layout="nchw"))
         try:
             wrapped = InGraphPreprocess(model, info) if info.preprocess_in_graph or info.layout == "nhwc" else model

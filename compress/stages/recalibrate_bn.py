@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from compress.context import Context
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.errors import CompressError
 from compress.stages.base import STAGES, Stage
 from compress.training import evaluate
@@ -37,7 +37,7 @@ class RecalibrateBN(Stage):
     def changes(self) -> tuple[str, ...]:
         return ("student",)
 
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+    def preflight(self, models: dict[str, nn.Module], data: ImageData, field: str) -> None:
         if not batch_norms(models["student"]):
             raise CompressError(f"{field}: the student has no BatchNorm layer with running statistics to recalibrate")
 

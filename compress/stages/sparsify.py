@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compress.context import Context
-from compress.data import DataBundle
+from compress.data import ImageData
 from compress.distill.kd import FINETUNE_MOVES, FineTune
 from compress.errors import CompressError
 from compress.pruning import unstructured as U
@@ -63,7 +63,7 @@ class Sparsify(Stage):
     def changes(self) -> tuple[str, ...]:
         return ("student",)
 
-    def preflight(self, models: dict[str, nn.Module], data: DataBundle, field: str) -> None:
+    def preflight(self, models: dict[str, nn.Module], data: ImageData, field: str) -> None:
         super().preflight(models, data, field)  # the finetune: block
         if not U.prunable(models["student"], self.ignore):
             raise CompressError(f"{field}.ignore: no Conv/Linear layer of the student is left to sparsify")
