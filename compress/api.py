@@ -200,6 +200,9 @@ def _data_block(data: Any, given: Any) -> dict[str, Any]:
     from compress.data.user import split_return, to_bundle
 
     if isinstance(data, ImageData):
+        for key in ("stream", "workers", "image_size"):
+            if key in options:
+                raise CompressError(f"data.{key}: data= is a ready {type(data).__name__}; it is used as it is")
         bundle = dataclasses.replace(data)
         for key in ("batch_size", "eval_batch_size", "augment", "mean", "std"):
             if key in options:

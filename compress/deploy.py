@@ -214,13 +214,14 @@ def load_image(path: str | Path, info: ModelInfo, resize: bool = True) -> np.nda
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raise DeployError(f"{path}: {im.mode} (16-bit or float) pixels; the model takes 8-bit images")
             im = im.convert(info.color_mode)
-            if im.size != (info.width, info.height):
-                if not resize:
+            if not resize:  # the pixels as they are, or refused
+                if im.size != (info.width, info.height):
                     raise DeployError(
                         f"{path}: image is {im.size[0]}x{im.size[1]}, the model takes {info.width}x{info.height} "
                         "(resizing is off)"
                     )
-            im = eval_view(im, info.height, info.width, info.resize_shorter)
+            else:
+                im = eval_view(im, info.height, info.width, info.resize_shorter)
             arr = np.asarray(im, dtype=np.uint8)
     except UnidentifiedImageError:
         raise DeployError(f"{path}: not an image Pillow can read") from None

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,10 @@ from PIL import Image
 from compress.cli import main
 from compress.data.imagefolder import ImageFolder
 from compress.data.stream import StreamBundle
-from compress.data.transforms import rrc_boxes
+from compress.data.transforms import TrainView
 from compress.deploy import ModelInfo, Predictor, find_images, load_image
 from compress.errors import CompressError
+from compress.recipe import load_recipe
 
 CLASSES = ("ants", "bees", "cats")
 
@@ -75,7 +78,7 @@ def test_streaming_gives_the_tensor_paths_pixels_batches_and_statistics(tree):
     assert [len(x) for x in raw] == [8, 8, 4] and raw[0].dtype == torch.uint8
 
 
-@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("stream", [False, True])
 def test_replayed_views_repeat_exactly_and_fresh_views_do_not(tree, stream):
     kw = {"workers": 2} if stream else {}
     data = ImageFolder(root=tree, image_size=32, stream=stream, batch_size=16, **kw).open()
@@ -92,13 +95,32 @@ def test_replayed_views_repeat_exactly_and_fresh_views_do_not(tree, stream):
     assert all(torch.equal(f1[j], again[j]) for j in f1)
 
 
-def test_random_resized_crop_boxes_stay_inside_and_cover_the_scale_range():
-    gen = torch.Generator().manual_seed(0)
-    top, left, h, w = rrc_boxes(4000, 60, 90, (0.08, 1.0), gen)
-    assert bool((top >= 0).all() and (left >= 0).all() and (top + h <= 60).all() and (left + w <= 90).all())
-    area = (h * w).float() / (60 * 90)
-    assert 0.06 < float(area.min()) < 0.12 and float(area.max()) > 0.9
-    assert 0.4 < float(area.median()) < 0.65  # uniform in [0.08, 1] before clamping
+def test_the_training_view_is_torchvisions_transform_seeded_per_image():
+    from torchvision.transforms import v2
+
+    img = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    ours = TrainView("random_resized", 32, 4, (0.08, 1.0), True, None)
+    theirs = v2.Compose([v2.RandomResizedCrop(32, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    for key in range(16):
+        torch.manual_seed(key)
+        assert torch.equal(ours(img, key), theirs(img))
+    pad = TrainView("pad", 32, 4, (1.0, 1.0), False, None, (120, 110, 100))
+    padded = pad(torch.zeros(3, 32, 32, dtype=torch.uint8), 5)
+    border = torch.cat([padded[:, 0], padded[:, -1], padded[:, :, 0], padded[:, :, -1]], 1)
+    assert {tuple(c) for c in border.T.tolist()} <= {(120, 110, 100), (0, 0, 0)}  # the mean colour pads
+
+
+@pytest.mark.parametrize("auto_augment", ["trivial", "randaugment"])
+def test_auto_augment_is_seeded_per_image_and_leaves_the_global_generator_alone(auto_augment):
+    img = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    plain = TrainView("random_resized", 32, 4, (0.5, 1.0), True, None)
+    augmented = TrainView("random_resized", 32, 4, (0.5, 1.0), True, auto_augment)
+    state = torch.random.get_rng_state()
+    views = [augmented(img, key) for key in range(12)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(v.shape == (3, 32, 32) and v.dtype == torch.uint8 for v in views)
+    assert all(torch.equal(v, augmented(img, key)) for key, v in enumerate(views))  # same key, same view
+    assert sum(not torch.equal(v, plain(img, key)) for key, v in enumerate(views)) >= 6  # the ops change pixels
 
 
 def test_the_exported_model_says_how_to_resize_and_a_deployer_gets_the_reports_top1(tree, tmp_path):
@@ -123,8 +145,13 @@ def test_the_exported_model_says_how_to_resize_and_a_deployer_gets_the_reports_t
     files = find_images([tree / "val"])
     labels = np.array([CLASSES.index(f.parent.name) for f in files])
     images = np.stack([load_image(f, predictor.info) for f in files])
-    top1 = float((predictor.logits(images).argmax(1) == labels).mean())
-    assert top1 == pytest.approx(onnx_row["accuracy"], abs=1e-9)
+    predicted = predictor.logits(images).argmax(1)
+    assert float((predicted == labels).mean()) == pytest.approx(onnx_row["accuracy"], abs=1e-9)
+    # ... and so does the fifteen-line example a deployer copies (onnxruntime + Pillow only)
+    script = Path(__file__).resolve().parent.parent / "examples" / "deploy_onnxruntime.py"
+    argv = [sys.executable, str(script), str(tmp_path / "run" / "model.onnx"), *map(str, files)]
+    lines = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120).stdout.splitlines()
+    assert [ln.split(": ")[1].split(" ")[0] for ln in lines] == [CLASSES[i] for i in predicted]
     # ... and the tensor-resident path trains the same model from the same batches: the same top-1
     recipe["data"] |= {"stream": False}
     del recipe["data"]["workers"]
@@ -133,6 +160,8 @@ def test_the_exported_model_says_how_to_resize_and_a_deployer_gets_the_reports_t
     assert main(["run", str(path), "--out", str(tmp_path / "mem"), "--quiet"]) == 0
     mem = json.loads((tmp_path / "mem" / "report.json").read_text())
     assert mem["artifacts"][0]["accuracy"] == report["artifacts"][0]["accuracy"]
+    for run in ("run", "mem"):  # what compress bench/export/--resume read back: every field, defaults too
+        load_recipe(tmp_path / run / "recipe.resolved.yaml", user_code=False)
 
 
 def test_eval_view_is_the_deployers_view_on_a_non_square_image(tree):
@@ -141,6 +170,26 @@ def test_eval_view_is_the_deployers_view_on_a_non_square_image(tree):
     path = data.test.path(3)
     assert Image.open(path).size[0] != Image.open(path).size[1]
     assert np.array_equal(data.raw("test", [3])[0].permute(1, 2, 0).numpy(), load_image(path, info))
+    square = Image.open(path).convert("RGB").resize((32, 32))
+    square.save(Path(data.test.path(3)).parent / "square.png")
+    as_is = load_image(Path(data.test.path(3)).parent / "square.png", info, resize=False)  # --no-resize
+    assert np.array_equal(as_is, np.asarray(square))
+    (Path(data.test.path(3)).parent / "square.png").unlink()
+
+
+def test_a_16_bit_png_decodes_to_8_bits_and_a_bad_one_is_named(tmp_path):
+    from compress.data.transforms import decode
+
+    deep = (np.arange(40 * 30 * 3).reshape(40, 30, 3) * 37 % 65536).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(deep[..., 0]).save(path)  # mode I;16
+    img = decode(str(path))
+    assert img.dtype == torch.uint8 and img.shape == (3, 40, 30)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    with pytest.raises(CompressError, match=r"^data.root: .*bad.jpg: cannot decode the image \(") as err:
+        decode(str(bad))
+    assert ".cpp" not in str(err.value)
 
 
 def test_auto_streams_what_exceeds_the_memory_budget_and_says_so(tree, monkeypatch, caplog):
@@ -149,8 +198,28 @@ def test_auto_streams_what_exceeds_the_memory_budget_and_says_so(tree, monkeypat
     with caplog.at_level("WARNING", logger="compress.data"):
         data = ImageFolder(root=tree, image_size=32, workers=0).open()
     assert data.streaming and "over the 0.0 GiB memory budget (COMPRESS_DATA_MAX_GB): streaming" in caplog.text
+    with pytest.raises(CompressError, match=r"^data.stream: 96 images at 32x32 would take .* set stream: true"):
+        ImageFolder(root=tree, image_size=32, stream=False).open()  # refused before decoding anything
     with pytest.raises(ValueError, match="workers: only streaming uses worker processes"):
         ImageFolder(root=tree, stream=False, workers=2)
+
+
+def test_an_archive_that_would_not_fit_is_refused_before_decoding(tree, tmp_path, monkeypatch):
+    import tarfile
+
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="tree")
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COMPRESS_DATA_MAX_GB", "0.0001")
+    with pytest.raises(CompressError, match=r"^data.stream: 96 images .* extract the archive to a folder to stream it"):
+        ImageFolder(root=archive, image_size=32).open()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    with pytest.raises(ValueError, match="is an archive; extract it to a folder to stream it"):
+        ImageFolder(root=archive, image_size=32, stream=True)
+    monkeypatch.delenv("COMPRESS_DATA_MAX_GB")
+    data = ImageFolder(root=archive, image_size=32).open()  # fits: decoded into memory, same pixels
+    assert torch.equal(data.raw("test", range(24)), ImageFolder(root=tree, image_size=32).open().raw("test", range(24)))
 
 
 def test_an_unreadable_file_is_named_before_training(tree, tmp_path, capsys):
@@ -168,8 +237,9 @@ def _write_recipe(tmp_path: Path, root: Path, workers: int) -> Path:
     recipe = {
         "name": "corrupt",
         "device": "cpu",
+        # mean/std given: computing them would decode the bad file at startup, not in a worker
         "data": {"name": "imagefolder", "root": str(root), "image_size": 32, "stream": True, "workers": workers,
-                 "batch_size": 8, "train_crop": "pad"},
+                 "batch_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3},
         "student": {"model": "resnet20"},
         "stages": [{"kind": "train", "epochs": 1, "optim": {"precision": "fp32"}}],
     }  # fmt: skip
@@ -187,7 +257,7 @@ def test_a_corrupt_jpeg_mid_epoch_is_one_line_naming_it(tmp_path, capsys, worker
     assert main(["run", str(_write_recipe(tmp_path, root, workers)), "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(victim) in err and "cannot decode the image" in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "DataLoader" not in err
 
 
 DYING = """
@@ -311,3 +381,51 @@ def test_cached_teacher_logits_need_replayed_views_when_streaming(tree, tmp_path
     stage = json.loads((tmp_path / "run" / "report.json").read_text())["stages"][0]["metrics"]
     assert "streaming 72 + 24 images" in (tmp_path / "run" / "train.log").read_text()
     assert len(stage["history"]) == 2  # both epochs trained, the second from cached logits
+
+
+def test_the_python_api_exports_quantizes_and_measures_on_streamed_data(tree, tmp_path):
+    import compress
+    from compress.models import build_model
+
+    block = {"name": "imagefolder", "root": str(tree), "image_size": 32, "eval_batch_size": 10}
+    streamed = compress.load_data(block | {"stream": True, "workers": 2})
+    memory = compress.load_data(block | {"stream": False})
+    assert streamed.streaming and not memory.streaming
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=3).eval()
+    exported = compress.export_onnx(model, tmp_path / "m.onnx", data=streamed)  # parity on streamed test images
+    assert exported.parity["argmax_agreement"] == 1.0
+    int8 = [compress.quantize_onnx(exported.path, d, out=tmp_path / f"q{i}.onnx", batches=2, batch_size=8)
+            for i, d in enumerate((streamed, memory))]  # fmt: skip
+    assert int8[0].calibration_images == int8[1].calibration_images == 16
+    weights = [{t.name: t.raw_data for t in onnx.load(str(q.path)).graph.initializer} for q in int8]
+    assert weights[0] == weights[1]  # the same calibration images, decoded by either path: the same scales
+    assert compress.measure(int8[0].path, streamed)["top1"] == compress.measure(int8[1].path, memory)["top1"]
+
+
+def test_compress_run_takes_streamed_data_and_quantize_views_a_folder_as_the_model_says(tree, tmp_path):
+    import compress
+    from compress.commands.quantize import data_config
+
+    streamed = compress.load_data({"name": "imagefolder", "root": str(tree), "image_size": 32, "stream": True})
+    recipe = {
+        "name": "api-stream",
+        "device": "cpu",
+        "data": {"name": "digits"},  # replaced by data=
+        "student": {"model": "resnet20"},
+        "stages": [{"kind": "train", "epochs": 1, "optim": {"precision": "fp32"}}],
+        "benchmark": {"batch_sizes": [1], "iters": 2, "warmup": 0, "devices": ["cpu"], "torch_snapshots": False},
+    }
+    result = compress.run(recipe, data=streamed, out=tmp_path / "run")
+    assert "data: streaming 72 + 24 images" in (result.run_dir / "train.log").read_text()
+    assert 0 <= result.artifacts[0].metrics["accuracy"] <= 1
+    with pytest.raises(CompressError, match="data.stream: data= is a ready StreamBundle"):
+        compress.run(recipe | {"data": {"stream": True}}, data=streamed, out=tmp_path / "again")
+    for shorter, expected in ((32, 32), (36, 36), (256, 256), (None, None)):
+        size = 32 if shorter is None or shorter < 100 else 224
+        cfg = data_config(str(tree), image_size=(size, size), resize_shorter=shorter)
+        assert cfg.shorter == expected
+    assert data_config(str(tree), image_size=(32, 32)).shorter == 36  # a plain ONNX file: the default view
+    for kw in ({"stream": False}, {"augment": False}, {"stream": True, "workers": 1}):
+        cfg = ImageFolder(root=tree, **kw)
+        assert ImageFolder(**cfg.model_dump()) == cfg  # a dumped config (recipe.resolved.yaml) validates again

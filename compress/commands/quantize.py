@@ -42,17 +42,23 @@ def data_config(
     channels: int | None = None,
     num_classes: int | None = None,
     field: str = "--data",
+    resize_shorter: int | None | bool = True,
 ) -> DatasetConfig:
     """DATA as the command line gives it -> the recipe's data config, validated by the recipe's own
-    data union: a registered dataset name (with ``--root`` where it takes one), an ImageFolder root
-    directory, or ``package.module:function`` (a user dataset). Fields the dataset has are filled from
-    what the model takes (image size, channels, classes); augmentation is off (nothing trains)."""
+        data union: a registered dataset name (with ``--root`` where it takes one), an ImageFolder root
+        directory, or ``package.module:function`` (a user dataset). Fields the dataset has are filled from
+        what the model takes (image size, channels, classes); augmentation is off (nothing trains). An image
+    folder is viewed as the model's metadata says (``resize_shorter``: the side to resize to before the
+    center crop; None: resized straight to the size); True: the folder's default view."""
     path = Path(spec)
     if path.is_dir():
         if root is not None:
             raise CompressError(f"{field}: {spec} is a folder already; drop --root")
         split = "val" if (path / "val").is_dir() else "test"
         raw: dict[str, Any] = {"name": "imagefolder", "root": str(path), "val_split": split}
+        if resize_shorter is not True and image_size is not None:
+            # floor(size / ratio) == resize_shorter exactly (the +0.5 keeps float rounding off the floor)
+            raw["crop_ratio"] = None if resize_shorter in (None, False) else image_size[0] / (resize_shorter + 0.5)
     else:
         raw = {"name": spec, **({"root": root} if root is not None else {})}
     known = DATASETS.entries.get(raw["name"])
@@ -155,7 +161,16 @@ def quantize(
     if model.resolve().is_relative_to(out):
         raise CompressError(f"--out: {out} holds {model.name}, which --overwrite would delete; choose another folder")
     classes = _classes(sess)
-    cfg = data_config(data, root=root, image_size=size, channels=channels, num_classes=classes)
+    view: dict[str, Any] = {"image_size": size}
+    if described:  # a compress model: the folder viewed as its evaluation was (size, resize + crop)
+        from compress.deploy import DeployError, ModelInfo, read_metadata
+
+        try:
+            info = ModelInfo.from_metadata(read_metadata(sess), str(model))
+        except DeployError as exc:
+            raise CompressError(str(exc)) from None
+        view = {"image_size": (info.height, info.width), "resize_shorter": info.resize_shorter}
+    cfg = data_config(data, root=root, channels=channels, num_classes=classes, **view)
     bundle = load_data(cfg)
     if size is not None and (channels or bundle.channels, *size) != tuple(bundle.input_shape):
         shape = "x".join(map(str, (channels or "C", *size)))

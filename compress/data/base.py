@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 
@@ -35,6 +35,14 @@ class DatasetConfig(BaseModel):
     cutmix: float = Field(0.0, ge=0, le=10, description="cutmix's Beta alpha while training (0: off)")
     mix_prob: float = Field(1.0, ge=0, le=1, description="share of training batches mixed, when mixup/cutmix is on")
     mix_switch: float = Field(0.5, ge=0, le=1, description="chance a mixed batch uses cutmix, when both are on")
+
+    @model_validator(mode="after")
+    def _mixing(self) -> DatasetConfig:
+        if not (self.mixup or self.cutmix) and (self.mix_prob, self.mix_switch) != (1.0, 0.5):
+            raise ValueError("mix_prob/mix_switch: no effect without mixup or cutmix")
+        if not (self.mixup and self.cutmix) and self.mix_switch != 0.5:
+            raise ValueError("mix_switch: chooses between mixup and cutmix; set both")
+        return self
 
     def load(self) -> ImageData:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -307,3 +315,18 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     xf = x.float().div(255.0).transpose(0, 1).reshape(x.shape[1], -1)
     std = xf.std(dim=1).clamp_min(1e-3)
     return tuple(xf.mean(dim=1).tolist()), tuple(std.tolist())
+
+
+def chunked_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of a uint8 N×C×H×W tensor in [0, 1] units, a chunk at a time (a float
+    copy of the whole split would take 4× its memory)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    squares = torch.zeros(x.shape[1], dtype=torch.float64)
+    for start in range(0, len(x), chunk):
+        part = x[start : start + chunk].double().div_(255.0)
+        total += part.sum(dim=(0, 2, 3))
+        squares += part.square().sum(dim=(0, 2, 3))
+    n = x.numel() // x.shape[1]
+    mean = total / n
+    std = (squares / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())

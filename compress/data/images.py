@@ -8,6 +8,7 @@ plain tensor file keyed by the source's path, size and mtime and loaded with ``w
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -41,11 +42,7 @@ def load_cached(
     all) is deleted and the images decoded again, with one warning line. The cache is written with
     :func:`compress.files.atomic_save`: a failed write is one CompressError line and leaves no temp file.
     """
-    stat = source.stat()
-    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{splits}|{image_size}"
-    if shorter is not None:  # resize the shorter side + center crop (compress.deploy.eval_view)
-        key += f"|shorter={shorter}"
-    path = cache_dir() / f"images-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    path = cache_path(source, splits, image_size, shorter)
     if path.exists():
         cached, why = _read_cache(path, splits)
         if cached is not None:
@@ -56,6 +53,26 @@ def load_cached(
     data = decode_tree(source, splits, image_size, field, shorter)
     atomic_save(data, path)
     return data
+
+
+def cache_path(source: Path, splits: tuple[str, ...], image_size: int | None, shorter: int | None = None) -> Path:
+    """Where :func:`load_cached` keeps the decoded tree: keyed by the source's path, size, mtime and the view."""
+    stat = source.stat()
+    key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{splits}|{image_size}"
+    if shorter is not None:  # resize the shorter side + center crop (compress.deploy.eval_view)
+        key += f"|shorter={shorter}"
+    return cache_dir() / f"images-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+
+
+def archive_images(source: Path) -> int:
+    """How many image files a tar archive holds (names only: one pass through the stream)."""
+    try:
+        with tarfile.open(source) as tar:
+            return sum(1 for m in tar if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CompressError(
+            f"data.root: {source} is neither a folder nor a readable tar archive ({first_line(exc)})"
+        ) from None
 
 
 def _read_cache(path: Path, splits: tuple[str, ...]) -> tuple[dict | None, str]:
@@ -123,36 +140,41 @@ def decode_tree(
     classes, found = index_tree(source, splits, field)
     out: dict = {"classes": classes}
     for split, items in found.items():
-        xs, ys = [], []
-        for where, read, label in items:
+        x = None  # preallocated at the first image: the split takes its decoded size, once
+        for i, (where, read, _) in enumerate(items):
             try:
                 with Image.open(io.BytesIO(read())) as im:
                     im = im.convert("RGB")
                     if image_size is not None:
                         im = eval_view(im, image_size, image_size, shorter)
-                    xs.append(np.asarray(im))
+                    arr = np.asarray(im)
             except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file: name it
                 raise CompressError(f"{field}: {where}: cannot decode the image ({why_undecodable(exc)})") from None
-            ys.append(label)
-        sizes = {x.shape for x in xs}
-        if len(sizes) != 1:
-            raise CompressError(
-                f"{field}: images in '{split}/' have different sizes {sorted(sizes)[:3]}; set image_size"
-            )
-        x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous()
-        out[split] = (x, torch.tensor(ys, dtype=torch.long))
+            if x is None:
+                x = torch.empty((len(items), arr.shape[2], arr.shape[0], arr.shape[1]), dtype=torch.uint8)
+            elif arr.shape[:2] != tuple(x.shape[2:]):
+                raise CompressError(
+                    f"{field}: images in '{split}/' have different sizes ({arr.shape[1]}x{arr.shape[0]} at {where}, "
+                    f"{x.shape[3]}x{x.shape[2]} before); set image_size"
+                )
+            x[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # Pillow's buffer is read-only
+        out[split] = (x, torch.tensor([label for _, _, label in items], dtype=torch.long))
     return out
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _walk(source: Path) -> Iterator[tuple[tuple[str, ...], str, callable]]:
     """Yield (path parts, where (a path, or archive:member), reader) for every file in a folder or a tar archive."""
     if source.is_dir():
         for dirpath, _, names in os.walk(source):
-            base = Path(dirpath)
-            rel = base.relative_to(source).parts
-            for name in names:
-                p = base / name
-                yield (*rel, name), str(p), p.read_bytes
+            rel = Path(dirpath).relative_to(source).parts
+            for name in names:  # plain strings, the reader made on use: a million files stay a few hundred MB
+                where = os.path.join(dirpath, name)
+                yield (*rel, name), where, functools.partial(_read, where)
         return
     try:
         tar = tarfile.open(source)

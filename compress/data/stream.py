@@ -2,9 +2,11 @@
 fit in memory (ImageNet at 224² is ~190 GB as uint8), behind the interface of :class:`ImageData`.
 
 A split is a :class:`Source`: a length, int64 labels, and per image its evaluation view (uint8
-C x S x S) and, for ``random_resized`` training crops, its full decoded image. Workers return uint8
-tensors (a quarter of float32 through shared memory); batches are normalized in the main process,
-as the tensor-resident path does. Order and sharding are exactly the tensor-resident path's: a
+C x S x S) and, for ``random_resized`` training crops, its full decoded image. Training batches are
+normalized in the workers, in parallel with the training step, as torchvision's reference loaders do
+(measured: benchmarks/results/data_throughput.md); evaluation batches (500 images by default) travel
+as uint8, a quarter of float32's shared memory, and are normalized in the main process.
+Order and sharding are exactly the tensor-resident path's: a
 ``DistributedSampler`` whose seed is the one :class:`~compress.data.base.TensorLoader` draws its
 permutation from, so under ``torchrun`` each rank takes every world-th image of one permutation
 (``set_epoch`` reshuffles) and the two paths see the same batches. Every sample carries its own
@@ -57,9 +59,11 @@ def memory_budget() -> tuple[int, str]:
 
 
 def default_workers() -> int:
-    """DataLoader worker processes when ``workers`` is not set: one per core, at most 8."""
+    """DataLoader worker processes when ``workers`` is not set: one per core, at most 8, shared by the
+    processes torchrun starts on this machine (LOCAL_WORLD_SIZE), so ranks do not oversubscribe it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores))
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(8, cores // local))
 
 
 class Source:
@@ -157,6 +161,23 @@ class _Keyed:
             yield batch
 
 
+def stack_images(items: list[tuple[Tensor, int, int]]) -> Tensor:
+    """The batch's uint8 images as one tensor; an image of another shape or type is one line naming it."""
+    first = items[0][0]
+    for img, _, i in items:
+        if img.shape != first.shape or img.dtype != torch.uint8:
+            raise CompressError(
+                f"data: image {i} is {img.dtype} {tuple(img.shape)}, the batch's first is uint8 {tuple(first.shape)}; "
+                "set data.image_size (every image must have one size)"
+            )
+    return torch.stack([img for img, _, _ in items])
+
+
+def _collate_raw(items: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    y = torch.tensor([label for _, label, _ in items], dtype=torch.long)
+    return stack_images(items), y, torch.tensor([i for _, _, i in items], dtype=torch.long)
+
+
 class _Collate:
     """Stack and normalize a batch where it was decoded (in a worker, in parallel with training),
     as torchvision's reference loaders do; the arithmetic is ImageData.normalize's."""
@@ -165,7 +186,7 @@ class _Collate:
         self.mean, self.std = mean, std
 
     def __call__(self, items: list[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor]:
-        x = torch.stack([img for img, _, _ in items])
+        x = stack_images(items)
         y = torch.tensor([label for _, label, _ in items], dtype=torch.long)
         return normalize(x, self.mean, self.std), y, torch.tensor([i for _, _, i in items], dtype=torch.long)
 
@@ -192,7 +213,11 @@ def worker_error(exc: BaseException) -> str:
     found = re.findall(r"CompressError: (.+)", text)
     if found:
         return found[-1].strip()
-    if "exited unexpectedly" in text or "DataLoader worker" in text:
+    caught = re.match(r"Caught (\w+) in DataLoader worker process", text)
+    if caught:  # the worker's own exception: its last line, which names what failed
+        lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+        return f"data: a loader worker failed: {lines[-1] if lines else caught.group(1)}"
+    if "exited unexpectedly" in text:
         died = re.search(r"\(pids?\(?s?\)? ([\d, ]+)\) exited unexpectedly(?: with exit code (-?\d+))?", text)
         how = f"pid {died.group(1)}, exit code {died.group(2)}" if died and died.group(2) else first_line(exc)[:80]
         return f"data: a loader worker died ({how}); lower data.workers, or set workers: 0 to see the cause"
@@ -224,13 +249,14 @@ class StreamLoader:
         self._loader = DataLoader(
             _Samples(source, view),
             batch_sampler=self._batches,
-            collate_fn=_Collate(bundle.mean, bundle.std) if normalize else None,
+            # training batches normalized where decoded (in parallel with the step); evaluation batches
+            # (eval_batch_size, 500 by default) travel as uint8, a quarter of the shared memory
+            collate_fn=_Collate(bundle.mean, bundle.std) if normalize and seed is not None else _collate_raw,
             num_workers=workers,
             pin_memory=bundle.device.type == "cuda",
             persistent_workers=workers > 0 and seed is not None,
             worker_init_fn=_worker_init if workers > 0 else None,
             timeout=WORKER_TIMEOUT if workers > 0 else 0,
-            prefetch_factor=4 if workers > 0 else None,
         )
 
     def __len__(self) -> int:
@@ -262,11 +288,13 @@ class StreamLoader:
                 x, y, idx = next(it)
             except StopIteration:
                 return
-            except CompressError:
+            except CompressError as exc:  # DataLoader rebuilds a worker's error with its traceback
+                if "DataLoader worker process" in str(exc):
+                    raise CompressError(worker_error(exc)) from None
                 raise
             except Exception as exc:  # noqa: BLE001 - a worker's exception or death, re-raised by DataLoader
                 raise CompressError(worker_error(exc)) from None
-            yield x, y, idx
+            yield (self.bundle.normalize(x) if self.normalize and x.dtype == torch.uint8 else x), y, idx
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y, _ in self.batches():

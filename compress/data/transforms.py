@@ -7,17 +7,18 @@ ONNX metadata says feeds the model exactly the pixels the report's top-1 was mea
 
 Training (``train_crop``): ``pad`` is a random crop of the zero-padded image plus a flip (CIFAR's);
 ``random_resized`` is Inception's RandomResizedCrop (area fraction in ``scale``, aspect ratio in
-3/4..4/3) plus a flip, then optionally TrivialAugment or RandAugment, all from
-``torchvision.transforms.v2`` on uint8 tensors. The crop boxes are drawn by :func:`rrc_boxes`, from a
-``torch.Generator`` seeded per image (seed, epoch or replayed view, index), in both paths: the same
-seed gives the same views on any number of workers, and a resumed run sees the images it would have.
+3/4..4/3) plus a flip, then optionally TrivialAugment or RandAugment: ``torchvision.transforms.v2``'s
+own, on uint8 tensors, their draws seeded per image (seed, epoch or replayed view, index), so the
+same seed gives the same views on any number of workers, and a resumed run sees what it would have.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,20 +43,9 @@ def sample_key(seed: int, which: int, index: int) -> int:
     return (seed * 1_000_003 + which * 7_919 + index * 104_729 + 12_345) % (2**63 - 1)
 
 
-def rrc_boxes(
-    n: int, height: int, width: int, scale: tuple[float, float], gen: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(top, left, h, w) of ``n`` RandomResizedCrop boxes in an image of height x width: the area a
-    uniform fraction in ``scale``, the aspect ratio log-uniform in 3/4..4/3, clamped into the image
-    (where torchvision redraws up to 10 times, clamping keeps this vectorized; same ranges)."""
-    area = height * width * torch.empty(n).uniform_(scale[0], scale[1], generator=gen)
-    log_r = torch.empty(n).uniform_(math.log(RATIO[0]), math.log(RATIO[1]), generator=gen)
-    r = torch.exp(log_r)
-    w = torch.sqrt(area * r).round().clamp(1, width).long()
-    h = torch.sqrt(area / r).round().clamp(1, height).long()
-    top = (torch.rand(n, generator=gen) * (height - h + 1)).floor().long()
-    left = (torch.rand(n, generator=gen) * (width - w + 1)).floor().long()
-    return top, left, h, w
+def mean_fill(mean: tuple[float, ...] | list[float]) -> tuple[int, ...]:
+    """The uint8 pixel of the mean colour (what a normalized zero is)."""
+    return tuple(int(round(m * 255)) for m in mean)
 
 
 def auto_augment_op(kind: str | None) -> Callable[[Tensor], Tensor] | None:
@@ -77,36 +67,38 @@ class TrainView:
         scale: tuple[float, float],
         flip: bool,
         auto_augment: str | None,
+        fill: tuple[int, ...] = (0,),
     ) -> None:
         self.crop, self.size, self.pad, self.scale, self.flip = crop, size, pad, scale, flip
         self.auto_augment = auto_augment
-        self._aa: Callable[[Tensor], Tensor] | None = None
+        self.fill = fill
+        self._ops: Callable[[Tensor], Tensor] | None = None
 
     def __call__(self, img: Tensor, key: int) -> Tensor:
-        """uint8 C x H x W (the full decoded image for random_resized, the evaluation view for pad)."""
-        from torchvision.transforms.v2 import functional as TF
+        """uint8 C x H x W (the full decoded image for random_resized, the evaluation view for pad).
 
-        gen = torch.Generator().manual_seed(key)
-        if self.crop == "random_resized":
-            top, left, h, w = (int(t) for t in rrc_boxes(1, img.shape[1], img.shape[2], self.scale, gen))
-            img = TF.resized_crop(img, top, left, h, w, [self.size, self.size], antialias=True)
-        else:
-            p = self.pad
-            dy, dx = (int(v) for v in torch.randint(0, 2 * p + 1, (2,), generator=gen))
-            padded = torch.nn.functional.pad(img, (p, p, p, p))
-            img = padded[:, dy : dy + img.shape[1], dx : dx + img.shape[2]]
-        if self.flip and bool(torch.rand(1, generator=gen) < 0.5):
-            img = img.flip(2)
-        if self.auto_augment is not None:
-            if self._aa is None:
-                self._aa = auto_augment_op(self.auto_augment)
-            with torch.random.fork_rng(devices=[]):  # v2's ops draw from the global generator
-                torch.manual_seed(key + 1)
-                img = self._aa(img)
-        return img.contiguous()
+        torchvision's own transforms and parameter draws (RandomResizedCrop's ten tries and centre
+        fallback, the flip's coin, the auto-augment ops), drawn from the global generator seeded with
+        ``key``, then put back: the caller's random state is left as it was."""
+        from torchvision.transforms import v2
+
+        if self._ops is None:
+            if self.crop == "random_resized":
+                crop: Any = v2.RandomResizedCrop(self.size, scale=self.scale, ratio=RATIO, antialias=True)
+            else:
+                crop = v2.RandomCrop(img.shape[1:], padding=self.pad, fill=self.fill)
+            ops = [crop, *([v2.RandomHorizontalFlip()] if self.flip else [])]
+            self._ops = v2.Compose([*ops, *([auto_augment_op(self.auto_augment)] if self.auto_augment else [])])
+        gen = torch.default_generator  # not torch.manual_seed: it also seeds every accelerator (~120 us)
+        state = gen.get_state()
+        try:
+            gen.manual_seed(key)
+            return self._ops(img).contiguous()
+        finally:
+            gen.set_state(state)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_aa": None}
+        return {**self.__dict__, "_ops": None}
 
 
 def why_undecodable(exc: BaseException) -> str:
@@ -115,7 +107,11 @@ def why_undecodable(exc: BaseException) -> str:
 
     if isinstance(exc, UnidentifiedImageError):
         return "not an image Pillow can read"
-    return first_line(exc)
+    # torchvision's decoders name their C++ source ("... /__w/vision/.../decode_jpeg.cpp:171 ..."): drop it
+    return (
+        re.sub(r"\s*\(?(Exception raised from|/__w/|\S+\.cpp:\d+)[^)]*\)?", "", first_line(exc)).strip()
+        or type(exc).__name__
+    )
 
 
 def decode(path: str, mode: str = "RGB") -> Tensor:
@@ -125,7 +121,10 @@ def decode(path: str, mode: str = "RGB") -> Tensor:
         if DECODER == "torchvision" and mode == "RGB" and path.lower().endswith((".jpg", ".jpeg", ".png")):
             from torchvision.io import ImageReadMode, decode_image, read_file
 
-            return decode_image(read_file(path), mode=ImageReadMode.RGB)
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)
+            if img.dtype == torch.uint8:
+                return img
+            # a 16-bit PNG: Pillow converts it to 8 bits, as the evaluation view does
         from PIL import Image
 
         with Image.open(path) as im:

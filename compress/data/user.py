@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from compress import userpath
 from compress.data import DATASETS
-from compress.data.base import DataBundle, DatasetConfig, ImageData
+from compress.data.base import DataBundle, DatasetConfig, ImageData, chunked_stats
 from compress.data.samples import read_sample
 from compress.data.stream import memory_budget
 from compress.errors import CompressError, first_line
@@ -39,7 +39,7 @@ USER_DATASET = "package.module:function"
 @DATASETS.register(USER_DATASET)
 class UserDataset(DatasetConfig):
     """Your own function (``name: mypkg.data:load``) returning train/test Datasets of (image, label)
-    plus class names; decoded once into memory, resized to image_size."""
+    plus class names; resized to image_size, in memory or streamed (stream: auto decides by memory)."""
 
     name: str = Field(description="'package.module:function', imported from the recipe's folder, then the cwd")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the function")
@@ -87,7 +87,7 @@ class UserDataset(DatasetConfig):
         except Exception as exc:  # noqa: BLE001 - the user's function failed: their bug, one line
             what = f"{type(exc).__name__}: {first_line(exc)}"
             raise CompressError(f"data.name: {self.name}(**kwargs) raised {what}") from None
-        if isinstance(out, DataBundle):
+        if isinstance(out, ImageData):
             return self._adjust(out)
         train, test, names = split_return(out, f"data.name: {self.name!r} returned")
         return to_bundle(
@@ -104,17 +104,20 @@ class UserDataset(DatasetConfig):
             workers=self.workers,
         )
 
-    def _adjust(self, bundle: DataBundle) -> DataBundle:
+    def _adjust(self, bundle: ImageData) -> ImageData:
         """A DataBundle is used as it is, except for the settings the recipe gives explicitly."""
-        if "image_size" in self.model_fields_set:
+        if self.image_size is not None:
             raise CompressError(f"data.image_size: {self.name!r} returns a DataBundle, which is not resized")
-        for key in ("stream", "workers"):
-            if key in self.model_fields_set:
-                raise CompressError(f"data.{key}: {self.name!r} returns a DataBundle, which is in memory already")
+        if self.stream is not (out_streaming := bundle.streaming) and self.stream != "auto":
+            form = "streams already" if out_streaming else "is in memory already"
+            raise CompressError(f"data.stream: {self.name!r} returns a {type(bundle).__name__}, which {form}")
+        if self.workers is not None and not out_streaming:
+            raise CompressError(f"data.workers: {self.name!r} returns a DataBundle, which is in memory already")
         for key in ("batch_size", "eval_batch_size", "augment", "mean", "std"):
             if key in self.model_fields_set:
                 setattr(bundle, key, getattr(self, key))
-        bundle.__post_init__()  # mean/std must still fit the channels
+        if len(bundle.mean) != bundle.channels or len(bundle.std) != bundle.channels:
+            raise CompressError(f"data.mean: {len(bundle.mean)} values for {bundle.channels}-channel images")
         return bundle
 
 
@@ -242,21 +245,6 @@ def _decode(
             )
         x[i], y[i] = img, label
     return x, y
-
-
-def chunked_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std of a uint8 N×C×H×W tensor in [0, 1] units, a chunk at a time (a float
-    copy of the whole split would take 4× its memory)."""
-    total = torch.zeros(x.shape[1], dtype=torch.float64)
-    squares = torch.zeros(x.shape[1], dtype=torch.float64)
-    for start in range(0, len(x), chunk):
-        part = x[start : start + chunk].double().div_(255.0)
-        total += part.sum(dim=(0, 2, 3))
-        squares += part.square().sum(dim=(0, 2, 3))
-    n = x.numel() // x.shape[1]
-    mean = total / n
-    std = (squares / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 class BatchLoader:

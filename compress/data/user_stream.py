@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.data.base import channel_stats
+from compress.data.base import chunked_stats
 from compress.data.samples import read_sample
 from compress.data.stream import STATS_IMAGES, Source, StreamBundle, default_workers
-from compress.data.transforms import TrainView
+from compress.data.transforms import TrainView, mean_fill
 from compress.errors import CompressError
 
 
@@ -52,7 +52,7 @@ def stream_datasets(
     sources = {s: DatasetSource(ds, size, s, k, field) for s, ds in (("train", train), ("test", test))}
     if mean is None or std is None:
         idx = np.linspace(0, len(train) - 1, min(STATS_IMAGES, len(train))).astype(np.int64)
-        mean, std = channel_stats(torch.stack([sources["train"].eval_view(int(i)) for i in idx]))
+        mean, std = chunked_stats(torch.stack([sources["train"].eval_view(int(i)) for i in idx]))
     channels, height, width = first.shape
     if len(mean) != channels or len(std) != channels:
         raise CompressError(f"{field}.mean: {len(mean)} values for {channels}-channel images; give one per channel")
@@ -65,7 +65,7 @@ def stream_datasets(
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         shape=(channels, height, width),
-        train_view=TrainView("pad", min(height, width), pad, (1.0, 1.0), True, None),
+        train_view=TrainView("pad", min(height, width), pad, (1.0, 1.0), True, None, mean_fill(mean)),
         augment=augment,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
