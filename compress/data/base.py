@@ -302,12 +302,14 @@ def crop_flip(x: Tensor, pad: int, dy: Tensor | None, dx: Tensor | None, flip: T
     return x.contiguous()
 
 
-def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...], out: Tensor | None = None) -> Tensor:
     """uint8 NCHW -> float (x / 255 - mean) / std: the exported graph's preprocessing op for op, in
-    place on one new tensor (three allocations per batch cost more than the arithmetic at 224²)."""
+    place on one new tensor (three allocations per batch cost more than the arithmetic at 224²), or
+    into ``out``."""
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return x.float().div_(255.0).sub_(m).div_(s)
+    y = x.float() if out is None else out.copy_(x)
+    return y.div_(255.0).sub_(m).div_(s)
 
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
