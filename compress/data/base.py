@@ -97,9 +97,6 @@ class ImageData:
         """A real, normalized test batch (for tracing, export and parity checks)."""
         return self.normalize(self.raw("test", range(min(batch_size, self.test_size))))
 
-    def size(self, split: str) -> int:
-        return self.test_size if split == "test" else self.train_size
-
 
 @dataclass
 class DataBundle(ImageData):

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from compress.data.base import ImageData, normalize
-from compress.data.transforms import TrainView, sample_key
+from compress.data.transforms import TrainView, decode, eval_image, sample_key
 from compress.errors import CompressError, first_line
 
 #: decoded images may take at most this fraction of the machine's memory (env COMPRESS_DATA_MAX_GB overrides)
@@ -106,8 +106,6 @@ class FileSource(Source):
         return self.paths[i].decode()
 
     def sample(self, i: int, view: TrainView | None, key: int | None) -> tuple[Tensor, int]:
-        from compress.data.transforms import decode, eval_image
-
         if view is None or key is None:
             img = eval_image(self.path(i), self.size, self.shorter, self.mode)
         elif view.crop == "random_resized":  # crop the full decoded image, not the evaluation view

@@ -108,10 +108,10 @@ class UserDataset(DatasetConfig):
         """A DataBundle is used as it is, except for the settings the recipe gives explicitly."""
         if self.image_size is not None:
             raise CompressError(f"data.image_size: {self.name!r} returns a DataBundle, which is not resized")
-        if self.stream is not (out_streaming := bundle.streaming) and self.stream != "auto":
-            form = "streams already" if out_streaming else "is in memory already"
+        if self.stream != "auto" and self.stream is not bundle.streaming:
+            form = "streams already" if bundle.streaming else "is in memory already"
             raise CompressError(f"data.stream: {self.name!r} returns a {type(bundle).__name__}, which {form}")
-        if self.workers is not None and not out_streaming:
+        if self.workers is not None and not bundle.streaming:
             raise CompressError(f"data.workers: {self.name!r} returns a DataBundle, which is in memory already")
         for key in ("batch_size", "eval_batch_size", "augment", "mean", "std"):
             if key in self.model_fields_set:
