@@ -139,6 +139,33 @@ def evaluate(
     return correct / max(total, 1)
 
 
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def reestimate_bn(model: nn.Module, loader: Any, device: torch.device, batches: int) -> int:
+    """Re-measure every BatchNorm's running statistics on up to ``batches`` batches of ``loader``
+    (train mode, no gradients, a cumulative average so every batch counts the same); the model ends
+    in eval mode. Returns the batches seen. After pruning, the stored statistics describe the network
+    as it was (AdaBN / NetAdapt-style recalibration)."""
+    layers = batch_norms(model)
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for seen, (x, _) in enumerate(loader, start=1):
+            model(x.to(device))
+            if seen == batches:
+                break
+    for m, momentum in zip(layers, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+    return seen
+
 def _lr_lambda(cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
     total = max(1, steps_per_epoch * epochs)
     warm = int(cfg.warmup_epochs * steps_per_epoch)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
@@ -18,11 +17,7 @@ from compress.context import Context
 from compress.data import ImageData
 from compress.errors import CompressError
 from compress.stages.base import STAGES, Stage
-from compress.training import evaluate
-
-
-def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+from compress.training import batch_norms, evaluate, reestimate_bn
 
 
 @STAGES.register("recalibrate_bn")
@@ -45,20 +40,7 @@ class RecalibrateBN(Stage):
         model = ctx.student.to(ctx.device)
         before = evaluate(model, ctx.data.eval_loader("test"), ctx.device)
         layers = batch_norms(model)
-        momenta = [m.momentum for m in layers]
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average: every batch counts the same
-        model.train()
-        seen = 0
-        with torch.no_grad():
-            for seen, (x, _) in enumerate(ctx.data.train_loader(seed=ctx.recipe.seed, augment=False), start=1):
-                model(x.to(ctx.device))
-                if seen == self.batches:
-                    break
-        for m, momentum in zip(layers, momenta, strict=True):
-            m.momentum = momentum
-        model.eval()
+        seen = reestimate_bn(model, ctx.data.train_loader(seed=ctx.recipe.seed, augment=False), ctx.device, self.batches)
         after = evaluate(model, ctx.data.eval_loader("test"), ctx.device)
         ctx.log.info("recalibrate_bn: %d layers, %d batches: test_acc %.4f -> %.4f", len(layers), seen, before, after)
         return {"layers": len(layers), "batches": seen, "test_acc_before": before, "test_acc": after}
