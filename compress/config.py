@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import CompressError
 from compress.models import ModelSpec
@@ -34,6 +34,17 @@ class BenchmarkConfig(BaseModel):
     devices: list[Literal["cpu", "cuda"]] = Field(default_factory=lambda: ["cpu", "cuda"], min_length=1)
     torch_snapshots: bool = Field(True, description="also time every intermediate torch student")
     torch_compile: bool = Field(False, description="also time torch models under torch.compile (slow to compile)")
+    runtimes: list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]] = Field(
+        default_factory=lambda: ["onnxruntime"],
+        min_length=1,
+        description="runtimes to time ONNX files on, on CPU (compress.bench.runtimes: onnxruntime, openvino); "
+        "each must be known and installed (compress.bench.runtimes.check)",
+    )
+
+    @field_validator("runtimes")
+    @classmethod
+    def _once_each(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))
 
 
 class RecipeBase(BaseModel):

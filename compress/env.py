@@ -58,6 +58,17 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def openvino_version() -> str | None:
+    """The installed OpenVINO (an optional second CPU runtime, compress.bench.runtimes), from the package
+    metadata: importing it costs a third of a second."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("openvino")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment(threads: int | list[int] | None) -> dict[str, Any]:
     import onnxruntime
 
@@ -67,6 +78,7 @@ def environment(threads: int | list[int] | None) -> dict[str, Any]:
     return {
         **library_versions(),
         "onnxruntime_providers": onnxruntime.get_available_providers(),
+        "openvino": openvino_version(),  # None: not installed
         "platform": platform.platform(),
         "cpu": cpu_model(),
         # INT8 exactness and bf16 speed depend on these (quantization.schemes; training precision auto)

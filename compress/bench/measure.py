@@ -1,17 +1,16 @@
 """Measure every artifact the same way: top-1/top-5, bytes, params, nonzero params, MACs, memory, latency.
 
 Latency follows the usual discipline: fixed thread counts (recorded as the runtime reports them),
-warm-up runs, then ``iters`` timed runs of one batch each under ``inference_mode`` (torch) or a
-plain ``session.run`` (ORT). On CUDA the input already sits on the GPU (ORT through IO binding) and
-every call is synchronized, so host<->device copies are excluded, and the row says so. We report
-p50/p90/p99/mean/std and throughput (images/s at p50), and flag rows whose spread says the machine
-was busy.
+warm-up runs, then ``iters`` timed runs of one batch each under ``inference_mode`` (torch) or of one
+runner call (ONNX on CPU, on every runtime ``benchmark.runtimes`` lists: compress.bench.runtimes). On
+CUDA the input already sits on the GPU (ORT through IO binding) and every call is synchronized, so
+host<->device copies are excluded, and the row says so. We report p50/p90/p99/mean/std and throughput
+(images/s at p50), and flag rows whose spread says the machine was busy.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,11 +19,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from compress.bench import runtimes
+from compress.bench.runtimes import time_calls
 from compress.bench.size import file_bytes, gzip_bytes, onnx_macs, onnx_weight_counts, peak_rss
 from compress.context import Artifact
 from compress.data import ImageData
 from compress.deploy import int8_portability, read_metadata
-from compress.errors import first_line
+from compress.errors import CompressError, first_line
 from compress.metadata import feeder
 from compress.onnx_utils import run, session
 from compress.pruning.structured import count
@@ -43,19 +44,6 @@ def percentiles(samples_ms: list[float], batch_size: int) -> dict[str, float]:
         "std_ms": float(a.std()),
         "throughput": float(batch_size / (p50 / 1000.0)) if p50 > 0 else float("inf"),
     }
-
-
-def time_calls(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], None] = lambda: None) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    sync()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter_ns()
-        fn()
-        sync()
-        out.append((time.perf_counter_ns() - t0) / 1e6)
-    return out
 
 
 @contextlib.contextmanager
@@ -134,11 +122,16 @@ def _onnx_topk(sess: ort.InferenceSession, feed: Callable, data: ImageData, imag
 
 
 # --------------------------------------------------------------------------- latency
-def _ort_targets(device: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """[(runtime label, session device)] for ORT on ``device``, and notes for what is unavailable."""
-    providers = ort.get_available_providers()
+def _onnx_targets(device: str, names: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """[(runtime label, session device)] for an ONNX file on ``device``, and notes for what is unavailable:
+    on CPU each runtime ``names`` lists (``benchmark.runtimes``); on CUDA ORT's GPU providers."""
     if device == "cpu":
-        return [("onnxruntime", "cpu")], []
+        missing = {n: why for n in names if n in runtimes.RUNTIMES and (why := runtimes.RUNTIMES.get(n).available())}
+        unknown = [n for n in names if n not in runtimes.RUNTIMES]
+        notes = [f"cpu: {why}; not measured" for why in missing.values()]
+        notes += [f"cpu: {runtimes.RUNTIMES.unknown_message(n)}; not measured" for n in unknown]
+        return [(n, "cpu") for n in names if n not in missing and n not in unknown], notes
+    providers = ort.get_available_providers()
     targets, notes = [], []
     if "CUDAExecutionProvider" in providers:
         targets.append(("onnxruntime-cuda", "cuda"))
@@ -222,7 +215,7 @@ def latency_rows(
         if art.format == "torch":
             targets = [("torch", device)] + ([("torch-compile", device)] if bench.torch_compile else [])
         else:
-            targets, missing = _ort_targets(device)
+            targets, missing = _onnx_targets(device, list(getattr(bench, "runtimes", ["onnxruntime"])))
             notes += missing
         # Thread counts matter on CPU; a GPU run uses one host thread setting (the first).
         counts = thread_counts(bench.threads)
@@ -249,6 +242,13 @@ def latency_rows(
                                 notes.append(f"{art.name}: {why}")
                                 continue
                         samples, used = _time_torch(model, x, device, bench.warmup, bench.iters, threads)
+                    elif device == "cpu":  # every CPU runtime timed the same way (runtimes.timed)
+                        feed = feed_of(raw_batch(data, bs))
+                        try:
+                            samples, used = runtimes.timed(art.path, feed, runtime, threads, bench.warmup, bench.iters)
+                        except CompressError as exc:  # e.g. a graph OpenVINO cannot compile: the others still run
+                            notes.append(f"{art.name} ({runtime}): {exc}; not measured")
+                            break
                     else:
                         feed = feed_of(raw_batch(data, bs))
                         timed = time_ort(art.path, feed, target, threads, bench.warmup, bench.iters)

@@ -64,13 +64,28 @@ def _reference(arts: list[dict[str, Any]], fmt: str) -> dict[str, Any] | None:
     return teachers[-1] if teachers else None
 
 
+def cpu_runtimes(arts: list[dict[str, Any]]) -> list[str]:
+    """The runtimes ONNX files were timed on, on CPU, in the order they were timed (benchmark.runtimes)."""
+    names = [r["runtime"] for a in arts if a["format"] == "onnx" for r in a["latency"] if r["device"] == "cpu"]
+    return list(dict.fromkeys(names))
+
+
+def _runtime_p50(art: dict[str, Any], runtime: str, bs: int) -> float | None:
+    rows = (r for r in art["latency"] if r["device"] == "cpu" and r["runtime"] == runtime and r["batch_size"] == bs)
+    return next((r["p50_ms"] for r in rows), None)
+
+
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per artifact. ``CPU p50`` is each artifact's first CPU row (ONNX: the first runtime listed);
+    where ONNX files were timed on several runtimes, one more column per batch size for each other one."""
     arts = report["artifacts"]
     batch_sizes = report["recipe"]["benchmark"]["batch_sizes"]
+    others = cpu_runtimes(arts)[1:]
     has = {key: any(a.get(key) is not None for a in arts) for key in ("top5", "gzip_bytes", "peak_rss_bytes")}
     header = ["artifact", "format", "precision", "top-1"] + (["top-5"] if has["top5"] else [])
     header += ["size"] + (["gzip"] if has["gzip_bytes"] else []) + ["params", "nonzero", "MACs"]
     header += [f"CPU p50 ms (bs={bs})" for bs in batch_sizes]
+    header += [f"{rt} p50 ms (bs={bs})" for rt in others for bs in batch_sizes]
     header += [f"speed-up vs teacher (bs={batch_sizes[0]})", "smaller than teacher"]
     header += ["peak RSS +"] if has["peak_rss_bytes"] else []
     rows = []
@@ -85,6 +100,7 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         top5 = [f"{100 * art['top5']:.2f}%" if art.get("top5") is not None else "–"] if has["top5"] else []
         gz = [human_bytes(art.get("gzip_bytes"))] if has["gzip_bytes"] else []
         mem = [human_bytes(art.get("peak_rss_bytes"))] if has["peak_rss_bytes"] else []
+        extra = [_runtime_p50(art, rt, bs) for rt in others for bs in batch_sizes]
         rows.append(
             [
                 art["name"],
@@ -98,6 +114,7 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 human_count(art["nonzero_params"]),
                 human_count(art["macs"]),
                 *[f"{v:.3f}" if v is not None else "–" for v in lat],
+                *[f"{v:.3f}" if v is not None else "–" for v in extra],
                 speed,
                 size,
                 *mem,
@@ -133,6 +150,7 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
         if fp32 is None:
             continue
         several = len({r["threads"] for r in art["latency"]}) > 1
+        runtimes = len({r["runtime"] for r in art["latency"]}) > 1
         for row in art["latency"]:
             same = ("device", "runtime", "batch_size", "threads")
             ref = next((r["p50_ms"] for r in fp32["latency"] if all(r[k] == row[k] for k in same)), None)
@@ -141,11 +159,48 @@ def int8_notes(report: dict[str, Any]) -> list[str]:
             ratio = ref / row["p50_ms"]
             verdict = f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× SLOWER"
             threads = f", {row['threads']} threads" if several else ""
+            on = f"{row['runtime']}, " if runtimes else ""
             notes.append(
                 f"{art['name']} is {verdict} than {fp32['name']} "
-                f"({row['device']}, batch {row['batch_size']}{threads}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)"
+                f"({on}{row['device']}, batch {row['batch_size']}{threads}: {row['p50_ms']:.3f} vs {ref:.3f} ms p50)"
             )
     return notes
+
+
+def deployable(arts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The file a run ships: its last ONNX student (INT8 after FP32 in report order), else the last ONNX
+    file that is not a teacher."""
+    onnx = [a for a in arts if a["format"] == "onnx" and a["role"] != "teacher"]
+    students = [a for a in onnx if a["role"] == "student"]
+    return (students or onnx or [None])[-1]
+
+
+def fastest_runtime(report: dict[str, Any]) -> tuple[str, str, list[str]] | None:
+    """(the artifact's name, how it was compared, one line per batch size) naming the runtime that served
+    the deployable student fastest on CPU, e.g. ``batch 1: onnxruntime 0.40 ms < openvino 0.46 ms`` (each
+    runtime at its best thread count); None unless it was timed on several runtimes."""
+    art = deployable(report["artifacts"])
+    if art is None:
+        return None
+    rows = [r for r in art["latency"] if r["device"] == "cpu"]
+    if len({r["runtime"] for r in rows}) < 2:
+        return None
+    several = len({r["threads"] for r in rows}) > 1
+    lines = []
+    for bs in sorted({r["batch_size"] for r in rows}):
+        best: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            if r["batch_size"] == bs and (r["runtime"] not in best or r["p50_ms"] < best[r["runtime"]]["p50_ms"]):
+                best[r["runtime"]] = r
+        ranked = sorted(best.values(), key=lambda r: r["p50_ms"])
+        cells = [
+            f"{r['runtime']} {r['p50_ms']:.3f} ms"
+            + (f" ({r['threads']} thread{'s' * (r['threads'] != 1)})" if several else "")
+            for r in ranked
+        ]
+        lines.append(f"batch {bs}: " + " < ".join(cells))
+    how = "(the deployable student), CPU p50" + (", each runtime at its best thread count" if several else "")
+    return art["name"], how, lines
 
 
 def accuracy_steps(report: dict[str, Any]) -> tuple[list[str], list[list[Text]]]:
@@ -188,11 +243,13 @@ def _label(rep: dict[str, Any]) -> str:
 
 def _environment(rep: dict[str, Any]) -> str:
     env = rep["environment"]
+    timed = "openvino" in cpu_runtimes(rep["artifacts"])
+    openvino = f", openvino {env.get('openvino') or 'unknown'}" if timed else ""
     return (
         f"Run {rep['finished']} on {env['cpu']}{', ' + env['isa'] if env.get('isa') else ''} "
         f"({threads_label(env['threads'])} threads"
         f"{', GPU ' + env['gpu'] if env.get('gpu') else ', no GPU'}); torch {env['torch']}, "
-        f"onnxruntime {env['onnxruntime']}. Top-1 on the {rep['data']['test_images']}-image test split."
+        f"onnxruntime {env['onnxruntime']}{openvino}. Top-1 on the {rep['data']['test_images']}-image test split."
     )
 
 
@@ -218,7 +275,12 @@ def _latency(rep: dict[str, Any]) -> Section | None:
     if not rows:
         return None
     header = ["artifact", "device", "runtime", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "images/s"]
-    return Section("Latency", [Table(header, rows)])
+    blocks: list[Block] = []
+    fastest = fastest_runtime(rep)
+    if fastest is not None:
+        name, how, lines = fastest
+        blocks += [Paragraph(("Fastest runtime for ", Code(name), f" {how}:")), BulletList(list(lines))]
+    return Section("Latency", [*blocks, Table(header, rows)])
 
 
 def _deploy(rep: dict[str, Any]) -> Section | None:
@@ -495,5 +557,10 @@ def print_table(report: dict[str, Any], console: Console) -> None:
     for r in rows:
         table.add_row(*(r[i] for i in keep))
     console.print(table)
+    fastest = fastest_runtime(report)
+    if fastest is not None:
+        console.print(f"Fastest runtime for {fastest[0]} {fastest[1]}:")
+        for line in fastest[2]:
+            console.print(f"  {line}")
     for note in int8_notes(report) + report.get("notes", []):
         console.print(f"• {note}")

@@ -15,6 +15,7 @@ for a checkpoint, ``RUN_DIR:pkg.mod:fn[,other.mod:fn]`` for the checkpoints of a
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from compress import metadata
 from compress.bench import report as report_mod
+from compress.bench import runtimes
 from compress.bench.measure import measure
 from compress.checkpoint import open_checkpoint
 from compress.context import Artifact
@@ -252,6 +254,28 @@ def _onnx_artifact(name: str, path: Path, props: dict[str, str], data: ImageData
     return Artifact(name, props.get("role", "model"), "onnx", precision, path, "file")
 
 
+TORCH_RUNTIMES = ("torch", "torch-compile")
+ALIASES = {"ort": "onnxruntime"}  # the name --runtime took before OpenVINO joined
+
+
+def onnx_runtimes_of(names: list[str]) -> list[str]:
+    """The ONNX runtimes among ``--runtime``'s names (``ort`` is onnxruntime), each known and installed;
+    one-line errors naming every choice, or how to install a missing one."""
+    known = [*runtimes.RUNTIMES.names(), *TORCH_RUNTIMES]
+    out = []
+    for name in names:
+        name = ALIASES.get(name, name)
+        if name in TORCH_RUNTIMES:
+            continue
+        if name not in runtimes.RUNTIMES:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CompressError(f"--runtime: unknown runtime {name!r}{hint} (choose from {', '.join(known)})")
+        out.append(name)
+    runtimes.check(out, "--runtime")
+    return list(dict.fromkeys(out))
+
+
 def bench(
     models: list[str],
     *,
@@ -263,15 +287,17 @@ def bench(
     quiet: bool = False,
     overwrite: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
+    onnx_runtimes = onnx_runtimes_of(runtimes)
     plan = Plan()
     for spec in models:
         plan.add(spec)
     if "torch" not in runtimes and "torch-compile" not in runtimes:
         plan.torch.clear()
-    if "ort" not in runtimes:
+    if not onnx_runtimes:
         plan.onnx.clear()
     if not plan.torch and not plan.onnx:
         raise CompressError(f"--runtime {','.join(runtimes)}: none of the models runs in it")
+    options = {**options, "runtimes": onnx_runtimes or ["onnxruntime"]}
     try:
         cfg = BenchmarkConfig.model_validate(options)
     except ValidationError as exc:
