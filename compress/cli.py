@@ -146,6 +146,21 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("--target-macs", type=float, default=None, help="derive per-layer ratios keeping this MACs share")
     sens.add_argument("--out", type=Path, default=None, help="output folder (default runs/sensitivity-<time>)")
     sens.add_argument("--quiet", action="store_true", help="no progress bar")
+    srch = sub.add_parser(
+        "search", help="the most accurate student that meets the recipe's target: (measured latency, size, MACs)"
+    )
+    recipe_args(srch)
+    srch.add_argument(
+        "--budget", action="append", default=[], metavar="KEY=VALUE",
+        help="set a target: field, e.g. --budget latency_ms=0.3 --budget threads=2 (repeatable)",
+    )  # fmt: skip
+    srch.add_argument("--trials", type=int, default=None, help="candidates given a short KD fine-tune")
+    srch.add_argument("--candidates", type=int, default=None, help="most candidate architectures timed")
+    srch.add_argument(
+        "--out", type=Path, default=None, help="search folder (default runs/search-<name>); a rerun resumes"
+    )
+    srch.add_argument("--run", action="store_true", help="then run recipe.best.yaml into <out>/run (fine-tuned fully)")
+    srch.add_argument("--quiet", action="store_true", help="no progress bars")
     env = sub.add_parser("env", help="this machine: versions, CPU instruction sets, which INT8 schemes are exact here")
     env.add_argument("--json", action="store_true", help="print one JSON document")
     sub.add_parser("list", help="list registered stages, models, datasets, losses, importances and INT8 schemes")
@@ -323,6 +338,27 @@ def _report(runs: list[Path], out: Path | None) -> None:
         print(path)
 
 
+def _search(args: argparse.Namespace) -> None:
+    from compress.commands.search import search
+
+    for name in ("trials", "candidates"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise CompressError(f"--{name}: must be at least 1, got {getattr(args, name)}")
+    best = search(args)
+    if args.run:
+        from compress.pipeline import run
+        from compress.recipe import load_recipe
+        from compress.resume import read_status
+
+        run_dir = best.parent / "run"
+        state = read_status(run_dir).get("state") if run_dir.is_dir() else None
+        if state == "complete":
+            print(f"{run_dir}: the chosen recipe already ran (remove the folder to run it again)", file=sys.stderr)
+            return
+        resume = run_dir if state in ("running", "failed") else None  # an interrupted --run continues
+        run(load_recipe(best), None if resume else run_dir, quiet=args.quiet, resume=resume)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "predict":  # torch-free: only numpy, onnxruntime and Pillow are imported
@@ -350,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             from compress.commands.analyze import analyze
 
             analyze(args)
+        elif args.command == "search":
+            _search(args)
         elif args.command == "schema":
             from compress.recipe import json_schema
 

@@ -28,6 +28,7 @@ from compress.data import DATASETS
 from compress.data.base import DatasetConfig
 from compress.data.user import USER_DATASET
 from compress.errors import CompressError
+from compress.search.config import SearchConfig, TargetConfig
 from compress.stages import STAGES
 
 __all__ = [
@@ -92,6 +93,8 @@ def _recipe_model(stage_kinds: tuple[str, ...], dataset_names: tuple[str, ...]) 
         __base__=RecipeBase,
         data=(data_union, ...),
         stages=(list[stage_union], Field(min_length=1)),
+        target=(TargetConfig | None, Field(None, description="a budget for the deployable student (compress search)")),
+        search=(SearchConfig | None, Field(None, description="how compress search explores candidates")),
     )
 
 

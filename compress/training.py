@@ -139,7 +139,6 @@ def evaluate(
     return correct / max(total, 1)
 
 
-
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
@@ -165,6 +164,7 @@ def reestimate_bn(model: nn.Module, loader: Any, device: torch.device, batches: 
         m.momentum = momentum
     model.eval()
     return seen
+
 
 def _lr_lambda(cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
     total = max(1, steps_per_epoch * epochs)

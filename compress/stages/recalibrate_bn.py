@@ -40,7 +40,9 @@ class RecalibrateBN(Stage):
         model = ctx.student.to(ctx.device)
         before = evaluate(model, ctx.data.eval_loader("test"), ctx.device)
         layers = batch_norms(model)
-        seen = reestimate_bn(model, ctx.data.train_loader(seed=ctx.recipe.seed, augment=False), ctx.device, self.batches)
+        seen = reestimate_bn(
+            model, ctx.data.train_loader(seed=ctx.recipe.seed, augment=False), ctx.device, self.batches
+        )
         after = evaluate(model, ctx.data.eval_loader("test"), ctx.device)
         ctx.log.info("recalibrate_bn: %d layers, %d batches: test_acc %.4f -> %.4f", len(layers), seen, before, after)
         return {"layers": len(layers), "batches": seen, "test_acc_before": before, "test_acc": after}

@@ -1,0 +1,106 @@
+"""Which candidates are worth training, which one wins, and the plot that shows why.
+
+A row is one (architecture, precision) pair with its measured latency, size and MACs, a proxy top-1
+(after re-estimating BatchNorm, no training: cheap, and ranks candidates well enough to pick which
+to train) and, for the few trained briefly, an estimated top-1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+LIMITS = ("latency_ms", "size_bytes", "macs")
+
+
+def fits(row: dict[str, Any], budget: dict[str, float]) -> bool:
+    return all(row[k] is not None and row[k] <= v for k, v in budget.items())
+
+
+def pareto(rows: list[dict[str, Any]], score: str, cost: str = "latency_ms") -> list[dict[str, Any]]:
+    """Rows no other row beats on both ``cost`` (lower) and ``score`` (higher), cheapest first."""
+    ranked = sorted((r for r in rows if r.get(score) is not None), key=lambda r: (r[cost], -r[score]))
+    out, best = [], float("-inf")
+    for row in ranked:
+        if row[score] > best:
+            out.append(row)
+            best = row[score]
+    return out
+
+
+def to_train(rows: list[dict[str, Any]], budget: dict[str, float], floor: float | None, n: int) -> list[dict[str, Any]]:
+    """The ``n`` candidates to fine-tune briefly: with a hard budget, the proxy frontier inside it,
+    most accurate first (the winner is among them); with only an accuracy floor, the proxy frontier
+    spread over latency (the fastest that holds the floor is the answer)."""
+    inside = [r for r in rows if fits(r, budget)]
+    front = pareto(inside, "proxy_acc")
+    if budget:
+        chosen = sorted(front, key=lambda r: -r["proxy_acc"])[:n]
+        if len(chosen) < n:  # fill from the rest of the budget, best proxy first
+            rest = sorted((r for r in inside if r not in chosen), key=lambda r: -r["proxy_acc"])
+            chosen += rest[: n - len(chosen)]
+        return chosen
+    if floor is not None:
+        front = [r for r in front if r["proxy_acc"] >= floor - 0.05] or front
+    if len(front) <= n:
+        return front
+    step = (len(front) - 1) / max(1, n - 1)
+    return [front[round(i * step)] for i in range(n)]
+
+
+def choose(trained: list[dict[str, Any]], budget: dict[str, float], floor: float | None) -> tuple[dict | None, str]:
+    """The winner among the trained rows, and one sentence saying why."""
+    inside = [r for r in trained if fits(r, budget)]
+    if not inside:
+        return None, "no trained candidate meets the budget"
+    if budget:
+        best = max(inside, key=lambda r: r["estimated_acc"])
+        if floor is not None and best["estimated_acc"] < floor:
+            return best, (
+                f"the most accurate candidate within the budget estimates {100 * best['estimated_acc']:.2f}% top-1, "
+                f"below the floor {100 * floor:.2f}% (max_accuracy_drop): loosen one of them"
+            )
+        return best, "the most accurate trained candidate within the budget"
+    ok = [r for r in inside if floor is None or r["estimated_acc"] >= floor]
+    if not ok:
+        best = max(inside, key=lambda r: r["estimated_acc"])
+        return best, f"no trained candidate holds top-1 ≥ {100 * floor:.2f}%; the most accurate is shown"
+    return min(ok, key=lambda r: r["latency_ms"]), "the fastest trained candidate that holds the accuracy floor"
+
+
+def plot(rows: list[dict[str, Any]], chosen: dict[str, Any] | None, target: Any, path: Path, title: str) -> None:
+    """Every candidate's measured latency against its proxy top-1 (and the trained ones' estimate),
+    the budget as a line, the chosen one marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for precision, marker in (("fp32", "o"), ("int8", "s")):
+        mine = [r for r in rows if r["precision"] == precision and r.get("proxy_acc") is not None]
+        if mine:
+            ax.scatter([r["latency_ms"] for r in mine], [100 * r["proxy_acc"] for r in mine], s=14, marker=marker,
+                       alpha=0.45, label=f"{precision}: proxy top-1 (BN re-estimated, untrained)")  # fmt: skip
+    trained = [r for r in rows if r.get("estimated_acc") is not None]
+    if trained:
+        ax.scatter([r["latency_ms"] for r in trained], [100 * r["estimated_acc"] for r in trained], s=36,
+                   marker="D", color="tab:green", label="short KD fine-tune: estimated top-1")  # fmt: skip
+    reference = [r for r in rows if "reference" in r.get("label", "") and r.get("estimated_acc") is not None]
+    for r in reference:
+        ax.scatter([r["latency_ms"]], [100 * r["estimated_acc"]], s=90, facecolors="none", edgecolors="0.2",
+                   label=f"reference: {r['label']} ({r['precision']})")  # fmt: skip
+    if chosen is not None:
+        y = chosen.get("estimated_acc") or chosen.get("proxy_acc") or 0
+        ax.scatter([chosen["latency_ms"]], [100 * y], s=220, marker="*", color="tab:red", zorder=5,
+                   label=f"chosen: {chosen['latency_ms']:.3f} ms, {chosen['precision']}")  # fmt: skip
+    if getattr(target, "latency_ms", None) is not None:
+        ax.axvline(target.latency_ms, color="tab:red", lw=1, ls="--", label=f"budget {target.latency_ms:g} ms")
+    ax.set_xlabel(f"measured p50 latency (ms), batch {target.batch_size}, {target.threads} thread(s), {target.runtime}")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
