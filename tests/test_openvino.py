@@ -102,6 +102,7 @@ def test_bench_times_onnx_files_on_both_runtimes_and_names_the_fastest(openvino,
     assert report["environment"]["openvino"] == runtimes.RUNTIMES.get("openvino").version()
     md = (tmp_path / "b" / "report.md").read_text()
     assert "| openvino p50 ms (bs=1) |" in md and f"openvino {report['environment']['openvino']}" in md
+    assert "timed on onnxruntime, openvino; the summary's CPU p50 columns are onnxruntime" in md
     int8 = {(r["runtime"], r["batch_size"]): r["p50_ms"] for r in arts["model.int8.onnx"]["latency"]}
     assert "Fastest runtime for `model.int8.onnx` (the deployable student)" in md
     for bs in (1, 4):
@@ -115,6 +116,14 @@ def test_bench_times_onnx_files_on_both_runtimes_and_names_the_fastest(openvino,
     alone = json.loads((tmp_path / "c" / "report.json").read_text())["artifacts"][0]["latency"]
     assert {r["runtime"] for r in alone} == {"openvino"}
     assert "Fastest runtime" not in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_compress_env_shows_the_openvino_version(openvino, capsys):
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["openvino"] == runtimes.RUNTIMES.get("openvino").version() and openvino.__version__.startswith(
+        env["openvino"]
+    )
 
 
 class NotInstalled:

@@ -280,6 +280,13 @@ def _latency(rep: dict[str, Any]) -> Section | None:
     if fastest is not None:
         name, how, lines = fastest
         blocks += [Paragraph(("Fastest runtime for ", Code(name), f" {how}:")), BulletList(list(lines))]
+    if len(several := cpu_runtimes(rep["artifacts"])) > 1:
+        blocks.append(
+            Paragraph(
+                f"ONNX files were timed on {', '.join(several)}; the summary's CPU p50 columns are {several[0]} "
+                "(torch for checkpoints), with one more column per batch size for each other runtime."
+            )
+        )
     return Section("Latency", [*blocks, Table(header, rows)])
 
 
