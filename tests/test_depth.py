@@ -351,7 +351,7 @@ def test_bad_schema_is_one_line(sets, needles, write_recipe, capsys):
             ["stages.1.blocks=null", "stages.1.remove=[nope]"],
             ("stages.1.remove: 'nope' is not a removable", "layer3.2"),
         ),
-        (["stages.1.blocks=null", "stages.1.remove=[layer2.0]"], ("'layer2.0'", "did you mean", "layer2.1")),
+        (["stages.1.blocks=null", "stages.1.remove=[layer2.0]"], ("'layer2.0' (a BasicBlock without", "did you mean")),
         (["stages.1.blocks=8"], ("stages.1.blocks: 8 exceeds the 7 removable blocks",)),
         (["stages.1.blocks=6", "stages.1.keep=[layer1.*]"], ("stages.1.blocks: 6 exceeds the 4", "3 kept by keep")),
         (["stages.1.keep=[layer9.*]"], ("stages.1.keep: pattern 'layer9.*' matches no removable block",)),

@@ -89,7 +89,13 @@ class PruneDepth(Stage):
             if name not in found:
                 close = difflib.get_close_matches(name, found, n=3)
                 hint = f"did you mean {', '.join(close)}?" if close else f"removable: {listing}"
-                raise CompressError(f"{field}.remove: {name!r} is not a removable block of the student; {hint}")
+                modules = dict(model.named_modules())
+                what = (
+                    f" (a {type(modules[name]).__name__} without an identity shortcut that keeps its input's shape)"
+                    if name in modules
+                    else ""
+                )
+                raise CompressError(f"{field}.remove: {name!r}{what} is not a removable block of the student; {hint}")
             if self._kept(name):
                 raise CompressError(f"{field}.remove: {name!r} matches a keep pattern")
         free = [n for n in found if not self._kept(n)]
