@@ -106,7 +106,7 @@ class OpenVino:
     """
 
     name = "openvino"
-    CACHED = 16  # compiled models kept (a CIFAR ResNet is a few MB each)
+    CACHED = 32  # compiled models kept, per (file, threads, shape): a CIFAR ResNet is a few MB
 
     def __init__(self) -> None:
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
