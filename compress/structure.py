@@ -113,7 +113,20 @@ def describe(model: nn.Module) -> list[dict[str, Any]]:
             visit(prefix + n, child)
 
     visit("", model)
-    return entries
+    return _interned(entries)
+
+
+def _interned(value: Any) -> Any:
+    """The record with every string interned: pickle shares a repeated string by object identity, so
+    without this a model rebuilt from its record saves to different bytes than the one it came from
+    (same content; a resumed run's checkpoint was 748,623 bytes against 748,303 for ResNet-20)."""
+    if type(value) is str:
+        return sys.intern(value)
+    if type(value) is dict:
+        return {sys.intern(k): _interned(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_interned(v) for v in value)
+    return value
 
 
 # --------------------------------------------------------------------------- allowed classes
