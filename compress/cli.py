@@ -172,6 +172,7 @@ def _list() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from compress.bench.runtimes import RUNTIMES
     from compress.data import DATASETS
     from compress.distill import LOSSES
     from compress.importance import IMPORTANCES
@@ -187,6 +188,7 @@ def _list() -> None:
         ("distillation losses", LOSSES),
         ("pruning importances", IMPORTANCES),
         ("INT8 schemes (quantize's scheme:, default auto; qat takes u8s8 and u8s8_reduce_range)", SCHEMES),
+        ("runtimes (benchmark.runtimes, target.runtime, compress bench --runtime)", RUNTIMES),
     ):
         table = Table(title=title, title_justify="left")
         table.add_column("name")

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, BeforeValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError, create_model
 
 from compress import userpath
+from compress.bench import runtimes
 from compress.config import (
     BenchmarkConfig,
     RecipeBase,
@@ -134,10 +135,14 @@ class _Located:
 
 def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> RecipeBase:
     try:
-        return recipe_model().model_validate(raw)
+        recipe = recipe_model().model_validate(raw)
     except ValidationError as exc:
         located: Any = _Located(exc, raw, ("data",))
         raise CompressError(format_validation_error(located, raw, source, recipe_model())) from None
+    runtimes.check(recipe.benchmark.runtimes, f"{source}: benchmark.runtimes")  # known and installed
+    if getattr(recipe, "target", None) is not None:
+        runtimes.check([recipe.target.runtime], f"{source}: target.runtime")
+    return recipe
 
 
 def validate_data(raw: dict[str, Any], source: str = "data") -> DatasetConfig:

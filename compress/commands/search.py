@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,12 @@ def _key(recipe: Any, target: TargetConfig) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _spent(d: dict[str, Any], phase: str, since: float) -> None:
+    """Seconds of work per phase, summed over resumed invocations (cached work costs nothing)."""
+    seconds = d.setdefault("seconds", {})
+    seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - since
+
+
 def _floor(target: TargetConfig, student_acc: float, teacher_acc: float | None) -> float | None:
     if target.max_accuracy_drop is None:
         return None
@@ -179,15 +186,19 @@ def search(args: Any) -> Path:
     floor = _floor(target, d["base"]["student_acc"], d["base"]["teacher_acc"])
     with _progress(quiet) as prog:
         if "depth" not in d:
+            t0 = time.perf_counter()
             names = residual_blocks(student, example)
             train = data.train_loader(seed=recipe.seed, augment=False)
             scores = block_importance(student, names, train, device, cfg.depth_method) if names else {}
             d["depth"] = {"order": sorted(names, key=lambda n: scores[n]), "scores": scores}
+            _spent(d, "depth", t0)
             state.save()
         if "sensitivity" not in d:
+            t0 = time.perf_counter()
             d["sensitivity"] = sweep(
                 student, example, few.eval_loader("test"), device, opts, cfg.ratios, num_classes, prog
             )
+            _spent(d, "sensitivity", t0)
             state.save()
         cands = space.plan(student, example, opts, num_classes, d["sensitivity"], d["depth"]["order"], cfg.depth,
                            cfg.round_to, cfg.candidates)  # fmt: skip
@@ -197,6 +208,7 @@ def search(args: Any) -> Path:
         task = prog.add_task("latency + proxy", total=len(cands), info="")
         try:
             for cand in cands:
+                t0 = time.perf_counter()
                 model = space.build(student, example, opts, cand, num_classes)
                 sig = space.signature(model)
                 if sig not in d["proxy"]:
@@ -206,6 +218,8 @@ def search(args: Any) -> Path:
                 key = f"{sig}/{target.runtime}/{target.threads}/{target.batch_size}"
                 if key not in d["latency"]:
                     d["latency"][key] = prober.probe(model, sig, list(cfg.precisions))
+                    _spent(d, "candidates", t0)
+                    d["latency"][key]["seconds"] = time.perf_counter() - t0
                     state.save()
                 for precision in cfg.precisions if sig not in seen else ():
                     lat = d["latency"][key][precision]
@@ -226,6 +240,7 @@ def search(args: Any) -> Path:
             task = prog.add_task("short KD fine-tunes", total=len(sigs), info="")
             for sig in sigs:
                 if sig not in d["trials"]:
+                    t0 = time.perf_counter()
                     cand = space.Candidate.from_json(next(r["candidate"] for r in picks if r["sig"] == sig))
                     model = space.build(student, example, opts, cand, num_classes).to(device)
                     short = data.limit("train", cfg.estimate_images) if cfg.estimate_images else data
@@ -235,6 +250,7 @@ def search(args: Any) -> Path:
                     ctx.stage_index, ctx.stage_label = 1, "search"
                     metrics = cfg.estimate.run(ctx, model, f"trial {sig}", "search.estimate")
                     d["trials"][sig] = {"estimated_acc": metrics["test_acc"], "seconds": metrics["seconds"]}
+                    _spent(d, "trials", t0)
                     state.save()
                 prog.advance(task)
                 prog.update(task, info=f"{sig}: {100 * d['trials'][sig]['estimated_acc']:.2f}%")
@@ -243,6 +259,7 @@ def search(args: Any) -> Path:
             trained = [r for r in rows if r["estimated_acc"] is not None]
             missed: list[dict[str, Any]] = []
             d["missed"] = []
+            t0 = time.perf_counter()
             while True:  # the winner's own file decides; a probe that was optimistic hands over to the next
                 chosen, why = frontier.choose([r for r in trained if r not in missed], budget, floor)
                 if chosen is None:
@@ -256,6 +273,7 @@ def search(args: Any) -> Path:
                     next(r for r in trained if r["sig"] == chosen["sig"] and r["precision"] == chosen["precision"])
                 )
                 d.setdefault("missed", []).append({k: chosen[k] for k in ("sig", "precision", "confirmed")})
+            _spent(d, "confirm", t0)
         finally:
             prober.close()
     if chosen is None:
