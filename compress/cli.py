@@ -1,5 +1,5 @@
-"""``compress run | validate | predict | bench | quantize | export | report | analyze | env | list | schema`` (and
-``--version``).
+"""``compress run | validate | predict | bench | quantize | export | report | analyze | search | env | list |
+schema`` (and ``--version``).
 
 User errors: one line on stderr, exit 2."""
 
