@@ -1,0 +1,178 @@
+"""The budget search against the hand recipe on CIFAR-10: at the measured batch-1 latency of the hand
+recipe's INT8 student (50% uniform L1 channel pruning + KD fine-tune), how accurate is the model
+``compress search`` picks, with the same fine-tune budget?
+
+    python benchmarks/search_cifar.py [--student runs/int8-isa/resnet20/checkpoints/01-train/student.pt]
+                                      [--teacher CKPT] [--teacher-model resnet56] [--epochs 3]
+                                      [--threads 2] [--candidates 100] [--trials 4] [--work runs/search-cifar]
+
+1. the hand recipe (prune ratio 0.5, L1, KD fine-tune ``--epochs``, export, INT8) as one ``compress run``;
+2. its INT8 file's batch-1 p50 at ``--threads`` becomes ``target.latency_ms``;
+3. ``compress search --run`` with the same teacher and the same fine-tune (``search.finetune``);
+4. the unpruned student's, the hand recipe's and the searched INT8 files timed round-robin in one
+   process (common.side_by_side), top-1 from each run's report, MACs from the files.
+Each step is reused when finished and resumed when interrupted. Writes benchmarks/results/search_cifar.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from common import ROOT, machine, save, side_by_side, stamp
+from distill_cifar import run  # reuse-or-resume one compress run
+
+FT = {"lr": 0.01, "weight_decay": 5.0e-4, "schedule": "cosine"}
+BENCH = {"batch_sizes": [1], "warmup": 1, "iters": 5, "devices": ["cpu"], "torch_snapshots": False}
+
+
+def base(args: argparse.Namespace, student: Path, teacher: Path) -> dict[str, Any]:
+    return {
+        "name": "search_cifar",
+        "seed": 0,
+        "data": {"name": "cifar10", "root": args.root, "batch_size": 128, "eval_batch_size": 500},
+        "teacher": {"model": args.teacher_model, "checkpoint": str(teacher)},
+        "student": {"model": "resnet20", "checkpoint": str(student)},
+        "benchmark": BENCH,
+    }
+
+
+def deployable(report: dict[str, Any]) -> dict[str, Any]:
+    return [a for a in report["artifacts"] if a["role"] == "student" and a["format"] == "onnx"][-1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", default="runs/int8-isa/resnet20/checkpoints/01-train/student.pt")
+    ap.add_argument("--teacher", default=None, help="KD teacher checkpoint (default: the unpruned student)")
+    ap.add_argument("--teacher-model", default=None, help="its model name (default resnet20, or resnet56 given one)")
+    ap.add_argument("--root", default="../shared/data/cifar10-jpeg.tar.gz")
+    ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs of the hand recipe and the chosen model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--trials", type=int, default=4)
+    ap.add_argument("--estimate-images", type=int, default=10_000, help="training images per short fine-tune")
+    ap.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds")
+    ap.add_argument("--work", default="runs/search-cifar")
+    args = ap.parse_args()
+    student = (ROOT / args.student).resolve()
+    teacher = (ROOT / args.teacher).resolve() if args.teacher else student
+    args.teacher_model = args.teacher_model or ("resnet20" if teacher == student else "resnet56")
+    for path in (student, teacher):
+        if not path.is_file():
+            print(f"search_cifar: no checkpoint at {path} (benchmarks/int8_isa.py trains one)", file=sys.stderr)
+            return 2
+    work = (ROOT / args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    started = dt.datetime.now(dt.UTC)
+    tune = {"epochs": args.epochs, "optim": FT, "kd": True}
+
+    hand_raw = base(args, student, teacher) | {
+        "stages": [
+            {"kind": "prune", "method": "l1", "ratio": 0.5, "finetune": tune},
+            {"kind": "export", "teacher": False},
+            {"kind": "quantize"},
+        ]  # fmt: skip
+    }
+    hand = run(work, "hand", hand_raw)
+    assert hand is not None
+    hand_int8 = Path(deployable(hand)["path"])
+    plain = run(
+        work,
+        "unpruned",
+        base(args, student, teacher) | {"stages": [{"kind": "export", "teacher": False}, {"kind": "quantize"}]},
+    )  # the student as shipped today
+    assert plain is not None
+    unpruned = Path(deployable(plain)["path"])
+    config = ((1, args.threads, 200, "p50_ms_bs1"),)
+    budget = side_by_side({"hand": hand_int8}, args.threads, rounds=args.rounds, configs=config)["hand"]["p50_ms_bs1"]
+
+    search_raw = base(args, student, teacher) | {
+        "stages": [{"kind": "export", "teacher": False}, {"kind": "quantize"}],
+        "target": {"latency_ms": round(budget, 4), "batch_size": 1, "threads": args.threads},
+        "search": {
+            "candidates": args.candidates,
+            "trials": args.trials,
+            "estimate_images": args.estimate_images,
+            "estimate": {"epochs": 1, "optim": FT, "kd": True},
+            "finetune": tune,
+        },  # fmt: skip
+    }
+    path = work / "search.yaml"
+    if not path.is_file() or yaml.safe_load(path.read_text()) != search_raw:
+        path.write_text(yaml.safe_dump(search_raw, sort_keys=False))
+    cmd = ["compress", "search", str(path), "--out", str(work / "search"), "--run"]
+    print("$", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    found = json.loads((work / "search" / "search.json").read_text())
+    searched = json.loads((work / "search" / "run" / "report.json").read_text())
+    files = {"unpruned": unpruned, "hand": hand_int8, "searched": Path(deployable(searched)["path"])}
+    times = side_by_side(files, args.threads, rounds=args.rounds, configs=config)
+    rows = {}
+    from compress.bench.size import file_bytes, onnx_macs
+
+    for name, file in files.items():
+        rows[name] = {"path": str(file), "latency_ms": times[name]["p50_ms_bs1"], "macs": onnx_macs(file),
+                      "size_bytes": file_bytes(file)}  # fmt: skip
+    rows["hand"]["top1"] = deployable(hand)["accuracy"]
+    rows["searched"]["top1"] = deployable(searched)["accuracy"]
+    rows["unpruned"]["top1"] = deployable(plain)["accuracy"]
+    result = stamp(started, args.threads) | {
+        "schedule": {
+            "finetune_epochs": args.epochs,
+            "estimate": f"1 epoch on {args.estimate_images} images",
+            "teacher": f"{args.teacher_model} {teacher.name}",
+            "trials": args.trials,
+        },  # fmt: skip
+        "budget_ms": budget,
+        "rows": rows,
+        "chosen": found["chosen"],
+        "seconds": found.get("seconds", {}),
+        "candidates_timed": len(found["latency"]),
+    }
+    u, h, s = rows["unpruned"], rows["hand"], rows["searched"]
+    gain = 100 * (s["top1"] - h["top1"])
+    speed_vs_macs = (u["latency_ms"] / s["latency_ms"]) / (u["macs"] / s["macs"])
+    result["targets"] = {"top1_gain_pt": gain, "latency_speedup_over_macs_reduction": speed_vs_macs}
+    sec = result["seconds"]
+    env = result["environment"]
+    lines = [
+        "# Compress to a budget: `compress search` vs the hand recipe (CIFAR-10, ResNet-20 student)", "",
+        f"Command: `{result['command']}`  ", f"Machine: {machine(env)}, {args.threads} threads, no GPU  ",
+        f"Date: {started.date()}  ",
+        f"Schedule: **short** — both arms fine-tune {args.epochs} epochs with KD from {args.teacher_model} "
+        f"({teacher.name}), SGD lr 0.01 cosine, batch 128; the search's {args.trials} trials fine-tune 1 epoch on "
+        f"{args.estimate_images} images each. Budget: the hand recipe's INT8 file's batch-1 p50 at {args.threads} "
+        f"threads, {budget:.3f} ms (ONNX Runtime). Latency: every file round-robin, "
+        f"{args.rounds} rounds × 200 runs.", "",
+        "| model | top-1 | p50 bs1 | MACs | INT8 file | speedup vs unpruned |", "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, r in rows.items():
+        lines.append(f"| {name} | {100 * r['top1']:.2f}% | {r['latency_ms']:.3f} ms | {r['macs'] / 1e6:.1f}M | "
+                     f"{r['size_bytes'] / 1e3:.0f} kB | {u['latency_ms'] / r['latency_ms']:.2f}× |")  # fmt: skip
+    c = found["chosen"]["candidate"]
+    lines += [
+        "", f"Chosen: {found['chosen']['label']} ({found['chosen']['precision']}); removed blocks: "
+        f"{', '.join(c['removed']) or 'none'}; round_to {c['round_to']}.",
+        f"Targets: top-1 vs hand **{gain:+.2f} pt** (≥ +1.0 wanted); latency speedup / MACs reduction "
+        f"**{speed_vs_macs:.2f}** (≥ 0.75 wanted); {result['candidates_timed']} architectures timed in "
+        f"{sec.get('candidates', 0) / 60:.1f} min (< 5 wanted for 100); whole search "
+        f"{sum(sec.values()) / 60:.1f} min (< 60 wanted), phases: "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sec.items()) + ".", "",
+        "Top-1: the 10,000 CIFAR-10 test images, from each run's report (last epoch, no selection). The search's "
+        "proxy and short fine-tunes also score on test images (as `compress analyze sensitivity` does).",
+    ]  # fmt: skip
+    save("search_cifar", result, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
