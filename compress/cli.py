@@ -341,24 +341,34 @@ def _report(runs: list[Path], out: Path | None) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from compress.commands.search import search
+    from compress.commands.search import record_final, search
 
     for name in ("trials", "candidates"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CompressError(f"--{name}: must be at least 1, got {getattr(args, name)}")
     best = search(args)
-    if args.run:
-        from compress.pipeline import run
-        from compress.recipe import load_recipe
-        from compress.resume import read_status
+    if not args.run:
+        return
+    from compress.pipeline import run
+    from compress.recipe import dump_recipe, load_recipe
+    from compress.resume import read_status
 
-        run_dir = best.parent / "run"
-        state = read_status(run_dir).get("state") if run_dir.is_dir() else None
-        if state == "complete":
-            print(f"{run_dir}: the chosen recipe already ran (remove the folder to run it again)", file=sys.stderr)
-            return
+    recipe = load_recipe(best)
+    run_dir = best.parent / "run"
+    state = read_status(run_dir).get("state") if run_dir.is_dir() else None
+    resolved = run_dir / "recipe.resolved.yaml"
+    if state is not None and (not resolved.is_file() or resolved.read_text() != dump_recipe(recipe)):
+        raise CompressError(f"{run_dir}: holds a run of an earlier recipe.best.yaml; move it away to run this one")
+    if state == "complete":
+        print(f"{run_dir}: the chosen recipe already ran (remove the folder to run it again)", file=sys.stderr)
+    else:
         resume = run_dir if state in ("running", "failed") else None  # an interrupted --run continues
-        run(load_recipe(best), None if resume else run_dir, quiet=args.quiet, resume=resume)
+        run(recipe, None if resume else run_dir, quiet=args.quiet, resume=resume)
+    final = record_final(best)
+    verdict = "meets" if final["meets_budget"] else "MISSES"
+    latency = "not measured" if final["latency_ms"] is None else f"{final['latency_ms']:.3f} ms"
+    print(f"fine-tuned: top-1 {100 * final['top1']:.2f}%, {latency}, {final['size_bytes']:,} bytes: {verdict} the "
+          f"budget ({final['path']})", file=sys.stderr)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,17 +151,39 @@ class Outer(nn.Module):
         return x + self.body(x)
 
 
+class PlusEmbedding(nn.Module):
+    """x + a learned tensor (a position embedding): an add with the input, but no branch computed from it."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.embed
+
+
+class EmptyShortcut(Gated):
+    """The CIFAR-ResNet idiom: ``self.shortcut = nn.Sequential()`` where no projection is needed."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.branch(x) + self.shortcut(x))
+
+
 def _toy() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 1, 1), Broadcast(4), Gated(4), Projected(4), AfterAdd(4), Outer(4),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+        nn.Conv2d(3, 1, 1), Broadcast(4), Gated(4), Projected(4), AfterAdd(4), Outer(4), PlusEmbedding(4),
+        EmptyShortcut(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
     ).eval()  # fmt: skip
 
 
 def test_gated_blocks_count_and_lookalikes_do_not():
     model, x = _toy(), torch.randn(2, 3, 8, 8)
-    assert residual_blocks(model, x) == ["2", "5.body"]
+    assert residual_blocks(model, x) == ["2", "5.body", "7"]
     with torch.no_grad():
         model[2].gate.zero_()  # a closed gate is the identity: removal computes the same function
         closed = model(x)

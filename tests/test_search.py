@@ -22,6 +22,7 @@ SEARCH = {
     "iters": 10,
     "warmup": 2,
     "depth": 2,
+    "runtimes": ["onnxruntime", "openvino"],
     "estimate": {"epochs": 1, "kd": True},
     "finetune": {"epochs": 1, "kd": True},
 }
@@ -64,7 +65,12 @@ def test_chosen_model_meets_the_measured_budget(searched) -> None:
     # every timed candidate is recorded with what the issue asks: architecture, latency, size, MACs, top-1s
     for row in result["rows"]:
         assert {"candidate", "latency_ms", "size_bytes", "macs", "proxy_acc", "estimated_acc"} <= set(row)
-    assert len({(r["sig"], r["precision"]) for r in result["rows"]}) == len(result["rows"])
+    where = {(r["sig"], r["precision"], r["runtime"], r["threads"]) for r in result["rows"]}
+    assert len(where) == len(result["rows"])  # one row per architecture x precision x runtime x threads
+    assert {r["runtime"] for r in result["rows"]} == {"onnxruntime", "openvino"}
+    # INT8 and FP32 of one trained architecture are scored separately (ONNX Runtime on the test split)
+    trial = next(iter(result["trials"].values()))
+    assert set(trial["estimated"]) == {"int8", "fp32"}
     assert (out / "pareto.png").stat().st_size > 10_000
 
 
@@ -102,6 +108,21 @@ def test_rerun_resumes_without_measuring_again(searched, capsys) -> None:
     # latencies are noisy: a re-measurement would not reproduce them; cached ones are the same numbers
     assert after["latency"] == before["latency"] and after["trials"] == before["trials"]
     assert "already ran" in capsys.readouterr().err
+    assert after["final"]["meets_budget"] and after["final"]["latency_ms"] is not None
+
+
+def test_a_changed_budget_reuses_every_measurement(searched, capsys) -> None:
+    out, _ = searched
+    before = json.loads((out / "search.json").read_text())
+    recipe = str(out.parent / "recipe.yaml")
+    # the budget is not part of the cache key: no candidate is timed or trained again
+    assert main(["search", recipe, "--out", str(out), "--quiet", "--budget", "size_bytes=1000000"]) == 0
+    after = json.loads((out / "search.json").read_text())
+    assert after["latency"] == before["latency"]  # nothing timed again (a re-timing never gives the same numbers)
+    assert all(after["trials"][sig] == trial for sig, trial in before["trials"].items())  # nor trained again
+    # an accuracy floor every candidate holds: met, and said so
+    assert main(["search", recipe, "--out", str(out), "--quiet", "--budget", "max_accuracy_drop=100"]) == 0
+    assert json.loads((out / "search.json").read_text())["chosen"]["meets_accuracy"] is True
 
 
 def test_budget_errors_are_one_line(tiny, write_recipe, tmp_path, capsys) -> None:
@@ -111,7 +132,7 @@ def test_budget_errors_are_one_line(tiny, write_recipe, tmp_path, capsys) -> Non
     cases = [
         ([], "no target: block"),
         (["--budget", "latency=1"], "--budget 'latency=1'"),
-        (["--budget", "latency_ms=-1"], "target:"),
+        (["--budget", "latency_ms=-1"], "--budget/target: latency_ms: Input should be greater than 0"),
         (["--budget", "latency_ms=0.00001", "--candidates", "2"], "no candidate meets"),
     ]
     for extra, expected in cases:
@@ -119,9 +140,34 @@ def test_budget_errors_are_one_line(tiny, write_recipe, tmp_path, capsys) -> Non
         err = capsys.readouterr().err
         assert code == 2, err
         assert expected in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    other = write_recipe({**raw, "target": {"latency_ms": 40.0}}, "other.yaml")
-    assert main(["search", str(other), "--out", str(tmp_path / "o"), "--quiet"]) == 2  # o holds another search
-    assert "another recipe" in capsys.readouterr().err
+    other = write_recipe({**raw, "target": {"latency_ms": 40.0}, "data": {**raw["data"], "seed": 1}}, "other.yaml")
+    assert main(["search", str(other), "--out", str(tmp_path / "o"), "--quiet"]) == 2  # o: a search on other data
+    assert "other models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"stages": [{"kind": "train", "epochs": 1}, {"kind": "export"}]}, "stages.0 (train): compress search starts"),
+        ({"stages": [{"kind": "export"}, {"kind": "quantize", "mode": "fp16"}]}, "stages.1.mode"),
+        ({"search": {"method": "taylor"}}, "search.method"),
+        ({"search": {"ratios": [0.95]}}, "search.ratios.0"),
+        (
+            {
+                "teacher": None,
+                "search": {"estimate": {"epochs": 1}, "finetune": {"epochs": 1}},
+                "target": {"latency_ms": 5, "max_accuracy_drop": 1, "accuracy_from": "teacher"},
+            },
+            "no teacher",
+        ),
+    ],
+)
+def test_recipes_the_search_cannot_honour_are_refused_up_front(tiny, write_recipe, tmp_path, capsys, change, expected):
+    raw = {**_recipe(tiny, latency_ms=50.0), **change}
+    code = main(["search", str(write_recipe(raw)), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o" / "search.json").exists()  # refused before anything was measured
 
 
 def test_target_block_is_validated_with_the_recipe(tiny, write_recipe, capsys) -> None:
@@ -148,4 +194,8 @@ def test_frontier_selection() -> None:
     assert best["latency_ms"] == 0.5  # the estimate decides, not the proxy; 2.0 ms is over budget
     fastest, why = frontier.choose(trained, {}, 0.86)
     assert fastest["latency_ms"] == 0.5 and "fastest" in why
+    below, why = frontier.choose(trained, {"latency_ms": 1.0}, 0.9)  # the best inside the budget is under it
+    assert below["estimated_acc"] == 0.87 and "below the floor" in why
+    tie = [_row(0.7, 0.8, 0.87), _row(0.5, 0.8, 0.87)]
+    assert frontier.choose(tie, {"latency_ms": 1.0}, None)[0]["latency_ms"] == 0.5  # a tie goes to the faster
     assert TargetConfig(max_accuracy_drop=1.0).budget() == {}

@@ -19,22 +19,27 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 
+from compress.bench import runtimes
+from compress.config import format_validation_error
 from compress.context import Context
 from compress.deploy import isa_label
+from compress.env import cpu_model
 from compress.errors import CompressError
 from compress.files import atomic_write_text
 from compress.pipeline import build_role, load_data, resolve_device, seed_everything
 from compress.pruning.depth import block_importance, residual_blocks
 from compress.pruning.sensitivity import sweep
-from compress.pruning.structured import StructuredOptions
+from compress.pruning.structured import StructuredOptions, group_roots
 from compress.recipe import apply_override, load_recipe, read_recipe, validate_recipe
 from compress.search import frontier, space
 from compress.search.config import SearchConfig, TargetConfig
@@ -66,9 +71,11 @@ def target_of(recipe: Any, budget: list[str]) -> TargetConfig:
     if not raw:
         raise CompressError("target: the recipe has no target: block; add one or pass --budget latency_ms=0.3")
     try:
-        return TargetConfig.model_validate(raw)
-    except ValueError as exc:
-        raise CompressError(f"target: {str(exc).splitlines()[-1].strip()}") from None
+        target = TargetConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise CompressError(format_validation_error(exc, raw, "--budget/target", TargetConfig)) from None
+    runtimes.check([target.runtime], "target.runtime")  # installed, before anything is measured
+    return target
 
 
 class State:
@@ -82,9 +89,13 @@ class State:
                 old = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise CompressError(f"{path}: cannot read it to resume ({exc}); move it away") from None
-            if not isinstance(old, dict) or old.get("key") != key:
+            if (
+                not isinstance(old, dict)
+                or old.get("key") != key
+                or not all(isinstance(old.get(k, {}), dict) for k in ("latency", "proxy", "trials"))
+            ):
                 raise CompressError(
-                    f"{path}: holds a search of another recipe, target or search: block; use another --out"
+                    f"{path}: holds a search of other models, data, search: settings or another CPU; use another --out"
                 )
             self.data.update(old)
 
@@ -92,13 +103,25 @@ class State:
         atomic_write_text(json.dumps(self.data, indent=1) + "\n", self.path)
 
 
-def _key(recipe: Any, target: TargetConfig) -> str:
+def _key(recipe: Any, cfg: SearchConfig, export: Any, quant: Any) -> str:
+    """What every cached measurement depends on: the models (and their weight files' bytes), the data,
+    the search settings except how many candidates/trials, the export/quantize settings, the CPU and
+    the runtimes' versions. The budget is not in it: loosening it reuses everything measured."""
+    files = {}
+    for role in ("teacher", "student"):
+        spec = getattr(recipe, role)
+        if spec is not None and spec.checkpoint is not None and Path(spec.checkpoint).is_file():
+            files[role] = hashlib.sha256(Path(spec.checkpoint).read_bytes()).hexdigest()
     raw = {
-        "recipe": recipe.model_dump(mode="json", exclude={"stages", "benchmark", "target"}),
-        "target": target.model_dump(),
+        "recipe": recipe.model_dump(mode="json", exclude={"stages", "benchmark", "target", "search", "name"}),
+        "files": files,
+        "search": cfg.model_dump(mode="json", exclude={"trials", "candidates"}),
+        "export": export.model_dump(mode="json"),
+        "quantize": quant.model_dump(mode="json"),
+        "host": [cpu_model(), isa_label(), os.cpu_count()],
+        "runtimes": runtimes.versions(),
     }
-    raw["host"] = isa_label()
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _spent(d: dict[str, Any], phase: str, since: float) -> None:
@@ -110,8 +133,40 @@ def _spent(d: dict[str, Any], phase: str, since: float) -> None:
 def _floor(target: TargetConfig, student_acc: float, teacher_acc: float | None) -> float | None:
     if target.max_accuracy_drop is None:
         return None
-    ref = teacher_acc if target.accuracy_from == "teacher" and teacher_acc is not None else student_acc
+    ref = teacher_acc if target.accuracy_from == "teacher" else student_acc
+    assert ref is not None  # accuracy_from: teacher without a teacher is refused up front
     return ref - target.max_accuracy_drop / 100
+
+
+#: quantize-stage settings that change the graph the search times (it decides the precision itself)
+UNSEARCHABLE = {"mode": "static", "format": "qdq", "op_types": [], "exclude": [], "max_accuracy_drop": None}
+
+
+def _stages(recipe: Any) -> tuple[Any, Any]:
+    """The recipe's export and quantize settings (the stages' defaults if absent); any other stage,
+    or a quantize setting the search cannot time, is one line naming it."""
+    from compress.stages.export import Export
+    from compress.stages.quantize import Quantize
+
+    export, quant = Export(), Quantize()
+    for i, stage in enumerate(recipe.stages):
+        if stage.kind == "export":
+            export = stage
+        elif stage.kind == "quantize":
+            quant = stage
+            for name, default in UNSEARCHABLE.items():
+                if getattr(stage, name) != default:
+                    raise CompressError(
+                        f"stages.{i}.{name}: compress search decides the precision and times static QDQ INT8 "
+                        f"as the quantize stage writes it by default; drop {name} here"
+                    )
+        else:
+            raise CompressError(
+                f"stages.{i} ({stage.kind}): compress search starts from trained models and decides the "
+                "compression itself; run this stage first (compress run) and point student.checkpoint / "
+                "teacher.checkpoint at its checkpoints, keeping only export/quantize stages here"
+            )
+    return export, quant
 
 
 def _context(recipe: Any, device: torch.device, run_dir: Path, data: Any, models: dict, quiet: bool) -> Context:
@@ -120,9 +175,11 @@ def _context(recipe: Any, device: torch.device, run_dir: Path, data: Any, models
                    console=Console(stderr=True, quiet=quiet))  # fmt: skip
 
 
-def best_recipe(raw: dict[str, Any], cand: space.Candidate, precision: str, cfg: SearchConfig, method: str) -> dict:
+def best_recipe(raw: dict[str, Any], chosen: dict[str, Any], cfg: SearchConfig) -> dict:
     """The chosen candidate as an ordinary recipe: the user's with its stages replaced by prune_depth /
-    prune (then the full fine-tune), the user's export and quantize settings, INT8 when chosen."""
+    prune (then the full fine-tune), the user's export and quantize settings (INT8, or FP16 when
+    chosen), its benchmark timing the chosen runtime and thread count at the target's batch size."""
+    cand, precision, method = space.Candidate.from_json(chosen["candidate"]), chosen["precision"], cfg.method
     stages = [s for s in raw["stages"] if s["kind"] not in COMPRESSION and s["kind"] not in ("train", "distill")]
     export = next((s for s in stages if s["kind"] == "export"), {"kind": "export"})
     quant = next((s for s in stages if s["kind"] == "quantize"), {"kind": "quantize"})
@@ -133,7 +190,9 @@ def best_recipe(raw: dict[str, Any], cand: space.Candidate, precision: str, cfg:
     if cand.removed:
         out.append({"kind": "prune_depth", "remove": list(cand.removed)})
     if cand.prunes_channels:
-        prune = {"kind": "prune", "method": method, "ratio": max(cand.ratios.values()), "ratios": cand.ratios}
+        # every group root is listed; ``ratio`` would only reach a group that is not: the mildest one
+        smallest = min(r for r in cand.ratios.values() if r > 0)
+        prune = {"kind": "prune", "method": method, "ratio": smallest, "ratios": cand.ratios}
         if cand.round_to is not None:
             prune["round_to"] = cand.round_to
         out.append(prune)
@@ -141,168 +200,260 @@ def best_recipe(raw: dict[str, Any], cand: space.Candidate, precision: str, cfg:
         out[-1]["finetune"] = finetune
     out.append(export)
     if precision == "int8":
-        out.append(quant)
+        out.append({**quant, "mode": "static"} if quant.get("mode") == "fp16" else quant)
+    elif precision == "fp16":
+        out.append({"kind": "quantize", "mode": "fp16"})
     best = {k: v for k, v in raw.items() if k != "search"}
     best["stages"] = out
     best["name"] = f"{raw['name']}-best"[:64]
+    bench = dict(best.get("benchmark") or {})
+    listed = bench.get("threads")
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    bench["threads"] = list(dict.fromkeys([chosen["threads"], *listed]))
+    sizes = bench.get("batch_sizes", [1, 64])
+    bench["batch_sizes"] = list(dict.fromkeys([best["target"].get("batch_size", 1), *sizes]))
+    bench["runtimes"] = list(dict.fromkeys([chosen["runtime"], *bench.get("runtimes", [])]))
+    best["benchmark"] = bench
+    best["target"] = {**best["target"], "runtime": chosen["runtime"], "threads": chosen["threads"]}
     return best
 
 
-def search(args: Any) -> Path:
-    recipe = load_recipe(args.recipe, args.overrides)
-    target = target_of(recipe, args.budget)
-    cfg: SearchConfig = recipe.search or SearchConfig()
-    cfg = cfg.model_copy(update={k: v for k, v in (("trials", args.trials), ("candidates", args.candidates)) if v})
-    if target.device != "cpu":
-        raise CompressError("target.device: only cpu latency can be searched so far")
-    if cfg.requirements() and recipe.teacher is None:
-        raise CompressError("search.estimate.kd: the short fine-tunes distill from a teacher; add a teacher: model")
-    out = args.out or Path("runs") / f"search-{recipe.name}"
-    out.mkdir(parents=True, exist_ok=True)
-    state = State(
-        out / "search.json", _key(recipe, target) + hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:8]
-    )
-    quiet = args.quiet
-    say = Console(stderr=True, quiet=quiet).print
-    seed_everything(recipe.seed)
-    data = load_data(recipe)
-    device = resolve_device(recipe.device)
-    student = build_role(recipe, "student", data).to(device).eval()
-    teacher = build_role(recipe, "teacher", data).to(device).eval() if recipe.teacher is not None else None
-    num_classes = data.num_classes
-    example = data.example_input(2).to(device)
-    opts = StructuredOptions(method=cfg.method)
-    few = data.limit("test", min(cfg.sensitivity_images, data.test_size))
-    probe_loader = data.limit("train", min(cfg.probe_images, data.train_size))
-    say(f"search: {target.describe()} on {isa_label()}; results in {out}")
-    d = state.data
-    d.update(target=target.model_dump(), search=cfg.model_dump(mode="json"), host=isa_label(),
-             recipe=str(args.recipe), date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
-    if "base" not in d:
-        test = data.eval_loader("test")
-        d["base"] = {"student_acc": evaluate(student, test, device),
-                     "teacher_acc": evaluate(teacher, test, device) if teacher else None}  # fmt: skip
-        state.save()
-    floor = _floor(target, d["base"]["student_acc"], d["base"]["teacher_acc"])
-    with _progress(quiet) as prog:
+class _Search:
+    """One search: the recipe's models and data, search.json, and one method per phase."""
+
+    def __init__(self, args: Any) -> None:
+        recipe = load_recipe(args.recipe, args.overrides)
+        self.export, self.quant = _stages(recipe)
+        self.args, self.recipe, self.target = args, recipe, target_of(recipe, args.budget)
+        cfg: SearchConfig = recipe.search or SearchConfig()
+        given = (("trials", args.trials), ("candidates", args.candidates))
+        self.cfg = cfg.model_copy(update={k: v for k, v in given if v})
+        if self.cfg.requirements() and recipe.teacher is None:
+            raise CompressError("search.estimate.kd: the short fine-tunes distill from a teacher; add a teacher: model")
+        runtimes.check(self.cfg.runtimes or [], "search.runtimes")
+        if self.target.accuracy_from == "teacher" and self.target.max_accuracy_drop is not None and not recipe.teacher:
+            raise CompressError("target.accuracy_from: teacher, but the recipe has no teacher: model")
+        self.out = args.out or Path("runs") / f"search-{recipe.name}"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CompressError(f"--out: cannot create {self.out}: {exc.strerror or exc}") from None
+        self.key = _key(recipe, self.cfg, self.export, self.quant)
+        self.state = State(self.out / "search.json", self.key)
+        self.d = self.state.data
+        self.say = Console(stderr=True, quiet=args.quiet).print
+        spec = recipe.student
+        if spec.checkpoint is None and spec.weights is None and not spec.pretrained:
+            self.say("search: the student has no checkpoint:, weights: or pretrained: it ranks an untrained network")
+        seed_everything(recipe.seed)
+        self.data = load_data(recipe)
+        self.device = resolve_device(recipe.device)
+        self.student = build_role(recipe, "student", self.data).to(self.device).eval()
+        has_teacher = recipe.teacher is not None
+        self.teacher = build_role(recipe, "teacher", self.data).to(self.device).eval() if has_teacher else None
+        self.example = self.data.example_input(2).to(self.device)
+        self.opts = StructuredOptions(method=self.cfg.method)
+        self.few = self.data.limit("test", min(self.cfg.sensitivity_images, self.data.test_size))
+
+    def build(self, cand: space.Candidate) -> torch.nn.Module:
+        return space.build(self.student, self.example, self.opts, cand, self.data.num_classes)
+
+    def baseline(self) -> float | None:
+        """The unpruned student's and the teacher's top-1; the accuracy floor they imply."""
+        d, test = self.d, self.data.eval_loader("test")
+        if "base" not in d:
+            acc = {"student_acc": evaluate(self.student, test, self.device)}
+            acc["teacher_acc"] = evaluate(self.teacher, test, self.device) if self.teacher is not None else None
+            d["base"] = acc
+            self.state.save()
+        return _floor(self.target, d["base"]["student_acc"], d["base"]["teacher_acc"])
+
+    def rank(self, prog: Any) -> None:
+        """Residual blocks, least important first, and each channel group's sensitivity."""
+        d = self.d
         if "depth" not in d:
             t0 = time.perf_counter()
-            names = residual_blocks(student, example)
-            train = data.train_loader(seed=recipe.seed, augment=False)
-            scores = block_importance(student, names, train, device, cfg.depth_method) if names else {}
+            names = residual_blocks(self.student, self.example)
+            train = self.data.train_loader(seed=self.recipe.seed, augment=False)
+            scores = block_importance(self.student, names, train, self.device, self.cfg.depth_method) if names else {}
             d["depth"] = {"order": sorted(names, key=lambda n: scores[n]), "scores": scores}
             _spent(d, "depth", t0)
-            state.save()
+            self.state.save()
         if "sensitivity" not in d:
             t0 = time.perf_counter()
-            d["sensitivity"] = sweep(
-                student, example, few.eval_loader("test"), device, opts, cfg.ratios, num_classes, prog
-            )
+            loader, n = self.few.eval_loader("test"), self.data.num_classes
+            if group_roots(self.student, self.example, self.opts, n):
+                d["sensitivity"] = sweep(self.student, self.example, loader, self.device, self.opts,
+                                         self.cfg.ratios, n, prog)  # fmt: skip
+            else:  # nothing to narrow: depth is the only lever
+                d["sensitivity"] = {"base_acc": d["base"]["student_acc"], "ratios": self.cfg.ratios, "layers": {}}
             _spent(d, "sensitivity", t0)
-            state.save()
-        cands = space.plan(student, example, opts, num_classes, d["sensitivity"], d["depth"]["order"], cfg.depth,
-                           cfg.round_to, cfg.candidates)  # fmt: skip
-        prober = Prober(data, target, cfg)
+            self.state.save()
+
+    def measure(self, prober: Prober, prog: Any) -> list[dict[str, Any]]:
+        """Every candidate's proxy top-1 and latency/size per (precision, runtime, threads): one row each."""
+        d, cfg = self.d, self.cfg
+        cands = space.plan(self.student, self.example, self.opts, self.data.num_classes, d["sensitivity"],
+                           d["depth"]["order"], cfg.depth, cfg.round_to, cfg.candidates)  # fmt: skip
+        probe = self.data.limit("train", min(cfg.probe_images, self.data.train_size))
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()  # two plans can build one architecture (a rounding that changes nothing)
         task = prog.add_task("latency + proxy", total=len(cands), info="")
-        try:
-            for cand in cands:
-                t0 = time.perf_counter()
-                model = space.build(student, example, opts, cand, num_classes)
-                sig = space.signature(model)
-                if sig not in d["proxy"]:
-                    reestimate_bn(model, probe_loader.train_loader(seed=recipe.seed, augment=False), device, 10_000)
-                    d["proxy"][sig] = {"proxy_acc": evaluate(model, few.eval_loader("test"), device),
-                                       **space.describe(model, example)}  # fmt: skip
-                key = f"{sig}/{target.runtime}/{target.threads}/{target.batch_size}"
-                if key not in d["latency"]:
-                    d["latency"][key] = prober.probe(model, sig, list(cfg.precisions))
-                    _spent(d, "candidates", t0)
-                    d["latency"][key]["seconds"] = time.perf_counter() - t0
-                    state.save()
-                for precision in cfg.precisions if sig not in seen else ():
-                    lat = d["latency"][key][precision]
-                    rows.append({"sig": sig, "precision": precision, "label": cand.label, "candidate": cand.to_json(),
-                                 **d["proxy"][sig], **lat, "macs": d["proxy"][sig]["macs"]})  # fmt: skip
-                seen.add(sig)
-                prog.advance(task)
-                prog.update(task, info=f"{cand.label}: {d['latency'][key][cfg.precisions[0]]['latency_ms']:.3f} ms")
-            state.save()
-            budget = target.budget()
-            picks = frontier.to_train(rows, budget, floor, cfg.trials)
-            if not picks:
-                raise CompressError(
-                    f"target: no candidate meets {target.describe()} (fastest measured: "
-                    f"{min(r['latency_ms'] for r in rows):.3f} ms); loosen the budget; results in {out / 'search.json'}"
-                )
-            sigs = list(dict.fromkeys(r["sig"] for r in picks))
-            task = prog.add_task("short KD fine-tunes", total=len(sigs), info="")
-            for sig in sigs:
-                if sig not in d["trials"]:
-                    t0 = time.perf_counter()
-                    cand = space.Candidate.from_json(next(r["candidate"] for r in picks if r["sig"] == sig))
-                    model = space.build(student, example, opts, cand, num_classes).to(device)
-                    short = data.limit("train", cfg.estimate_images) if cfg.estimate_images else data
-                    models = {"student": model} | ({"teacher": teacher} if teacher is not None else {})
-                    ctx = _context(recipe, device, out / "trials" / sig, short, models, True)
-                    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-                    ctx.stage_index, ctx.stage_label = 1, "search"
-                    metrics = cfg.estimate.run(ctx, model, f"trial {sig}", "search.estimate")
-                    d["trials"][sig] = {"estimated_acc": metrics["test_acc"], "seconds": metrics["seconds"]}
-                    _spent(d, "trials", t0)
-                    state.save()
-                prog.advance(task)
-                prog.update(task, info=f"{sig}: {100 * d['trials'][sig]['estimated_acc']:.2f}%")
-            for r in rows:
-                r["estimated_acc"] = d["trials"].get(r["sig"], {}).get("estimated_acc")
-            trained = [r for r in rows if r["estimated_acc"] is not None]
-            missed: list[dict[str, Any]] = []
-            d["missed"] = []
+        for cand in cands:
             t0 = time.perf_counter()
-            while True:  # the winner's own file decides; a probe that was optimistic hands over to the next
-                chosen, why = frontier.choose([r for r in trained if r not in missed], budget, floor)
-                if chosen is None:
-                    break
-                cand = space.Candidate.from_json(chosen["candidate"])
-                model = space.build(student, example, opts, cand, num_classes)
-                chosen = {**chosen, "confirmed": prober.confirm(model, chosen["sig"], chosen["precision"])}
-                if frontier.fits(chosen["confirmed"], budget):
-                    break
-                missed.append(
-                    next(r for r in trained if r["sig"] == chosen["sig"] and r["precision"] == chosen["precision"])
-                )
-                d.setdefault("missed", []).append({k: chosen[k] for k in ("sig", "precision", "confirmed")})
-            _spent(d, "confirm", t0)
+            model = self.build(cand)
+            sig = space.signature(model)
+            if sig not in d["proxy"]:
+                reestimate_bn(model, probe.train_loader(seed=self.recipe.seed, augment=False), self.device, 10_000)
+                acc = evaluate(model, self.few.eval_loader("test"), self.device)
+                d["proxy"][sig] = {"proxy_acc": acc, **space.describe(model, self.example)}
+            key = f"{sig}/{self.target.batch_size}"
+            if key not in d["latency"]:
+                d["latency"][key] = prober.probe(model, sig)
+                _spent(d, "candidates", t0)
+                self.state.save()
+            for where, lat in d["latency"][key].items() if sig not in seen else ():
+                precision, runtime, threads = where.split("/")
+                rows.append({"sig": sig, "precision": precision, "runtime": runtime, "threads": int(threads),
+                             "label": cand.label, "candidate": cand.to_json(), **d["proxy"][sig], **lat})  # fmt: skip
+            seen.add(sig)
+            fastest = min(lat["latency_ms"] for lat in d["latency"][key].values())
+            prog.update(task, advance=1, info=f"{cand.label}: {fastest:.3f} ms")
+        self.state.save()
+        return rows
+
+    def train(self, picks: list[dict[str, Any]], prober: Prober, prog: Any) -> None:
+        """A short KD fine-tune of each picked architecture; its test top-1 in each precision (run by
+        ONNX Runtime, INT8 calibrated as the quantize stage does) is the estimate."""
+        d, cfg = self.d, self.cfg
+        sigs = list(dict.fromkeys(r["sig"] for r in picks))
+        task = prog.add_task("short KD fine-tunes", total=len(sigs), info="")
+        for sig in sigs:
+            if sig not in d["trials"]:
+                t0 = time.perf_counter()
+                cand = space.Candidate.from_json(next(r["candidate"] for r in picks if r["sig"] == sig))
+                model = self.build(cand).to(self.device)
+                short = self.data.limit("train", cfg.estimate_images) if cfg.estimate_images else self.data
+                models = {"student": model} | ({"teacher": self.teacher} if self.teacher is not None else {})
+                trial_dir = self.out / "trials" / f"{self.key[:8]}-{sig}"  # a resumed fine-tune is this one's
+                ctx = _context(self.recipe, self.device, trial_dir, short, models, True)
+                ctx.run_dir.mkdir(parents=True, exist_ok=True)
+                ctx.stage_index, ctx.stage_label = 1, "search"
+                metrics = cfg.estimate.run(ctx, model, f"trial {sig}", "search.estimate")
+                d["trials"][sig] = {"test_acc": metrics["test_acc"], "estimated": prober.accuracy(model, sig),
+                                    "seconds": metrics["seconds"]}  # fmt: skip
+                _spent(d, "trials", t0)
+                self.state.save()
+            prog.update(task, advance=1, info=f"{sig}: {100 * d['trials'][sig]['test_acc']:.2f}%")
+
+    def decide(self, rows: list[dict[str, Any]], floor: float | None, prober: Prober) -> tuple[dict | None, str]:
+        """The winner, confirmed on its deployable file; a probe that was optimistic hands over to the next."""
+        budget, d = self.target.budget(), self.d
+        for r in rows:
+            r["estimated_acc"] = d["trials"].get(r["sig"], {}).get("estimated", {}).get(r["precision"])
+        left = [r for r in rows if r["estimated_acc"] is not None]
+        d["missed"] = []
+        t0 = time.perf_counter()
+        while True:
+            chosen, why = frontier.choose(left, budget, floor)
+            if chosen is None:
+                break
+            model = self.build(space.Candidate.from_json(chosen["candidate"]))
+            where = (chosen["precision"], chosen["runtime"], chosen["threads"])
+            chosen = {**chosen, "confirmed": prober.confirm(model, chosen["sig"], *where)}
+            if frontier.fits(chosen["confirmed"], budget):
+                break
+            gone = (chosen["sig"], *where)
+            left = [r for r in left if (r["sig"], r["precision"], r["runtime"], r["threads"]) != gone]
+            d["missed"].append({k: chosen[k] for k in ("sig", "precision", "runtime", "threads", "confirmed")})
+        _spent(d, "confirm", t0)
+        return chosen, why
+
+    def run(self) -> Path:
+        target, cfg, d, out = self.target, self.cfg, self.d, self.out
+        self.say(f"search: {target.describe()} on {isa_label()}; results in {out}")
+        d.update(target=target.model_dump(), search=cfg.model_dump(mode="json"), host=isa_label(),
+                 recipe=str(self.args.recipe), date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
+        floor = self.baseline()
+        prober = Prober(self.data, target, cfg, self.export, self.quant)
+        try:
+            with _progress(self.args.quiet) as prog:
+                self.rank(prog)
+                rows = self.measure(prober, prog)
+                picks = frontier.to_train(rows, target.budget(), floor, cfg.trials)
+                if not picks:
+                    raise CompressError(
+                        f"target: no candidate meets {target.describe()} (fastest measured: "
+                        f"{min(r['latency_ms'] for r in rows):.3f} ms); loosen the budget; results in "
+                        f"{out / 'search.json'}"
+                    )
+                self.train(picks, prober, prog)
+                chosen, why = self.decide(rows, floor, prober)
         finally:
             prober.close()
-    if chosen is None:
         d["rows"] = rows
-        state.save()
-        last = d["missed"][-1]["confirmed"] if d.get("missed") else {}
-        raise CompressError(
-            f"target: no trained candidate meets {target.describe()} on its deployable file (the last tried "
-            f"measured {last.get('latency_ms', float('nan')):.3f} ms, {last.get('size_bytes', 0):,} bytes); "
-            f"loosen the budget or raise search.trials; results in {out / 'search.json'}"
+        if chosen is None:
+            self.state.save()
+            last = d["missed"][-1]["confirmed"] if d["missed"] else {}
+            raise CompressError(
+                f"target: no trained candidate meets {target.describe()} on its deployable file (the last tried "
+                f"measured {last.get('latency_ms', float('nan')):.3f} ms, {last.get('size_bytes', 0):,} bytes); "
+                f"loosen the budget or raise search.trials; results in {out / 'search.json'}"
+            )
+        holds = floor is None or chosen["estimated_acc"] >= floor
+        d["chosen"] = chosen = {**chosen, "why": why, "meets_budget": True, "meets_accuracy": holds}
+        self.state.save()
+        best = self.write(rows, chosen)
+        if not holds:
+            raise CompressError(f"target: {why}; results in {out}")
+        return best
+
+    def write(self, rows: list[dict[str, Any]], chosen: dict[str, Any]) -> Path:
+        """recipe.best.yaml (validated: an ordinary recipe) and pareto.png; one line saying what won."""
+        raw = read_recipe(self.args.recipe)  # as the user wrote it (their paths, their defaults), --set applied
+        for assignment in self.args.overrides:
+            apply_override(raw, assignment)
+        raw["target"] = {k: v for k, v in self.target.model_dump(exclude_defaults=True).items() if v is not None}
+        best = best_recipe(raw, chosen, self.cfg)
+        validate_recipe(best, "recipe.best.yaml")  # an ordinary recipe, or a bug here
+        note = f"# compress search {self.args.recipe}: {chosen['why']}\n"
+        note += f"# {self.target.describe()}; host {isa_label()}\n"
+        atomic_write_text(note + yaml.safe_dump(best, sort_keys=False), self.out / "recipe.best.yaml")
+        tmp = self.out / ".pareto.tmp.png"
+        frontier.plot(rows, chosen, self.target, tmp, f"compress search: {self.recipe.name} ({isa_label()})")
+        tmp.replace(self.out / "pareto.png")
+        c = chosen["confirmed"]
+        self.say(
+            f"chosen: {chosen['label']} ({chosen['precision']}, {chosen['runtime']}, {chosen['threads']} threads): "
+            f"{c['latency_ms']:.3f} ms measured on the deployable file, {c['size_bytes']:,} bytes, estimated top-1 "
+            f"{100 * chosen['estimated_acc']:.2f}% ({chosen['why']})"
         )
-    chosen["why"], chosen["meets_budget"] = why, True
-    confirmed = chosen["confirmed"]
-    raw = read_recipe(args.recipe)  # as the user wrote it (their paths, their defaults), --set applied
-    for assignment in args.overrides:
-        apply_override(raw, assignment)
-    raw["target"] = target.model_dump(exclude_defaults=True) | {"latency_ms": target.latency_ms}
-    raw["target"] = {k: v for k, v in raw["target"].items() if v is not None}
-    best = best_recipe(raw, cand, chosen["precision"], cfg, cfg.method)
-    validate_recipe(best, "recipe.best.yaml")  # an ordinary recipe, or a bug here
-    note = f"# compress search {args.recipe}: {why}\n# {target.describe()}; host {isa_label()}\n"
-    atomic_write_text(note + yaml.safe_dump(best, sort_keys=False), out / "recipe.best.yaml")
-    d["rows"], d["chosen"] = rows, chosen
-    state.save()
-    frontier.plot(rows, chosen, target, out / "pareto.png", f"compress search: {recipe.name} ({isa_label()})")
-    say(
-        f"chosen: {chosen['label']} ({chosen['precision']}): {confirmed['latency_ms']:.3f} ms measured on the "
-        f"deployable file, {confirmed['size_bytes']:,} bytes, estimated top-1 {100 * chosen['estimated_acc']:.2f}% "
-        f"({why}); {'meets' if chosen['meets_budget'] else 'MISSES'} the budget"
-    )
-    say(f"wrote {out / 'search.json'}, {out / 'pareto.png'}, {out / 'recipe.best.yaml'}")
-    return out / "recipe.best.yaml"
+        self.say(f"wrote {self.out / 'search.json'}, {self.out / 'pareto.png'}, {self.out / 'recipe.best.yaml'}")
+        return self.out / "recipe.best.yaml"
+
+
+def search(args: Any) -> Path:
+    """``compress search``: returns the path of recipe.best.yaml."""
+    if getattr(args, "budget", None) is None:
+        args.budget = []
+    return _Search(args).run()
+
+
+def record_final(best: Path) -> dict[str, Any]:
+    """After ``--run``: the fully fine-tuned deployable file's measured latency (the report's, at the
+    target's batch size, threads and runtime), size and top-1 into search.json as ``final``."""
+    out = best.parent
+    state = json.loads((out / "search.json").read_text())
+    report = json.loads((out / "run" / "report.json").read_text())
+    chosen, target = state["chosen"], TargetConfig.model_validate(state["target"])
+    onnx = [a for a in report["artifacts"] if a["role"] == "student" and a["format"] == "onnx"]
+    art = next((a for a in reversed(onnx) if a["precision"] == chosen["precision"]), onnx[-1])
+    rows = [r for r in art["latency"] if r["device"] == "cpu" and r["runtime"] == chosen["runtime"]
+            and r["batch_size"] == target.batch_size and r["threads"] == chosen["threads"]]  # fmt: skip
+    final = {"path": art["path"], "precision": art["precision"], "top1": art["accuracy"],
+             "size_bytes": art["size_bytes"], "macs": art["macs"],
+             "latency_ms": rows[0]["p50_ms"] if rows else None}  # fmt: skip
+    final["meets_budget"] = final["latency_ms"] is not None and frontier.fits(final, target.budget())
+    state["final"] = final
+    atomic_write_text(json.dumps(state, indent=1) + "\n", out / "search.json")
+    return final

@@ -23,6 +23,7 @@ from torch import nn
 
 from compress import metadata
 from compress.bench import runtimes
+from compress.bench.measure import onnx_accuracy
 from compress.bench.size import file_bytes, onnx_macs
 from compress.data import ImageData
 from compress.onnx_api import export_onnx, quantize_onnx
@@ -34,11 +35,13 @@ from compress.stages.export import InGraphPreprocess
 
 
 class Prober:
-    """Exports, quantizes and times candidate models; files live in a scratch folder."""
+    """Exports, converts and times candidate models as the recipe's export and quantize stages would
+    write them; files live in a scratch folder."""
 
-    def __init__(self, data: ImageData, target: TargetConfig, cfg: SearchConfig, opset: int = 18) -> None:
-        self.data, self.target, self.cfg, self.opset = data, target, cfg, opset
-        self.info = metadata.model_info(data, preprocess_in_graph=True, layout="nhwc")
+    def __init__(self, data: ImageData, target: TargetConfig, cfg: SearchConfig, export: Any, quant: Any) -> None:
+        self.data, self.target, self.cfg, self.export, self.quant = data, target, cfg, export, quant
+        layout = export.input_layout
+        self.info = metadata.model_info(data, preprocess_in_graph=export.preprocess_in_graph, layout=layout)
         self._dir = tempfile.TemporaryDirectory(prefix="compress-search-")
         self.dir = Path(self._dir.name)
         raw = data.raw("test", torch.arange(max(target.batch_size, 32)) % data.test_size)
@@ -51,7 +54,9 @@ class Prober:
         self._dir.cleanup()
 
     def _export_fast(self, model: nn.Module, path: Path) -> None:
-        wrapped = InGraphPreprocess(model.eval().cpu(), self.info).eval()
+        model = model.eval().cpu()
+        info = self.info
+        wrapped = InGraphPreprocess(model, info).eval() if info.preprocess_in_graph or info.layout == "nhwc" else model
         with warnings.catch_warnings(), quiet_stdout():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
@@ -59,56 +64,83 @@ class Prober:
                 (self.example,),
                 str(path),
                 dynamo=False,
-                opset_version=self.opset,
-                input_names=[self.info.input_name],
+                opset_version=self.export.opset,
+                input_names=[info.input_name],
                 output_names=["logits"],
-                dynamic_axes={self.info.input_name: {0: "batch"}, "logits": {0: "batch"}},
+                dynamic_axes={info.input_name: {0: "batch"}, "logits": {0: "batch"}},
             )
+        metadata.update(path, info.to_metadata())  # read back by onnx_accuracy's feeder
 
-    def int8(self, src: Path, dst: Path) -> None:
-        """QDQ INT8 as the quantize stage writes it (scheme auto: exact on this CPU); minmax ranges,
-        since only the graph's shape matters for latency."""
-        pre = dst.with_name(f"{dst.stem}.pre.onnx")
-        ptq.preprocess(src, pre)
-        reader = ArrayReader(self.calibration, self.info.input_name)
-        ptq.static(pre, dst, reader, method="minmax", per_channel=True, scheme="auto")
-        pre.unlink(missing_ok=True)
+    def time(self, path: Path, runtime: str, threads: int, rounds: int = 1) -> dict[str, float]:
+        """p50/p90 of ``iters`` runs after ``warmup`` (median over ``rounds`` fresh sessions)."""
+        p50s, p90s = [], []
+        for _ in range(rounds):
+            samples = runtimes.time_onnx(path, self.feed, runtime, threads, self.cfg.warmup, self.cfg.iters)
+            p50, p90 = np.percentile(np.asarray(samples), [50, 90])
+            p50s.append(float(p50))
+            p90s.append(float(p90))
+        return {"latency_ms": float(np.median(p50s)), "p90_ms": float(np.median(p90s))}
 
-    def time(self, path: Path, iters: int | None = None) -> dict[str, float]:
-        samples = runtimes.time_onnx(
-            path, self.feed, self.target.runtime, self.target.threads, self.cfg.warmup, iters or self.cfg.iters
-        )
-        a = np.asarray(samples)
-        p50, p90 = np.percentile(a, [50, 90])
-        return {"latency_ms": float(p50), "p90_ms": float(p90)}
-
-    def probe(self, model: nn.Module, key: str, precisions: list[str]) -> dict[str, dict[str, Any]]:
-        """{precision: {latency_ms, p90_ms, size_bytes, macs}} for the candidate ``model``."""
+    def probe(self, model: nn.Module, key: str) -> dict[str, dict[str, Any]]:
+        """{"precision/runtime/threads": {latency_ms, p90_ms, size_bytes, macs}} for the candidate ``model``,
+        over the search's precisions × runtimes × thread counts (MACs of the file: BatchNorm folded)."""
         fp32 = self.dir / f"{key}.onnx"
         self._export_fast(model, fp32)
-        return self._measure(fp32, precisions)
-
-    def _measure(self, fp32: Path, precisions: list[str]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         macs = onnx_macs(fp32)
-        for precision in precisions:
-            path = fp32 if precision == "fp32" else fp32.with_name(f"{fp32.stem}.int8.onnx")
-            if precision == "int8":
-                self.int8(fp32, path)
-            out[precision] = {**self.time(path), "size_bytes": file_bytes(path), "macs": macs}
-        for path in fp32.parent.glob(f"{fp32.stem}*"):
-            path.unlink(missing_ok=True)
+        for precision in self.cfg.precisions:
+            path = self._convert(fp32, precision, calibrated=False)
+            for runtime in self.cfg.runtimes or [self.target.runtime]:
+                for threads in self.cfg.threads or [self.target.threads]:
+                    lat = self.time(path, runtime, threads)
+                    out[f"{precision}/{runtime}/{threads}"] = {**lat, "size_bytes": file_bytes(path), "macs": macs}
+        self._clean(key)
         return out
 
-    def confirm(self, model: nn.Module, key: str, precision: str) -> dict[str, Any]:
-        """The deployable file's own measurements: written as the export and quantize stages write it
-        (dynamo exporter, parity-checked, debug info stripped, metadata; percentile calibration)."""
-        fp32 = self.dir / f"{key}.final.onnx"
-        export_onnx(model.eval().cpu(), fp32, data=self.data, parity_batch=8, opset=self.opset)
-        path = fp32
-        if precision == "int8":
-            path = quantize_onnx(fp32, self.data, batches=2, batch_size=16).path
-        out = {**self.time(path), "size_bytes": file_bytes(path), "macs": onnx_macs(fp32)}
-        for f in self.dir.glob(f"{key}.final*"):
+    def accuracy(self, model: nn.Module, key: str) -> dict[str, float]:
+        """Test top-1 of the trained candidate in each precision, run by ONNX Runtime (INT8 calibrated as
+        the quantize stage calibrates): the estimate the choice compares."""
+        fp32 = self.dir / f"{key}.acc.onnx"
+        self._export_fast(model, fp32)
+        out = {p: float(onnx_accuracy(self._convert(fp32, p, calibrated=True), self.data)) for p in self.cfg.precisions}
+        self._clean(f"{key}.acc")
+        return out
+
+    def _clean(self, key: str) -> None:
+        for f in self.dir.glob(f"{key}*"):
             f.unlink(missing_ok=True)
+
+    def _convert(self, fp32: Path, precision: str, calibrated: bool) -> Path:
+        """``fp32`` as ``precision``: INT8 QDQ with the quantize stage's scheme and per-channel setting
+        (calibrated as that stage calibrates, or on two batches of minmax where only the graph's shape
+        matters), FP16 as its ``mode: fp16`` writes it."""
+        if precision == "fp32":
+            return fp32
+        dst = fp32.with_name(f"{fp32.stem}.{precision}.onnx")
+        q = self.quant
+        if precision == "fp16":
+            ptq.fp16(fp32, dst, keep_io_types=q.keep_io_types)
+        elif calibrated:
+            return quantize_onnx(
+                fp32, self.data, out=dst, scheme=q.scheme, calibration=q.calibration, per_channel=q.per_channel,
+                percentile=q.percentile, batches=q.calibration_batches, batch_size=q.calibration_batch_size,
+            ).path  # fmt: skip
+        else:
+            pre = dst.with_name(f"{dst.stem}.pre.onnx")
+            ptq.preprocess(fp32, pre)
+            reader = ArrayReader(self.calibration, self.info.input_name)
+            ptq.static(pre, dst, reader, method="minmax", per_channel=q.per_channel, scheme=q.scheme)
+            pre.unlink(missing_ok=True)
+        return dst
+
+    def confirm(self, model: nn.Module, key: str, precision: str, runtime: str, threads: int) -> dict[str, Any]:
+        """The deployable file's own measurements (median of 3 sessions): written as the export and
+        quantize stages write it (dynamo exporter, parity-checked, debug info stripped, metadata)."""
+        fp32 = self.dir / f"{key}.final.onnx"
+        e = self.export
+        export_onnx(model.eval().cpu(), fp32, data=self.data, parity_batch=8, opset=e.opset,
+                    preprocess_in_graph=e.preprocess_in_graph, input_layout=e.input_layout)  # fmt: skip
+        path = self._convert(fp32, precision, calibrated=True)
+        out = {**self.time(path, runtime, threads, rounds=3), "size_bytes": file_bytes(path), "macs": onnx_macs(fp32)}
+        self._clean(f"{key}.final")
         return out

@@ -77,10 +77,29 @@ def _is_relu(node: fx.Node, module: nn.Module) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _is_identity(child: nn.Module) -> bool:
+    """nn.Identity, or an empty nn.Sequential (the CIFAR-ResNet idiom for "no projection")."""
+    return isinstance(child, nn.Identity) or (type(child) is nn.Sequential and len(child) == 0)
+
+
+def _depends_on(node: fx.Node, inp: fx.Node) -> bool:
+    """``node`` is computed from the module's input (not only from parameters, buffers or constants)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is inp:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(a for a in n.all_input_nodes)
+    return False
+
+
 def _passes_input(node: Any, inp: fx.Node, module: nn.Module) -> bool:
     """``node`` is the module's input, itself or through nn.Identity children."""
     while isinstance(node, fx.Node) and node is not inp:
-        if node.op != "call_module" or not isinstance(module.get_submodule(str(node.target)), nn.Identity):
+        if node.op != "call_module" or not _is_identity(module.get_submodule(str(node.target))):
             return False
         if len(node.args) != 1 or node.kwargs:
             return False
@@ -97,8 +116,8 @@ def _input_plus(node: Any, inp: fx.Node, module: nn.Module) -> bool:
     if len(operands) != 2 or any(k != "alpha" for k in node.kwargs):
         return False
     for this, other in (operands, operands[::-1]):
-        if not isinstance(other, fx.Node) or _passes_input(other, inp, module):
-            continue  # x + x or x + a constant is not a residual branch
+        if not isinstance(other, fx.Node) or _passes_input(other, inp, module) or not _depends_on(other, inp):
+            continue  # x + x, x + a constant, x + self.pos_embed: not a residual branch
         if _passes_input(this, inp, module) or _input_plus(this, inp, module):
             return True
     return False

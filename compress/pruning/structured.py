@@ -147,7 +147,10 @@ class StructuredOptions(BaseModel):
         wanted = self.overrides(model)
         names = {m: n for n, m in model.named_modules()}
         for group in groups(model, example, self, num_classes):
-            asked = {names[m]: wanted[m] for m in {dep.target.module for dep, _ in group} if m in wanted}
+            # the layers whose outputs this group's channels are (another group's root appears here too,
+            # as a consumer of these channels: its ratio is its own group's, not a conflict)
+            outs = {dep.target.module for dep, _ in group if getattr(dep.handler, "__name__", "") == OUT}
+            asked = {names[m]: wanted[m] for m in outs if m in wanted}
             if len(set(asked.values())) > 1:
                 pairs = ", ".join(f"{n}: {r}" for n, r in sorted(asked.items()))
                 raise CompressError(
@@ -235,6 +238,7 @@ class StructuredOptions(BaseModel):
             pruner.head_pruning_ratio_dict[layer.qkv] = shares
 
 
+OUT = "prune_out_channels"  # torch-pruning's handler name for a layer whose outputs a group's channels are
 ROOT_TYPES = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]  # BasePruner's default
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compress.distill.kd import FineTune
+from compress.importance import IMPORTANCES, needs_gradients
 
-Precision = Literal["int8", "fp32"]
+Precision = Literal["int8", "fp32", "fp16"]
+Runtime = Literal["onnxruntime", "openvino"]
 
 
 class TargetConfig(BaseModel):
@@ -26,7 +28,7 @@ class TargetConfig(BaseModel):
     latency_ms: float | None = Field(None, gt=0, le=1e6, description="p50 latency of one batch, measured (ms)")
     batch_size: int = Field(1, ge=1, le=4096, description="the batch size latency_ms is stated at")
     threads: int = Field(1, ge=1, le=1024, description="CPU threads the runtime may use")
-    runtime: Literal["onnxruntime", "openvino"] = Field("onnxruntime", description="the runtime that serves it")
+    runtime: Runtime = Field("onnxruntime", description="the runtime that serves it")
     device: Literal["cpu"] = Field("cpu", description="the device latency is measured on (CPU only so far)")
     size_bytes: int | None = Field(None, gt=0, description="largest ONNX file, in bytes")
     macs: int | None = Field(None, gt=0, description="most multiply-accumulates of one image's forward pass")
@@ -64,7 +66,7 @@ class TargetConfig(BaseModel):
         return "; ".join(parts)
 
 
-Ratio = Annotated[float, Field(ge=0, lt=1)]
+Ratio = Annotated[float, Field(ge=0, le=0.9)]  # the prune stage caps any ratio at max_ratio 0.9
 
 
 class SearchConfig(BaseModel):
@@ -89,7 +91,15 @@ class SearchConfig(BaseModel):
         default_factory=lambda: [None, 8], min_length=1, description="channel-count roundings tried"
     )
     precisions: list[Precision] = Field(
-        default_factory=lambda: ["int8", "fp32"], min_length=1, description="deployable precisions tried"
+        default_factory=lambda: ["int8", "fp32"],
+        min_length=1,
+        description="deployable precisions tried (fp16 pays only where the CPU computes in it)",
+    )
+    runtimes: list[Runtime] | None = Field(
+        None, min_length=1, description="runtimes tried (default: target.runtime); the fastest that fits may win"
+    )
+    threads: list[Annotated[int, Field(ge=1, le=1024)]] | None = Field(
+        None, min_length=1, description="thread counts tried (default: target.threads)"
     )
     method: str = Field("l1", description="channel importance criterion (compress list)")
     probe_images: int = Field(512, ge=16, le=100_000, description="training images for BN re-estimation and proxy")
@@ -104,8 +114,17 @@ class SearchConfig(BaseModel):
         default_factory=lambda: FineTune(epochs=10, kd=True),
         description="the chosen model's full fine-tune, written into recipe.best.yaml",
     )
-    iters: int = Field(100, ge=5, le=100_000, description="timed runs per latency measurement")
-    warmup: int = Field(10, ge=1, le=10_000, description="untimed runs before them")
+    iters: int = Field(200, ge=5, le=100_000, description="timed runs per latency measurement")
+    warmup: int = Field(20, ge=1, le=10_000, description="untimed runs before them (each in a fresh session)")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in IMPORTANCES:
+            raise ValueError(IMPORTANCES.unknown_message(v))
+        if needs_gradients(v):
+            raise ValueError(f"{v} ranks channels by gradients, which the search does not collect; use l1 or l2")
+        return v
 
     def requirements(self) -> frozenset[str]:
         return self.estimate.requirements() | self.finetune.requirements()

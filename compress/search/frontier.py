@@ -54,7 +54,7 @@ def choose(trained: list[dict[str, Any]], budget: dict[str, float], floor: float
     if not inside:
         return None, "no trained candidate meets the budget"
     if budget:
-        best = max(inside, key=lambda r: r["estimated_acc"])
+        best = max(inside, key=lambda r: (r["estimated_acc"], -r["latency_ms"]))  # a tie goes to the faster
         if floor is not None and best["estimated_acc"] < floor:
             return best, (
                 f"the most accurate candidate within the budget estimates {100 * best['estimated_acc']:.2f}% top-1, "
@@ -63,7 +63,7 @@ def choose(trained: list[dict[str, Any]], budget: dict[str, float], floor: float
         return best, "the most accurate trained candidate within the budget"
     ok = [r for r in inside if floor is None or r["estimated_acc"] >= floor]
     if not ok:
-        best = max(inside, key=lambda r: r["estimated_acc"])
+        best = max(inside, key=lambda r: (r["estimated_acc"], -r["latency_ms"]))
         return best, f"no trained candidate holds top-1 ≥ {100 * floor:.2f}%; the most accurate is shown"
     return min(ok, key=lambda r: r["latency_ms"]), "the fastest trained candidate that holds the accuracy floor"
 

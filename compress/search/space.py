@@ -126,32 +126,42 @@ def plan(
     round_to: list[int | None],
     limit: int,
 ) -> list[Candidate]:
-    """Up to ``limit`` distinct candidates: every depth level (0..``depth`` blocks, least important
-    first) × every rounding × a ladder of sensitivity thresholds, plus the uniform 50% reference
-    (the hand recipe). The unpruned student comes first."""
+    """Up to ``limit`` distinct candidates: the unpruned student, the uniform 50% reference (the hand
+    recipe), and for every depth level (0..``depth`` blocks, least important first) the blocks alone
+    plus every rounding × a ladder of sensitivity thresholds. When ``limit`` cuts, it cuts evenly
+    across depth levels (taken round-robin), not the deepest (fastest) ones."""
     old_roots = member_roots(student, example, opts, num_classes)
     most = len(depth_order) if depth is None else min(depth, len(depth_order))
-    combos = (most + 1) * len(round_to)
-    levels = max(1, limit // combos)
-    ladder = deltas(sensitivity, levels)
+    per_level = max(1, (limit - 2) // (most + 1))
+    ladder = deltas(sensitivity, max(1, (per_level - 1) // len(round_to))) if sensitivity["layers"] else []
     full = {root: 0.5 for root in dict.fromkeys(old_roots.values())}
-    out = [Candidate(label="unpruned"), Candidate(ratios=full, label="uniform 0.5 (reference)")]
-    seen = {json.dumps(c.to_json(), sort_keys=True) for c in out}
+    fixed = [Candidate(label="unpruned")] + ([Candidate(ratios=full, label="uniform 0.5 (reference)")] if full else [])
+    levels: list[list[Candidate]] = []
     for k in range(most + 1):
         removed = tuple(depth_order[:k])
-        shallow = copy.deepcopy(student)
-        if removed:
+        level = [Candidate(removed, {}, None, f"{k} blocks removed")] if k else []
+        if ladder:
+            shallow = copy.deepcopy(student)
             remove_blocks(shallow, list(removed))
-        new_roots = member_roots(shallow, example, opts, num_classes)
-        for rnd in round_to:
-            for delta in ladder:
-                ratios = transfer(ratios_at(sensitivity, delta), old_roots, new_roots)
-                cand = Candidate(removed, ratios, rnd, f"{k} blocks removed, δ={100 * delta:.2f} pt")
-                key = json.dumps({**cand.to_json(), "label": ""}, sort_keys=True)
-                if key not in seen:
-                    seen.add(key)
-                    out.append(cand)
-    return out[:limit] if len(out) > limit else out
+            new_roots = member_roots(shallow, example, opts, num_classes)
+            for rnd in round_to:
+                for delta in ladder:
+                    ratios = transfer(ratios_at(sensitivity, delta), old_roots, new_roots)
+                    label = f"{k} blocks removed, δ={100 * delta:.2f} pt" + (f", round_to {rnd}" if rnd else "")
+                    level.append(Candidate(removed, ratios, rnd, label))
+        levels.append(level)
+    out, seen = [], set()
+    for cand in fixed + [c for group in _round_robin(levels) for c in group]:
+        key = json.dumps({**cand.to_json(), "label": ""}, sort_keys=True)
+        if key not in seen and len(out) < limit:
+            seen.add(key)
+            out.append(cand)
+    return out
+
+
+def _round_robin(levels: list[list[Candidate]]) -> list[list[Candidate]]:
+    """The i-th candidate of every level, for i = 0, 1, ...: a cut at the end spreads across levels."""
+    return [[lvl[i] for lvl in levels if i < len(lvl)] for i in range(max((len(lv) for lv in levels), default=0))]
 
 
 def describe(model: nn.Module, example: torch.Tensor) -> dict[str, int]:

@@ -130,11 +130,12 @@ class PruneDepth(Stage):
         found = self.check(model, example, field)  # again: an earlier stage may have changed the student
         free = [n for n in found if not self._kept(n)]
         macs0, params0 = count(model, example)
-        loader = ctx.data.train_loader(seed=ctx.recipe.seed, augment=False) if self.method != "bn_scale" else None
-        scores = block_importance(model, free, loader, ctx.device, self.method, self.probe_batches)
-        if self.remove:
+        scores: dict[str, float] = {}
+        if self.remove:  # named blocks: no ranking to do (a probe on every block would cost time for nothing)
             chosen = set(self.remove)
         else:
+            loader = ctx.data.train_loader(seed=ctx.recipe.seed, augment=False) if self.method != "bn_scale" else None
+            scores = block_importance(model, free, loader, ctx.device, self.method, self.probe_batches)
             ranked = sorted(free, key=lambda n: scores[n])  # stable: ties go in forward order
             chosen = set(ranked[: self.blocks])
         removed = [n for n in found if n in chosen]  # forward order
