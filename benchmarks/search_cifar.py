@@ -55,7 +55,7 @@ def main() -> int:
     ap.add_argument("--teacher-model", default=None, help="its model name (default resnet20, or resnet56 given one)")
     ap.add_argument("--root", default="../shared/data/cifar10-jpeg.tar.gz")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs of the hand recipe and the chosen model")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="threads of the budget (1: steadier on a 2-core VM)")
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--estimate-images", type=int, default=10_000, help="training images per short fine-tune")

@@ -120,6 +120,12 @@ def test_a_changed_budget_reuses_every_measurement(searched, capsys) -> None:
     after = json.loads((out / "search.json").read_text())
     assert after["latency"] == before["latency"]  # nothing timed again (a re-timing never gives the same numbers)
     assert all(after["trials"][sig] == trial for sig, trial in before["trials"].items())  # nor trained again
+    # another thread count: the cached timings at 1 thread stay, the new count is timed, rows are the new count's
+    assert main(["search", recipe, "--out", str(out), "--quiet", "--budget", "threads=2"]) == 0
+    two = json.loads((out / "search.json").read_text())
+    assert {r["threads"] for r in two["rows"]} == {2} and two["chosen"]["threads"] == 2
+    for key, timed in before["latency"].items():
+        assert {w: v for w, v in two["latency"][key].items() if w.endswith("/1")} == timed
     # an accuracy floor every candidate holds: met, and said so
     assert main(["search", recipe, "--out", str(out), "--quiet", "--budget", "max_accuracy_drop=100"]) == 0
     assert json.loads((out / "search.json").read_text())["chosen"]["meets_accuracy"] is True

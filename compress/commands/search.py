@@ -308,16 +308,17 @@ class _Search:
                 acc = evaluate(model, self.few.eval_loader("test"), self.device)
                 d["proxy"][sig] = {"proxy_acc": acc, **space.describe(model, self.example)}
             key = f"{sig}/{self.target.batch_size}"
-            if key not in d["latency"]:
-                d["latency"][key] = prober.probe(model, sig)
+            have = d["latency"].setdefault(key, {})
+            if any(w not in have for w in prober.combos()):  # a search of other runtimes/threads timed it before
+                have.update(prober.probe(model, sig))
                 _spent(d, "candidates", t0)
                 self.state.save()
-            for where, lat in d["latency"][key].items() if sig not in seen else ():
+            for where in prober.combos() if sig not in seen else ():
                 precision, runtime, threads = where.split("/")
-                rows.append({"sig": sig, "precision": precision, "runtime": runtime, "threads": int(threads),
-                             "label": cand.label, "candidate": cand.to_json(), **d["proxy"][sig], **lat})  # fmt: skip
+                row = {"sig": sig, "precision": precision, "runtime": runtime, "threads": int(threads)}
+                rows.append({**row, "label": cand.label, "candidate": cand.to_json(), **d["proxy"][sig], **have[where]})
             seen.add(sig)
-            fastest = min(lat["latency_ms"] for lat in d["latency"][key].values())
+            fastest = min(have[w]["latency_ms"] for w in prober.combos())
             prog.update(task, advance=1, info=f"{cand.label}: {fastest:.3f} ms")
         self.state.save()
         return rows

@@ -97,6 +97,12 @@ class Prober:
         self._clean(key)
         return out
 
+    def combos(self) -> list[str]:
+        """Every "precision/runtime/threads" the search times a candidate at."""
+        runtimes_ = self.cfg.runtimes or [self.target.runtime]
+        threads = self.cfg.threads or [self.target.threads]
+        return [f"{p}/{r}/{t}" for p in self.cfg.precisions for r in runtimes_ for t in threads]
+
     def accuracy(self, model: nn.Module, key: str) -> dict[str, float]:
         """Test top-1 of the trained candidate in each precision, run by ONNX Runtime (INT8 calibrated as
         the quantize stage calibrates): the estimate the choice compares."""

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
@@ -150,8 +151,10 @@ class DataBundle(ImageData):
 
     def limit(self, split: str, n: int) -> DataBundle:
         if split == "test":
-            return dataclasses.replace(self, test_x=self.test_x[:n], test_y=self.test_y[:n])
-        return dataclasses.replace(self, train_x=self.train_x[:n], train_y=self.train_y[:n])
+            idx = torch.from_numpy(spread(len(self.test_y), n))
+            return dataclasses.replace(self, test_x=self.test_x[idx], test_y=self.test_y[idx])
+        idx = torch.from_numpy(spread(len(self.train_y), n))
+        return dataclasses.replace(self, train_x=self.train_x[idx], train_y=self.train_y[idx])
 
     def fingerprint(self) -> bytes:
         h = hashlib.sha256(json.dumps(self.class_names).encode())
@@ -297,6 +300,14 @@ def crop_flip(x: Tensor, pad: int, dy: Tensor | None, dx: Tensor | None, flip: T
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x.contiguous()
+
+
+def spread(total: int, n: int) -> np.ndarray:
+    """``n`` evenly spaced indices of ``total`` (all of them when n >= total): what ``limit`` keeps, so a
+    subset of a class-sorted split (an ImageFolder tree, CIFAR's) still holds every class."""
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    return np.unique(np.linspace(0, total - 1, max(n, 1)).round().astype(np.int64))
 
 
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...], out: Tensor | None = None) -> Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from compress.data.base import ImageData, normalize
+from compress.data.base import ImageData, normalize, spread
 from compress.data.transforms import TrainView, decode, eval_image, sample_key
 from compress.errors import CompressError, first_line
 
@@ -121,7 +121,8 @@ class FileSource(Source):
         return h.digest()
 
     def subset(self, n: int) -> FileSource:
-        return dataclasses.replace(self, paths=self.paths[:n], labels=self.labels[:n])
+        idx = spread(len(self.labels), n)  # evenly spaced: a class-sorted tree keeps every class
+        return dataclasses.replace(self, paths=self.paths[idx], labels=self.labels[idx])
 
 
 class _Samples(Dataset):

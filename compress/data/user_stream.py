@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.data.base import chunked_stats
+from compress.data.base import chunked_stats, spread
 from compress.data.samples import read_sample
 from compress.data.stream import STATS_IMAGES, Source, StreamBundle, default_workers
 from compress.data.transforms import TrainView, mean_fill
@@ -26,20 +26,22 @@ class DatasetSource(Source):
     split: str
     classes: int
     field_name: str = "data"
-    length: int | None = None
+    index: np.ndarray | None = None  # the dataset's samples this source reads (None: all)
 
     def __len__(self) -> int:
-        return self.length if self.length is not None else len(self.dataset)
+        return len(self.index) if self.index is not None else len(self.dataset)
 
     def sample(self, i: int, view: TrainView | None, key: int | None) -> tuple[torch.Tensor, int]:
-        img, label = read_sample(self.dataset, i, self.split, self.size, self.classes, self.field_name)
+        j = int(self.index[i]) if self.index is not None else i
+        img, label = read_sample(self.dataset, j, self.split, self.size, self.classes, self.field_name)
         return (img if view is None or key is None else view(img, key)), label
 
     def identity(self) -> bytes:
         return f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}|{id(self.dataset)}".encode()
 
     def subset(self, n: int) -> DatasetSource:
-        return dataclasses.replace(self, length=min(n, len(self)))
+        picked = spread(len(self), n)  # evenly spaced: a class-sorted Dataset keeps every class
+        return dataclasses.replace(self, index=picked if self.index is None else self.index[picked])
 
 
 def stream_datasets(
