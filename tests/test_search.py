@@ -126,6 +126,13 @@ def test_a_changed_budget_reuses_every_measurement(searched, capsys) -> None:
     assert {r["threads"] for r in two["rows"]} == {2} and two["chosen"]["threads"] == 2
     for key, timed in before["latency"].items():
         assert {w: v for w, v in two["latency"][key].items() if w.endswith("/1")} == timed
+    # as fast as a file: each candidate timed in turn with it, the limit its own measured time
+    ref = json.loads((out / "search.json").read_text())["final"]["path"]
+    budget = ["--budget", "latency_ms=null", "--budget", f"latency_of={ref}", "--budget", "threads=1"]
+    assert main(["search", recipe, "--out", str(out), "--quiet", *budget]) == 0
+    vs = json.loads((out / "search.json").read_text())
+    assert all(r["latency_ms_budget"] > 0 for r in vs["rows"])
+    assert vs["chosen"]["confirmed"]["latency_ms"] <= vs["chosen"]["confirmed"]["latency_ms_budget"]
     # an accuracy floor every candidate holds: met, and said so
     assert main(["search", recipe, "--out", str(out), "--quiet", "--budget", "max_accuracy_drop=100"]) == 0
     assert json.loads((out / "search.json").read_text())["chosen"]["meets_accuracy"] is True
@@ -180,7 +187,7 @@ def test_target_block_is_validated_with_the_recipe(tiny, write_recipe, capsys) -
     raw = _recipe(tiny, latency_ms=1.0)
     raw["target"] = {"batch_size": 1}
     assert main(["validate", str(write_recipe(raw))]) == 2
-    assert "latency_ms, size_bytes, macs, max_accuracy_drop" in capsys.readouterr().err
+    assert "latency_ms, latency_of, size_bytes, macs, max_accuracy_drop" in capsys.readouterr().err
     raw["target"] = {"latency_ms": 1.0, "runtime": "tensorflow"}
     assert main(["validate", str(write_recipe(raw))]) == 2
     assert "target.runtime" in capsys.readouterr().err

@@ -34,8 +34,9 @@ from compress.config import format_validation_error
 from compress.context import Context
 from compress.deploy import isa_label
 from compress.env import cpu_model
-from compress.errors import CompressError
+from compress.errors import CompressError, first_line
 from compress.files import atomic_write_text
+from compress.onnx_utils import session
 from compress.pipeline import build_role, load_data, resolve_device, seed_everything
 from compress.pruning.depth import block_importance, residual_blocks
 from compress.pruning.sensitivity import sweep
@@ -75,6 +76,12 @@ def target_of(recipe: Any, budget: list[str]) -> TargetConfig:
     except ValidationError as exc:
         raise CompressError(format_validation_error(exc, raw, "--budget/target", TargetConfig)) from None
     runtimes.check([target.runtime], "target.runtime")  # installed, before anything is measured
+    if target.latency_of is not None:
+        try:
+            session(target.latency_of)
+        except Exception as exc:  # noqa: BLE001 - ORT's loader raises many kinds; its first line says which
+            why = first_line(exc)
+            raise CompressError(f"target.latency_of: {target.latency_of}: not an ONNX file ({why})") from None
     return target
 
 
@@ -314,7 +321,7 @@ class _Search:
                 _spent(d, "candidates", t0)
                 self.state.save()
             for where in prober.combos() if sig not in seen else ():
-                precision, runtime, threads = where.split("/")
+                precision, runtime, threads = where.split("/")[:3]
                 row = {"sig": sig, "precision": precision, "runtime": runtime, "threads": int(threads)}
                 rows.append({**row, "label": cand.label, "candidate": cand.to_json(), **d["proxy"][sig], **have[where]})
             seen.add(sig)
@@ -373,7 +380,7 @@ class _Search:
     def run(self) -> Path:
         target, cfg, d, out = self.target, self.cfg, self.d, self.out
         self.say(f"search: {target.describe()} on {isa_label()}; results in {out}")
-        d.update(target=target.model_dump(), search=cfg.model_dump(mode="json"), host=isa_label(),
+        d.update(target=target.model_dump(mode="json"), search=cfg.model_dump(mode="json"), host=isa_label(),
                  recipe=str(self.args.recipe), date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
         floor = self.baseline()
         prober = Prober(self.data, target, cfg, self.export, self.quant)
@@ -414,7 +421,8 @@ class _Search:
         raw = read_recipe(self.args.recipe)  # as the user wrote it (their paths, their defaults), --set applied
         for assignment in self.args.overrides:
             apply_override(raw, assignment)
-        raw["target"] = {k: v for k, v in self.target.model_dump(exclude_defaults=True).items() if v is not None}
+        given = self.target.model_dump(mode="json", exclude_defaults=True)
+        raw["target"] = {k: v for k, v in given.items() if v is not None}
         best = best_recipe(raw, chosen, self.cfg)
         validate_recipe(best, "recipe.best.yaml")  # an ordinary recipe, or a bug here
         note = f"# compress search {self.args.recipe}: {chosen['why']}\n"
@@ -454,7 +462,27 @@ def record_final(best: Path) -> dict[str, Any]:
     final = {"path": art["path"], "precision": art["precision"], "top1": art["accuracy"],
              "size_bytes": art["size_bytes"], "macs": art["macs"],
              "latency_ms": rows[0]["p50_ms"] if rows else None}  # fmt: skip
+    if target.latency_of is not None:  # timed in turn with the reference, as every candidate was
+        final |= _side_by_side(Path(art["path"]), target.latency_of, chosen["runtime"], chosen["threads"], target)
     final["meets_budget"] = final["latency_ms"] is not None and frontier.fits(final, target.budget())
     state["final"] = final
     atomic_write_text(json.dumps(state, indent=1) + "\n", out / "search.json")
     return final
+
+
+def _side_by_side(path: Path, ref: Path, runtime: str, threads: int, target: TargetConfig) -> dict[str, float]:
+    """p50 of ``path`` and of ``ref`` (as ``latency_ms_budget``), timed in turn over 3 rounds on random
+    pixels (latency does not depend on them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    p50s: dict[Path, list[float]] = {path: [], ref: []}
+    feeds = {}
+    for file in p50s:
+        inp = session(file).get_inputs()[0]
+        shape = [target.batch_size] + [d if isinstance(d, int) else 1 for d in inp.shape[1:]]
+        feeds[file] = rng.integers(0, 255, size=shape).astype(np.uint8 if "uint8" in inp.type else np.float32)
+    for _ in range(3):
+        for file in p50s:
+            p50s[file].append(float(np.median(runtimes.time_onnx(file, feeds[file], runtime, threads, 20, 200))))
+    return {"latency_ms": float(np.median(p50s[path])), "latency_ms_budget": float(np.median(p50s[ref]))}

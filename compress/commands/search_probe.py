@@ -4,14 +4,16 @@ per-channel, the host's exact scheme), and timed on the target runtime at the ta
 thread count. Latency does not depend on the weights' values, so the probe skips the parity check
 and calibrates on two batches.
 
-Two exporters: the probe uses torch.onnx's TorchScript exporter (0.2 s for a ResNet-20 against the
-dynamo exporter's 2-5 s here, which would make 100 candidates take 5-8 minutes to export alone);
+Two exporters: the probe uses torch.onnx's TorchScript exporter at the target's fixed batch size
+(0.2 s for a ResNet-20 against the dynamo exporter's 2-5 s here, which would make 100 candidates
+take 5-8 minutes to export alone);
 :meth:`Prober.confirm` re-measures a finalist on the file the export stage writes (dynamo, graph
 rules, checker, parity), so the chosen model's latency is always the deployable file's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,8 +28,9 @@ from compress.bench import runtimes
 from compress.bench.measure import onnx_accuracy
 from compress.bench.size import file_bytes, onnx_macs
 from compress.data import ImageData
+from compress.metadata import feeder
 from compress.onnx_api import export_onnx, quantize_onnx
-from compress.onnx_utils import quiet_stdout
+from compress.onnx_utils import quiet_stdout, session
 from compress.quantization import ptq
 from compress.quantization.calibration import ArrayReader
 from compress.search.config import SearchConfig, TargetConfig
@@ -48,12 +51,17 @@ class Prober:
         images = self.info.prepare(raw.numpy(), layout="nchw")
         self.feed = np.ascontiguousarray(images[: target.batch_size])
         self.calibration = [images[:16], images[16:32]]
-        self.example = torch.from_numpy(np.ascontiguousarray(images[:2]))
+        self.example = torch.from_numpy(self.feed)  # the probe's graph takes exactly this batch (below)
+        self.ref_feed, self._vs = None, ""  # _vs: timed beside which reference file (its bytes' hash)
+        if target.latency_of is not None:
+            self._vs = "/vs-" + hashlib.sha256(Path(target.latency_of).read_bytes()).hexdigest()[:12]
+            ref = session(target.latency_of)  # fed as its own metadata says
+            self.ref_feed = np.ascontiguousarray(feeder(ref, data)(raw[: target.batch_size]))
 
     def close(self) -> None:
         self._dir.cleanup()
 
-    def _export_fast(self, model: nn.Module, path: Path) -> None:
+    def _export_fast(self, model: nn.Module, path: Path, dynamic: bool = False) -> None:
         model = model.eval().cpu()
         info = self.info
         wrapped = InGraphPreprocess(model, info).eval() if info.preprocess_in_graph or info.layout == "nhwc" else model
@@ -61,25 +69,38 @@ class Prober:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
                 wrapped,
-                (self.example,),
+                (torch.cat([self.example, self.example]) if dynamic else self.example,),
                 str(path),
                 dynamo=False,
                 opset_version=self.export.opset,
                 input_names=[info.input_name],
                 output_names=["logits"],
-                dynamic_axes={info.input_name: {0: "batch"}, "logits": {0: "batch"}},
-            )
+                dynamic_axes={info.input_name: {0: "batch"}, "logits": {0: "batch"}} if dynamic else None,
+            )  # a fixed batch, so every shape computation folds away: a dynamic axis leaves Shape/Gather/Concat
+            # chains in this exporter's graph that the deployable (dynamo) file does not have, and at ~0.2 ms
+            # their per-node cost made the probe slower than the file it stands for
         metadata.update(path, info.to_metadata())  # read back by onnx_accuracy's feeder
 
     def time(self, path: Path, runtime: str, threads: int, rounds: int = 1) -> dict[str, float]:
-        """p50/p90 of ``iters`` runs after ``warmup`` (median over ``rounds`` fresh sessions)."""
-        p50s, p90s = [], []
+        """p50/p90 of ``iters`` runs after ``warmup`` (median over ``rounds`` fresh sessions). With
+        ``target.latency_of``, the reference file is timed in turn with ``path`` (at least 2 rounds each)
+        and its p50 returned as ``latency_ms_budget``: both see the machine at the same speed."""
+        ref = self.target.latency_of
+        rounds = max(rounds, 2) if ref is not None else rounds
+        p50s: dict[str, list[float]] = {"file": [], "ref": []}
+        p90s: list[float] = []
         for _ in range(rounds):
-            samples = runtimes.time_onnx(path, self.feed, runtime, threads, self.cfg.warmup, self.cfg.iters)
-            p50, p90 = np.percentile(np.asarray(samples), [50, 90])
-            p50s.append(float(p50))
-            p90s.append(float(p90))
-        return {"latency_ms": float(np.median(p50s)), "p90_ms": float(np.median(p90s))}
+            turns = [("file", path, self.feed)] + ([("ref", ref, self.ref_feed)] if ref is not None else [])
+            for name, file, feed in turns:
+                samples = runtimes.time_onnx(file, feed, runtime, threads, self.cfg.warmup, self.cfg.iters)
+                p50, p90 = np.percentile(np.asarray(samples), [50, 90])
+                p50s[name].append(float(p50))
+                if name == "file":
+                    p90s.append(float(p90))
+        out = {"latency_ms": float(np.median(p50s["file"])), "p90_ms": float(np.median(p90s))}
+        if ref is not None:
+            out["latency_ms_budget"] = float(np.median(p50s["ref"]))
+        return out
 
     def probe(self, model: nn.Module, key: str) -> dict[str, dict[str, Any]]:
         """{"precision/runtime/threads": {latency_ms, p90_ms, size_bytes, macs}} for the candidate ``model``,
@@ -93,7 +114,8 @@ class Prober:
             for runtime in self.cfg.runtimes or [self.target.runtime]:
                 for threads in self.cfg.threads or [self.target.threads]:
                     lat = self.time(path, runtime, threads)
-                    out[f"{precision}/{runtime}/{threads}"] = {**lat, "size_bytes": file_bytes(path), "macs": macs}
+                    where = f"{precision}/{runtime}/{threads}{self._vs}"
+                    out[where] = {**lat, "size_bytes": file_bytes(path), "macs": macs}
         self._clean(key)
         return out
 
@@ -101,13 +123,13 @@ class Prober:
         """Every "precision/runtime/threads" the search times a candidate at."""
         runtimes_ = self.cfg.runtimes or [self.target.runtime]
         threads = self.cfg.threads or [self.target.threads]
-        return [f"{p}/{r}/{t}" for p in self.cfg.precisions for r in runtimes_ for t in threads]
+        return [f"{p}/{r}/{t}{self._vs}" for p in self.cfg.precisions for r in runtimes_ for t in threads]
 
     def accuracy(self, model: nn.Module, key: str) -> dict[str, float]:
         """Test top-1 of the trained candidate in each precision, run by ONNX Runtime (INT8 calibrated as
         the quantize stage calibrates): the estimate the choice compares."""
         fp32 = self.dir / f"{key}.acc.onnx"
-        self._export_fast(model, fp32)
+        self._export_fast(model, fp32, dynamic=True)  # scored in batches; the graph's speed is not the question
         out = {p: float(onnx_accuracy(self._convert(fp32, p, calibrated=True), self.data)) for p in self.cfg.precisions}
         self._clean(f"{key}.acc")
         return out
@@ -134,7 +156,7 @@ class Prober:
         else:
             pre = dst.with_name(f"{dst.stem}.pre.onnx")
             ptq.preprocess(fp32, pre)
-            reader = ArrayReader(self.calibration, self.info.input_name)
+            reader = ArrayReader(self.calibration, self.info.input_name, batch_size=self.target.batch_size)
             ptq.static(pre, dst, reader, method="minmax", per_channel=q.per_channel, scheme=q.scheme)
             pre.unlink(missing_ok=True)
         return dst

@@ -8,6 +8,8 @@ CPU latency: benchmarks/results/prune_cifar.md).
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -26,6 +28,11 @@ class TargetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     latency_ms: float | None = Field(None, gt=0, le=1e6, description="p50 latency of one batch, measured (ms)")
+    latency_of: Path | None = Field(
+        None,
+        description="an ONNX file: be as fast as it, each candidate timed back to back with it (steady where "
+        "the machine's speed drifts; instead of latency_ms)",
+    )
     batch_size: int = Field(1, ge=1, le=4096, description="the batch size latency_ms is stated at")
     threads: int = Field(1, ge=1, le=1024, description="CPU threads the runtime may use")
     runtime: Runtime = Field("onnxruntime", description="the runtime that serves it")
@@ -41,17 +48,28 @@ class TargetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _something(self) -> TargetConfig:
-        if all(v is None for v in (self.latency_ms, self.size_bytes, self.macs, self.max_accuracy_drop)):
-            raise ValueError("give at least one of latency_ms, size_bytes, macs, max_accuracy_drop")
+        given = (self.latency_ms, self.latency_of, self.size_bytes, self.macs, self.max_accuracy_drop)
+        if all(v is None for v in given):
+            raise ValueError("give at least one of latency_ms, latency_of, size_bytes, macs, max_accuracy_drop")
+        if self.latency_ms is not None and self.latency_of is not None:
+            raise ValueError("give latency_ms or latency_of, not both")
         return self
 
     def budget(self) -> dict[str, float]:
-        """The hard limits: {"latency_ms": ..., "size_bytes": ..., "macs": ...} for those given."""
-        given = {"latency_ms": self.latency_ms, "size_bytes": self.size_bytes, "macs": self.macs}
+        """The hard limits: {"latency_ms": ..., "size_bytes": ..., "macs": ...} for those given. With
+        ``latency_of`` the latency limit is each row's own ``latency_ms_budget`` (the file's time measured
+        alongside it), stood for here by infinity."""
+        latency = math.inf if self.latency_of is not None else self.latency_ms
+        given = {"latency_ms": latency, "size_bytes": self.size_bytes, "macs": self.macs}
         return {k: float(v) for k, v in given.items() if v is not None}
 
     def describe(self) -> str:
         parts = []
+        if self.latency_of is not None:
+            parts.append(
+                f"as fast as {self.latency_of.name} at batch {self.batch_size}, {self.threads} thread"
+                f"{'s' * (self.threads > 1)}, {self.runtime}"
+            )
         if self.latency_ms is not None:
             parts.append(
                 f"≤ {self.latency_ms:g} ms at batch {self.batch_size}, {self.threads} thread"
