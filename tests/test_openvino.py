@@ -40,7 +40,7 @@ def openvino():
 
 
 @pytest.fixture(scope="module")
-def test_split(digits_run):
+def digits_split(digits_run):
     """Every raw test image of the digits run, as the ONNX files take them, and the labels."""
     _, _, recipe = digits_run
     data = load_data(recipe)
@@ -52,9 +52,9 @@ def _logits(path, runtime: str, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["teacher.onnx", "model.onnx"])
-def test_openvino_fp32_logits_match_onnxruntime(openvino, digits_run, test_split, name):
+def test_openvino_fp32_logits_match_onnxruntime(openvino, digits_run, digits_split, name):
     out, _, _ = digits_run
-    x, _, _ = test_split
+    x, _, _ = digits_split
     assert x.dtype == np.uint8 and "uint8" in Predictor(out / name).session.get_inputs()[0].type  # as shipped
     ort, ov = _logits(out / name, "onnxruntime", x), _logits(out / name, "openvino", x)
     assert ov.shape == ort.shape == (len(x), 10) and ov.dtype == np.float32
@@ -62,9 +62,9 @@ def test_openvino_fp32_logits_match_onnxruntime(openvino, digits_run, test_split
     assert err <= FP32_RTOL, f"{name}: max |OpenVINO - ORT| is {err:.1e} of the logits' scale"
 
 
-def test_openvino_int8_classes_agree_with_onnxruntime(openvino, digits_run, test_split):
+def test_openvino_int8_classes_agree_with_onnxruntime(openvino, digits_run, digits_split):
     out, _, _ = digits_run
-    x, y, _ = test_split
+    x, y, _ = digits_split
     path = out / "model.int8.onnx"
     scheme = Predictor(path).metadata["int8_scheme"]
     assert probe(scheme).exact  # `scheme: auto`: ORT's kernels compute this file exactly on this CPU
@@ -78,9 +78,9 @@ def test_openvino_int8_classes_agree_with_onnxruntime(openvino, digits_run, test
     assert plugin.layer_precisions(out / "model.onnx")["Convolution"] == ["f32"]
 
 
-def test_time_onnx_on_openvino_reports_its_threads(openvino, digits_run, test_split):
+def test_time_onnx_on_openvino_reports_its_threads(openvino, digits_run, digits_split):
     out, _, _ = digits_run
-    x = test_split[0][:4]
+    x = digits_split[0][:4]
     for threads in (1, 2):
         samples, used = runtimes.timed(out / "model.int8.onnx", x, "openvino", threads, warmup=1, iters=5)
         assert used == threads and len(samples) == 5 and all(s > 0 for s in samples)
