@@ -146,7 +146,9 @@ def main() -> int:
             "estimate": f"1 epoch on {args.estimate_images} images",
             "teacher": f"{args.teacher_model} {teacher.name}",
             "trials": args.trials,
+            "selection": found.get("selection"),
         },  # fmt: skip
+        "base": found["base"],
         "budget_ms": budget,
         "rows": rows,
         "chosen": found["chosen"],
@@ -161,6 +163,9 @@ def main() -> int:
     result["targets"] = {"top1_gain_pt": gain, "latency_speedup_over_macs_reduction": speed_vs_macs}
     sec = result["seconds"]
     env = result["environment"]
+    base_acc = found["base"]
+    who = "the unpruned student itself" if teacher == student else args.teacher_model
+    shown = lambda p: p.relative_to(ROOT) if p.is_relative_to(ROOT) else p  # noqa: E731
     lines = [
         "# Compress to a budget: `compress search` vs the hand recipe (CIFAR-10, ResNet-20 student)", "",
         f"Command: `{result['command']}`  ", f"Machine: {machine(env)}, {args.threads} thread(s), no GPU  ",
@@ -170,8 +175,9 @@ def main() -> int:
         f"{args.estimate_images} images each. Budget: `target.latency_of` the hand recipe's INT8 file at batch 1, "
         f"{args.threads} thread(s), ONNX Runtime: every candidate timed in turn with it (its p50 alone here: "
         f"{budget:.3f} ms). Latency: {args.sets} sets of every file round-robin, "
-        f"{args.rounds} rounds × 200 runs each. KD teacher: the unpruned student itself (distill_cifar's "
-        "ResNet-56 is no longer on disk, and int8_isa.py's 4-epoch ResNet-56 is 4 pt below this student).", "",
+        f"{args.rounds} rounds × 200 runs each. KD teacher: {who} ({shown(teacher)}), "
+        f"test top-1 {100 * base_acc['teacher_acc']:.2f}%; student before compression "
+        f"{100 * base_acc['student_acc']:.2f}% (PyTorch, FP32).", "",
         "| model | top-1 | p50 bs1 | MACs | INT8 file | speedup vs unpruned |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in rows.items():
@@ -188,8 +194,10 @@ def main() -> int:
         f"{sec.get('candidates', 0) / 60:.1f} min (< 5 wanted for 100); whole search "
         f"{sum(sec.values()) / 60:.1f} min (< 60 wanted), phases: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sec.items()) + ".", "",
-        "Top-1: the 10,000 CIFAR-10 test images, from each run's report (last epoch, no selection). The search's "
-        "proxy and short fine-tunes also score on test images (as `compress analyze sensitivity` does).",
+        "Top-1: the 10,000 CIFAR-10 test images, from each run's report (last epoch, no selection). The search "
+        f"chose on {found.get('selection', 'the test split')} (its sensitivity sweep, proxy and short "
+        "fine-tunes; the short fine-tunes train on the other training images); the test split only reports. "
+        "Both arms' full fine-tunes train on all 50,000 training images.",
     ]  # fmt: skip
     save("search_cifar", result, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -68,7 +68,7 @@ def test_chosen_model_meets_the_measured_budget(searched) -> None:
     where = {(r["sig"], r["precision"], r["runtime"], r["threads"]) for r in result["rows"]}
     assert len(where) == len(result["rows"])  # one row per architecture x precision x runtime x threads
     assert {r["runtime"] for r in result["rows"]} == {"onnxruntime", "openvino"}
-    # INT8 and FP32 of one trained architecture are scored separately (ONNX Runtime on the test split)
+    # INT8 and FP32 of one trained architecture are scored separately (ONNX Runtime, held-out images)
     trial = next(iter(result["trials"].values()))
     assert set(trial["estimated"]) == {"int8", "fp32"}
     assert (out / "pareto.png").stat().st_size > 10_000
@@ -223,3 +223,51 @@ def test_frontier_selection() -> None:
     tie = [_row(0.7, 0.8, 0.87), _row(0.5, 0.8, 0.87)]
     assert frontier.choose(tie, {"latency_ms": 1.0}, None)[0]["latency_ms"] == 0.5  # a tie goes to the faster
     assert TargetConfig(max_accuracy_drop=1.0).budget() == {}
+
+
+WRONG_TEST = """
+import torch
+from torch.utils.data import TensorDataset
+
+from compress.data.digits import Digits
+
+
+def load():
+    d = Digits().load()
+    wrong = (d.test_y + 1) % 10  # every test label is wrong: a choice scored on them would pick blind
+    return TensorDataset(d.train_x, d.train_y), TensorDataset(d.test_x, wrong), d.class_names
+"""
+
+
+def test_choices_are_scored_on_held_out_training_images_never_on_the_test_split(digits_run, tmp_path, monkeypatch):
+    """A trained digits student whose test labels are all wrong: every proxy, trial and estimate the
+    search chooses by still reads high (they never see the test split), the reported test top-1 is
+    near zero."""
+    from compress.data.digits import Digits
+
+    run, _, _ = digits_run
+    (tmp_path / "wrong_test.py").write_text(WRONG_TEST)
+    monkeypatch.chdir(tmp_path)
+    d = Digits().load()
+    raw = {
+        "name": "heldout",
+        "seed": 0,
+        "device": "cpu",
+        "data": {"name": "wrong_test:load", "mean": list(d.mean), "std": list(d.std), "stream": False},
+        "teacher": {"model": "digits_teacher", "checkpoint": str(run / "checkpoints" / "01-train" / "teacher.pt")},
+        "student": {"model": "digits_student", "checkpoint": str(run / "checkpoints" / "02-distill" / "student.pt")},
+        "stages": [{"kind": "export", "teacher": False}, {"kind": "quantize", "calibration_batches": 2}],
+        "target": {"latency_ms": 1000.0, "batch_size": 1, "threads": 1},
+        "search": {**SEARCH, "candidates": 3, "trials": 1, "runtimes": ["onnxruntime"], "iters": 5, "warmup": 1},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["search", "recipe.yaml", "--out", "out", "--quiet"]) == 0
+    result = json.loads((tmp_path / "out" / "search.json").read_text())
+    held = len(d.train_y) // 5  # the default 5,000 capped at a fifth of the 1,437 training images
+    assert result["selection"] == f"{held:,} held-out training images"
+    base = result["base"]
+    assert base["student_acc"] < 0.1 < 0.8 < base["select_student_acc"]  # the test split is reported, wrong labels
+    assert all(r["proxy_acc"] > 0.8 for r in result["rows"] if r["label"] == "unpruned")
+    (trial,) = result["trials"].values()
+    assert trial["select_acc"] > 0.8 and min(trial["estimated"].values()) > 0.8
+    assert result["chosen"]["estimated_acc"] > 0.8

@@ -318,6 +318,59 @@ def test_user_datasets_stream_and_match_their_in_memory_form(tmp_path, monkeypat
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
 
+INDEXED = """
+import torch
+
+class Indexed(torch.utils.data.Dataset):
+    classes = ["a", "b", "c", "d"]  # sorted by class, as an ImageFolder tree is: image i is class i // 16
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        return torch.full((1, 4, 4), i, dtype=torch.uint8), i // 16
+
+def load():
+    return Indexed(), Indexed()
+"""
+
+
+@pytest.mark.parametrize("form", ["imagefolder memory", "imagefolder streamed", "dataset memory", "dataset streamed"])
+def test_limit_and_holdout_take_evenly_spaced_images_of_every_class(form, tree, tmp_path, monkeypatch):
+    """``limit`` keeps every class of a class-sorted split; ``holdout`` moves evenly spaced training
+    images into the test split and trains on exactly the others, in every form of data."""
+    from compress.data.base import holdout_indices
+    from compress.data.user import UserDataset
+
+    streamed = form.endswith("streamed")
+    how = {"stream": True, "workers": 0, "batch_size": 16} if streamed else {"stream": False, "batch_size": 16}
+    if form.startswith("dataset"):
+        (tmp_path / "indexed_data.py").write_text(INDEXED)
+        monkeypatch.chdir(tmp_path)
+        data = UserDataset(name="indexed_data:load", **how).open()
+    else:
+        data = ImageFolder(root=tree, image_size=32, **how).open()
+    assert data.streaming == streamed
+    n, total, classes = 12, data.train_size, data.num_classes
+    labels = torch.cat([y for _, y in data.raw_batches("train")])
+    assert torch.equal(labels, labels.sort().values)  # class-sorted: the first n would be one class
+    few = data.limit("train", n)
+    assert few.train_size == n
+    assert set(torch.cat([y for _, y in few.raw_batches("train")]).tolist()) == set(range(classes))
+
+    held, rest = holdout_indices(total, n)
+    split = data.holdout(n)
+    assert (split.test_size, split.train_size) == (n, total - n)
+    assert sorted([*held, *rest]) == list(range(total))  # disjoint, and nothing is lost
+    # the held-out images are those training images, pixel for pixel and label for label; the rest trains
+    assert torch.equal(split.raw("test", range(n)), data.raw("train", held))
+    assert torch.equal(split.raw("train", range(total - n)), data.raw("train", rest))
+    assert torch.equal(torch.cat([y for _, y in split.raw_batches("test")]), labels[held])
+    assert set(labels[held].tolist()) == set(range(classes))
+    trained = torch.cat([y for _, y, _ in split.train_loader(seed=0, augment=False).batches()])
+    assert len(trained) == (total - n) // data.batch_size * data.batch_size  # whole batches of the rest
+    with pytest.raises(ValueError, match="cannot hold out"):
+        data.holdout(total)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

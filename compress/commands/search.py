@@ -254,26 +254,35 @@ class _Search:
             self.say("search: the student has no checkpoint:, weights: or pretrained: it ranks an untrained network")
         seed_everything(recipe.seed)
         self.data = load_data(recipe)
+        # every choice is scored on training images the trials do not train on (NetAdapt's and AMC's
+        # practice): the test split stays for the report, as the full fine-tune's result
+        held = min(self.cfg.holdout_images, self.data.train_size // 5)
+        self.sel = self.data.holdout(held) if held else self.data
+        self.split = f"{held:,} held-out training images" if held else "the test split (search.holdout_images: 0)"
         self.device = resolve_device(recipe.device)
         self.student = build_role(recipe, "student", self.data).to(self.device).eval()
         has_teacher = recipe.teacher is not None
         self.teacher = build_role(recipe, "teacher", self.data).to(self.device).eval() if has_teacher else None
         self.example = self.data.example_input(2).to(self.device)
         self.opts = StructuredOptions(method=self.cfg.method)
-        self.few = self.data.limit("test", min(self.cfg.sensitivity_images, self.data.test_size))
+        self.few = self.sel.limit("test", min(self.cfg.sensitivity_images, self.sel.test_size))
 
     def build(self, cand: space.Candidate) -> torch.nn.Module:
         return space.build(self.student, self.example, self.opts, cand, self.data.num_classes)
 
     def baseline(self) -> float | None:
-        """The unpruned student's and the teacher's top-1; the accuracy floor they imply."""
-        d, test = self.d, self.data.eval_loader("test")
+        """The unpruned student's and the teacher's top-1 on the test split (reported) and on the images
+        choices are scored on; the accuracy floor the latter imply (the estimates are compared to it)."""
+        d = self.d
         if "base" not in d:
-            acc = {"student_acc": evaluate(self.student, test, self.device)}
-            acc["teacher_acc"] = evaluate(self.teacher, test, self.device) if self.teacher is not None else None
+            acc: dict[str, float | None] = {}
+            for split, data in (("", self.data), ("select_", self.sel)):
+                loader = data.eval_loader("test")
+                acc[f"{split}student_acc"] = evaluate(self.student, loader, self.device)
+                acc[f"{split}teacher_acc"] = evaluate(self.teacher, loader, self.device) if self.teacher else None
             d["base"] = acc
             self.state.save()
-        return _floor(self.target, d["base"]["student_acc"], d["base"]["teacher_acc"])
+        return _floor(self.target, d["base"]["select_student_acc"], d["base"]["select_teacher_acc"])
 
     def rank(self, prog: Any) -> None:
         """Residual blocks, least important first, and each channel group's sensitivity."""
@@ -281,7 +290,7 @@ class _Search:
         if "depth" not in d:
             t0 = time.perf_counter()
             names = residual_blocks(self.student, self.example)
-            train = self.data.train_loader(seed=self.recipe.seed, augment=False)
+            train = self.sel.train_loader(seed=self.recipe.seed, augment=False)
             scores = block_importance(self.student, names, train, self.device, self.cfg.depth_method) if names else {}
             d["depth"] = {"order": sorted(names, key=lambda n: scores[n]), "scores": scores}
             _spent(d, "depth", t0)
@@ -293,7 +302,8 @@ class _Search:
                 d["sensitivity"] = sweep(self.student, self.example, loader, self.device, self.opts,
                                          self.cfg.ratios, n, prog)  # fmt: skip
             else:  # nothing to narrow: depth is the only lever
-                d["sensitivity"] = {"base_acc": d["base"]["student_acc"], "ratios": self.cfg.ratios, "layers": {}}
+                base = d["base"]["select_student_acc"]
+                d["sensitivity"] = {"base_acc": base, "ratios": self.cfg.ratios, "layers": {}}
             _spent(d, "sensitivity", t0)
             self.state.save()
 
@@ -302,7 +312,7 @@ class _Search:
         d, cfg = self.d, self.cfg
         cands = space.plan(self.student, self.example, self.opts, self.data.num_classes, d["sensitivity"],
                            d["depth"]["order"], cfg.depth, cfg.round_to, cfg.candidates)  # fmt: skip
-        probe = self.data.limit("train", min(cfg.probe_images, self.data.train_size))
+        probe = self.sel.limit("train", min(cfg.probe_images, self.sel.train_size))
         rows: list[dict[str, Any]] = []
         seen: set[str] = set()  # two plans can build one architecture (a rounding that changes nothing)
         task = prog.add_task("latency + proxy", total=len(cands), info="")
@@ -331,8 +341,9 @@ class _Search:
         return rows
 
     def train(self, picks: list[dict[str, Any]], prober: Prober, prog: Any) -> None:
-        """A short KD fine-tune of each picked architecture; its test top-1 in each precision (run by
-        ONNX Runtime, INT8 calibrated as the quantize stage does) is the estimate."""
+        """A short KD fine-tune of each picked architecture (not on the held-out images); its held-out
+        top-1 in each precision (run by ONNX Runtime, INT8 calibrated as the quantize stage does) is the
+        estimate."""
         d, cfg = self.d, self.cfg
         sigs = list(dict.fromkeys(r["sig"] for r in picks))
         task = prog.add_task("short KD fine-tunes", total=len(sigs), info="")
@@ -341,18 +352,18 @@ class _Search:
                 t0 = time.perf_counter()
                 cand = space.Candidate.from_json(next(r["candidate"] for r in picks if r["sig"] == sig))
                 model = self.build(cand).to(self.device)
-                short = self.data.limit("train", cfg.estimate_images) if cfg.estimate_images else self.data
+                short = self.sel.limit("train", cfg.estimate_images) if cfg.estimate_images else self.sel
                 models = {"student": model} | ({"teacher": self.teacher} if self.teacher is not None else {})
                 trial_dir = self.out / "trials" / f"{self.key[:8]}-{sig}"  # a resumed fine-tune is this one's
                 ctx = _context(self.recipe, self.device, trial_dir, short, models, True)
                 ctx.run_dir.mkdir(parents=True, exist_ok=True)
                 ctx.stage_index, ctx.stage_label = 1, "search"
                 metrics = cfg.estimate.run(ctx, model, f"trial {sig}", "search.estimate")
-                d["trials"][sig] = {"test_acc": metrics["test_acc"], "estimated": prober.accuracy(model, sig),
+                d["trials"][sig] = {"select_acc": metrics["test_acc"], "estimated": prober.accuracy(model, sig),
                                     "seconds": metrics["seconds"]}  # fmt: skip
                 _spent(d, "trials", t0)
                 self.state.save()
-            prog.update(task, advance=1, info=f"{sig}: {100 * d['trials'][sig]['test_acc']:.2f}%")
+            prog.update(task, advance=1, info=f"{sig}: {100 * d['trials'][sig]['select_acc']:.2f}%")
 
     def decide(self, rows: list[dict[str, Any]], floor: float | None, prober: Prober) -> tuple[dict | None, str]:
         """The winner, confirmed on its deployable file; a probe that was optimistic hands over to the next."""
@@ -379,11 +390,12 @@ class _Search:
 
     def run(self) -> Path:
         target, cfg, d, out = self.target, self.cfg, self.d, self.out
-        self.say(f"search: {target.describe()} on {isa_label()}; results in {out}")
+        self.say(f"search: {target.describe()} on {isa_label()}; choosing on {self.split}; results in {out}")
         d.update(target=target.model_dump(mode="json"), search=cfg.model_dump(mode="json"), host=isa_label(),
                  recipe=str(self.args.recipe), date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
+        d["selection"] = self.split
         floor = self.baseline()
-        prober = Prober(self.data, target, cfg, self.export, self.quant)
+        prober = Prober(self.sel, target, cfg, self.export, self.quant)
         try:
             with _progress(self.args.quiet) as prog:
                 self.rank(prog)
@@ -435,7 +447,7 @@ class _Search:
         self.say(
             f"chosen: {chosen['label']} ({chosen['precision']}, {chosen['runtime']}, {chosen['threads']} threads): "
             f"{c['latency_ms']:.3f} ms measured on the deployable file, {c['size_bytes']:,} bytes, estimated top-1 "
-            f"{100 * chosen['estimated_acc']:.2f}% ({chosen['why']})"
+            f"{100 * chosen['estimated_acc']:.2f}% on the held-out images ({chosen['why']})"
         )
         self.say(f"wrote {self.out / 'search.json'}, {self.out / 'pareto.png'}, {self.out / 'recipe.best.yaml'}")
         return self.out / "recipe.best.yaml"

@@ -69,7 +69,9 @@ class ImageData:
     - ``train_loader(seed, augment=, rank=, world=, views=)`` and ``eval_loader(split)``;
     - ``raw(split, index)``: the uint8 evaluation views of those images (no augmentation);
     - ``raw_batches(split, images=None, batch_size=None)``: (uint8 images, labels) in order;
-    - ``limit(split, n)``: a copy whose split holds only its first ``n`` images;
+    - ``limit(split, n)``: a copy whose split holds only ``n`` evenly spaced images;
+    - ``holdout(n)``: a copy for choosing between models without the test split: its test split is ``n``
+      evenly spaced training images, its train split the rest;
     - ``fingerprint()``: bytes identifying the content; ``to(device)``.
     """
 
@@ -155,6 +157,13 @@ class DataBundle(ImageData):
             return dataclasses.replace(self, test_x=self.test_x[idx], test_y=self.test_y[idx])
         idx = torch.from_numpy(spread(len(self.train_y), n))
         return dataclasses.replace(self, train_x=self.train_x[idx], train_y=self.train_y[idx])
+
+    def holdout(self, n: int) -> DataBundle:
+        held, rest = (torch.from_numpy(i).to(self.train_y.device) for i in holdout_indices(len(self.train_y), n))
+        return dataclasses.replace(
+            self, train_x=self.train_x[rest], train_y=self.train_y[rest], test_x=self.train_x[held],
+            test_y=self.train_y[held],
+        )  # fmt: skip
 
     def fingerprint(self) -> bytes:
         h = hashlib.sha256(json.dumps(self.class_names).encode())
@@ -308,6 +317,17 @@ def spread(total: int, n: int) -> np.ndarray:
     if n >= total:
         return np.arange(total, dtype=np.int64)
     return np.unique(np.linspace(0, total - 1, max(n, 1)).round().astype(np.int64))
+
+
+def holdout_indices(total: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(``n`` evenly spaced indices of ``total``, the others): a held-out slice that keeps every class
+    of a class-sorted split, and what is left to train on. Refuses to hold out everything."""
+    if not 0 < n < total:
+        raise ValueError(f"cannot hold out {n} of {total} training images")
+    held = spread(total, n)
+    keep = np.ones(total, dtype=bool)
+    keep[held] = False
+    return held, np.flatnonzero(keep)
 
 
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...], out: Tensor | None = None) -> Tensor:

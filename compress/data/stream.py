@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from compress.data.base import ImageData, normalize, spread
+from compress.data.base import ImageData, holdout_indices, normalize, spread
 from compress.data.transforms import TrainView, decode, eval_image, sample_key
 from compress.errors import CompressError, first_line
 
@@ -84,8 +84,12 @@ class Source:
     def identity(self) -> bytes:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def subset(self, n: int) -> Source:  # pragma: no cover - abstract
+    def take(self, idx: np.ndarray) -> Source:  # pragma: no cover - abstract
+        """A source of these images only, in this order."""
         raise NotImplementedError
+
+    def subset(self, n: int) -> Source:
+        return self.take(spread(len(self), n))  # evenly spaced: a class-sorted split keeps every class
 
 
 @dataclass
@@ -120,8 +124,7 @@ class FileSource(Source):
         h.update(f"{self.size}|{self.shorter}|{self.mode}".encode())
         return h.digest()
 
-    def subset(self, n: int) -> FileSource:
-        idx = spread(len(self.labels), n)  # evenly spaced: a class-sorted tree keeps every class
+    def take(self, idx: np.ndarray) -> FileSource:
         return dataclasses.replace(self, paths=self.paths[idx], labels=self.labels[idx])
 
 
@@ -382,6 +385,10 @@ class StreamBundle(ImageData):
         if split == "test":
             return dataclasses.replace(self, test=self.test.subset(n))
         return dataclasses.replace(self, train=self.train.subset(n))
+
+    def holdout(self, n: int) -> StreamBundle:
+        held, rest = holdout_indices(len(self.train), n)
+        return dataclasses.replace(self, train=self.train.take(rest), test=self.train.take(held))
 
     def fingerprint(self) -> bytes:
         h = hashlib.sha256(json.dumps(self.class_names).encode())

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from compress.data.base import chunked_stats, spread
+from compress.data.base import chunked_stats
 from compress.data.samples import read_sample
 from compress.data.stream import STATS_IMAGES, Source, StreamBundle, default_workers
 from compress.data.transforms import TrainView, mean_fill
@@ -37,11 +37,11 @@ class DatasetSource(Source):
         return (img if view is None or key is None else view(img, key)), label
 
     def identity(self) -> bytes:
-        return f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}|{id(self.dataset)}".encode()
+        name = f"{type(self.dataset).__module__}.{type(self.dataset).__qualname__}|{id(self.dataset)}".encode()
+        return name if self.index is None else name + b"|" + self.index.astype(np.int64).tobytes()
 
-    def subset(self, n: int) -> DatasetSource:
-        picked = spread(len(self), n)  # evenly spaced: a class-sorted Dataset keeps every class
-        return dataclasses.replace(self, index=picked if self.index is None else self.index[picked])
+    def take(self, idx: np.ndarray) -> DatasetSource:
+        return dataclasses.replace(self, index=idx if self.index is None else self.index[idx])
 
 
 def stream_datasets(

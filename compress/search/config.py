@@ -100,7 +100,14 @@ class SearchConfig(BaseModel):
         min_length=1,
         description="channel ratios of the per-group sensitivity sweep",
     )
-    sensitivity_images: int = Field(1000, ge=10, le=1_000_000, description="test images per sensitivity point")
+    holdout_images: int = Field(
+        5000,
+        ge=0,
+        le=10_000_000,
+        description="training images held out to choose on (at most a fifth of them): the proxy, the sensitivity "
+        "sweep and the short fine-tunes are scored on these, never on the test split; 0 scores on the test split",
+    )
+    sensitivity_images: int = Field(1000, ge=10, le=1_000_000, description="held-out images per sensitivity point")
     depth: int | None = Field(
         None, ge=0, le=1000, description="most residual blocks removed (default: every removable one)"
     )

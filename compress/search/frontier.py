@@ -102,7 +102,7 @@ def plot(rows: list[dict[str, Any]], chosen: dict[str, Any] | None, target: Any,
     if budget is not None:
         ax.axvline(budget, color="tab:red", lw=1, ls="--", label=f"budget {budget:.3g} ms")
     ax.set_xlabel(f"measured p50 latency (ms), batch {target.batch_size}, {target.threads} thread(s), {target.runtime}")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_ylabel("top-1 on the held-out images (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
