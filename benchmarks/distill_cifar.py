@@ -123,7 +123,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.UTC)
 
-    teacher_stage = {"kind": "train", "target": "teacher", "epochs": args.teacher_epochs, **OPTIM}
+    teacher_stage = {"kind": "train", "target": "teacher", "epochs": args.teacher_epochs, "optim": OPTIM}
     teacher_report = run(work, "teacher", recipe("distill_cifar_teacher", args.root, teacher_stage, None))
     assert teacher_report is not None
     teacher_ckpt = work / "teacher" / "checkpoints" / "01-train" / "teacher.pt"
