@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,11 @@ def main() -> int:
     if not path.is_file() or yaml.safe_load(path.read_text()) != search_raw:
         path.write_text(yaml.safe_dump(search_raw, sort_keys=False))
     done = work / "search" / "search.json"
+    if done.is_file() and "held-out" not in json.loads(done.read_text()).get("selection", ""):
+        old = work / "search.chosen-on-test"  # an earlier search chose on the test split: keep it, start anew
+        print(f"search: {done.parent} chose on the test split; moved to {old}", flush=True)
+        shutil.rmtree(old, ignore_errors=True)
+        done.parent.rename(old)
     if (
         path.read_text() == yaml.safe_dump(search_raw, sort_keys=False)
         and done.is_file()

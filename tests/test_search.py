@@ -257,7 +257,7 @@ def test_choices_are_scored_on_held_out_training_images_never_on_the_test_split(
         "teacher": {"model": "digits_teacher", "checkpoint": str(run / "checkpoints" / "01-train" / "teacher.pt")},
         "student": {"model": "digits_student", "checkpoint": str(run / "checkpoints" / "02-distill" / "student.pt")},
         "stages": [{"kind": "export", "teacher": False}, {"kind": "quantize", "calibration_batches": 2}],
-        "target": {"latency_ms": 1000.0, "batch_size": 1, "threads": 1},
+        "target": {"latency_ms": 1000.0, "batch_size": 1, "threads": 1, "max_accuracy_drop": 50.0},
         "search": {**SEARCH, "candidates": 3, "trials": 1, "runtimes": ["onnxruntime"], "iters": 5, "warmup": 1},
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
@@ -267,7 +267,15 @@ def test_choices_are_scored_on_held_out_training_images_never_on_the_test_split(
     assert result["selection"] == f"{held:,} held-out training images"
     base = result["base"]
     assert base["student_acc"] < 0.1 < 0.8 < base["select_student_acc"]  # the test split is reported, wrong labels
-    assert all(r["proxy_acc"] > 0.8 for r in result["rows"] if r["label"] == "unpruned")
-    (trial,) = result["trials"].values()
-    assert trial["select_acc"] > 0.8 and min(trial["estimated"].values()) > 0.8
+    assert result["sensitivity"]["base_acc"] > 0.8  # the sweep's reference, on the held-out images too
+    unpruned = [r for r in result["rows"] if r["label"] == "unpruned"]
+    assert unpruned and all(r["proxy_acc"] > 0.8 for r in unpruned)
+    assert result["trials"] and all(t["select_acc"] > 0.8 for t in result["trials"].values())
+    assert all(min(t["estimated"].values()) > 0.8 for t in result["trials"].values())
     assert result["chosen"]["estimated_acc"] > 0.8
+    # the floor's reference is the unpruned student given the same short fine-tune (a control trial): the
+    # student trained on the held-out images, a fine-tune on the others partly forgets them
+    control = result["trials"][unpruned[0]["sig"]]["select_acc"]
+    assert result["floor"]["student"] == control
+    assert result["floor"]["forgotten"] == pytest.approx(base["select_student_acc"] - control)
+    assert result["floor"]["floor"] == pytest.approx(control - 0.5)

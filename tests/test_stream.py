@@ -337,7 +337,7 @@ def load():
 def test_limit_and_holdout_take_evenly_spaced_images_of_every_class(form, tree, tmp_path, monkeypatch):
     """``limit`` keeps every class of a class-sorted split; ``holdout`` moves evenly spaced training
     images into the test split and trains on exactly the others, in every form of data."""
-    from compress.data.base import holdout_indices
+    from compress.data.base import holdout_indices, spread
     from compress.data.user import UserDataset
 
     streamed = form.endswith("streamed")
@@ -363,6 +363,9 @@ def test_limit_and_holdout_take_evenly_spaced_images_of_every_class(form, tree, 
     # the held-out images are those training images, pixel for pixel and label for label; the rest trains
     assert torch.equal(split.raw("test", range(n)), data.raw("train", held))
     assert torch.equal(split.raw("train", range(total - n)), data.raw("train", rest))
+    assert split.fingerprint() != data.fingerprint()  # a resumed run cannot take one for the other
+    again = split.limit("train", 5)  # a subset of a subset reads the images it names
+    assert torch.equal(again.raw("train", range(5)), data.raw("train", rest[spread(len(rest), 5)]))
     assert torch.equal(torch.cat([y for _, y in split.raw_batches("test")]), labels[held])
     assert set(labels[held].tolist()) == set(range(classes))
     trained = torch.cat([y for _, y, _ in split.train_loader(seed=0, augment=False).batches()])

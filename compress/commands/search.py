@@ -110,10 +110,11 @@ class State:
         atomic_write_text(json.dumps(self.data, indent=1) + "\n", self.path)
 
 
-def _key(recipe: Any, cfg: SearchConfig, export: Any, quant: Any) -> str:
-    """What every cached measurement depends on: the models (and their weight files' bytes), the data,
-    the search settings except how many candidates/trials, the export/quantize settings, the CPU and
-    the runtimes' versions. The budget is not in it: loosening it reuses everything measured."""
+def _key(recipe: Any, cfg: SearchConfig, export: Any, quant: Any, data: Any) -> str:
+    """What every cached measurement depends on: the models (and their weight files' bytes), the data
+    (its settings and split sizes: the held-out images are picked by position), the search settings
+    except how many candidates/trials, the export/quantize settings, the CPU and the runtimes'
+    versions. The budget is not in it: loosening it reuses everything measured."""
     files = {}
     for role in ("teacher", "student"):
         spec = getattr(recipe, role)
@@ -122,6 +123,8 @@ def _key(recipe: Any, cfg: SearchConfig, export: Any, quant: Any) -> str:
     raw = {
         "recipe": recipe.model_dump(mode="json", exclude={"stages", "benchmark", "target", "search", "name"}),
         "files": files,
+        "schema": 2,  # 2: choices scored on held-out training images
+        "splits": [data.train_size, data.test_size, list(data.class_names)],
         "search": cfg.model_dump(mode="json", exclude={"trials", "candidates"}),
         "export": export.model_dump(mode="json"),
         "quantize": quant.model_dump(mode="json"),
@@ -245,44 +248,72 @@ class _Search:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CompressError(f"--out: cannot create {self.out}: {exc.strerror or exc}") from None
-        self.key = _key(recipe, self.cfg, self.export, self.quant)
-        self.state = State(self.out / "search.json", self.key)
-        self.d = self.state.data
         self.say = Console(stderr=True, quiet=args.quiet).print
         spec = recipe.student
         if spec.checkpoint is None and spec.weights is None and not spec.pretrained:
             self.say("search: the student has no checkpoint:, weights: or pretrained: it ranks an untrained network")
         seed_everything(recipe.seed)
-        self.data = load_data(recipe)
-        # every choice is scored on training images the trials do not train on (NetAdapt's and AMC's
-        # practice): the test split stays for the report, as the full fine-tune's result
-        held = min(self.cfg.holdout_images, self.data.train_size // 5)
-        self.sel = self.data.holdout(held) if held else self.data
-        self.split = f"{held:,} held-out training images" if held else "the test split (search.holdout_images: 0)"
+        data = load_data(recipe)
+        self.key = _key(recipe, self.cfg, self.export, self.quant, data)
+        self.state = State(self.out / "search.json", self.key)
+        self.d = self.state.data
+        self.sel, self.data, self.split = self._holdout(data)
         self.device = resolve_device(recipe.device)
-        self.student = build_role(recipe, "student", self.data).to(self.device).eval()
+        self.student = build_role(recipe, "student", self.sel).to(self.device).eval()
         has_teacher = recipe.teacher is not None
-        self.teacher = build_role(recipe, "teacher", self.data).to(self.device).eval() if has_teacher else None
-        self.example = self.data.example_input(2).to(self.device)
+        self.teacher = build_role(recipe, "teacher", self.sel).to(self.device).eval() if has_teacher else None
+        self.example = self.sel.example_input(2).to(self.device)
         self.opts = StructuredOptions(method=self.cfg.method)
         self.few = self.sel.limit("test", min(self.cfg.sensitivity_images, self.sel.test_size))
+
+    def _holdout(self, data: Any) -> tuple[Any, Any, str]:
+        """(what choices use, what reports use, which images choose). Every choice is scored on training
+        images the short fine-tunes do not train on (NetAdapt's and AMC's practice); the test split
+        only reports. The reporting view keeps no training images (the held-out view has its own copy)."""
+        held = min(self.cfg.holdout_images, data.train_size // 5)
+        if not held:
+            why = "search.holdout_images: 0" if not self.cfg.holdout_images else f"{data.train_size} training images"
+            return data, data, f"the test split ({why})"
+        if held < max(1000, 10 * data.num_classes):
+            self.say(f"search: only {held:,} held-out images ({held / data.num_classes:.0f} per class) to choose on: "
+                     "close candidates may be told apart by chance")  # fmt: skip
+        return data.holdout(held), data.limit("train", 1), f"{held:,} held-out training images"
 
     def build(self, cand: space.Candidate) -> torch.nn.Module:
         return space.build(self.student, self.example, self.opts, cand, self.data.num_classes)
 
-    def baseline(self) -> float | None:
+    def baseline(self) -> None:
         """The unpruned student's and the teacher's top-1 on the test split (reported) and on the images
-        choices are scored on; the accuracy floor the latter imply (the estimates are compared to it)."""
+        choices are scored on."""
         d = self.d
         if "base" not in d:
             acc: dict[str, float | None] = {}
             for split, data in (("", self.data), ("select_", self.sel)):
                 loader = data.eval_loader("test")
                 acc[f"{split}student_acc"] = evaluate(self.student, loader, self.device)
-                acc[f"{split}teacher_acc"] = evaluate(self.teacher, loader, self.device) if self.teacher else None
+                has = self.teacher is not None
+                acc[f"{split}teacher_acc"] = evaluate(self.teacher, loader, self.device) if has else None
             d["base"] = acc
             self.state.save()
-        return _floor(self.target, d["base"]["select_student_acc"], d["base"]["select_teacher_acc"])
+
+    def floor(self, rows: list[dict[str, Any]], prober: Prober, prog: Any) -> float | None:
+        """The accuracy floor, like for like. An estimate is a short fine-tune on the other training
+        images scored on the held-out ones, which the student and teacher trained on and a fine-tune
+        partly forgets; so the student's reference is the unpruned student given that same short
+        fine-tune (a control trial), and the teacher's is shifted by what that control forgot."""
+        if self.target.max_accuracy_drop is None:
+            return None
+        base = self.d["base"]
+        student, forgot = base["select_student_acc"], 0.0
+        control = [r for r in rows if r["label"] == "unpruned"]
+        if self.sel is not self.data and control:
+            self.train(control[:1], prober, prog)
+            student = self.d["trials"][control[0]["sig"]]["select_acc"]
+            forgot = base["select_student_acc"] - student
+        teacher = None if base["select_teacher_acc"] is None else base["select_teacher_acc"] - forgot
+        floor = _floor(self.target, student, teacher)
+        self.d["floor"] = {"floor": floor, "student": student, "teacher": teacher, "forgotten": forgot}
+        return floor
 
     def rank(self, prog: Any) -> None:
         """Residual blocks, least important first, and each channel group's sensitivity."""
@@ -394,12 +425,13 @@ class _Search:
         d.update(target=target.model_dump(mode="json"), search=cfg.model_dump(mode="json"), host=isa_label(),
                  recipe=str(self.args.recipe), date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))  # fmt: skip
         d["selection"] = self.split
-        floor = self.baseline()
+        self.baseline()
         prober = Prober(self.sel, target, cfg, self.export, self.quant)
         try:
             with _progress(self.args.quiet) as prog:
                 self.rank(prog)
                 rows = self.measure(prober, prog)
+                floor = self.floor(rows, prober, prog)
                 picks = frontier.to_train(rows, target.budget(), floor, cfg.trials)
                 if not picks:
                     raise CompressError(
@@ -425,7 +457,7 @@ class _Search:
         self.state.save()
         best = self.write(rows, chosen)
         if not holds:
-            raise CompressError(f"target: {why}; results in {out}")
+            raise CompressError(f"target: {why} (top-1 on {self.split}); results in {out}")
         return best
 
     def write(self, rows: list[dict[str, Any]], chosen: dict[str, Any]) -> Path:
@@ -441,13 +473,14 @@ class _Search:
         note += f"# {self.target.describe()}; host {isa_label()}\n"
         atomic_write_text(note + yaml.safe_dump(best, sort_keys=False), self.out / "recipe.best.yaml")
         tmp = self.out / ".pareto.tmp.png"
-        frontier.plot(rows, chosen, self.target, tmp, f"compress search: {self.recipe.name} ({isa_label()})")
+        title = f"compress search: {self.recipe.name} ({isa_label()})"
+        frontier.plot(rows, chosen, self.target, tmp, title, self.split.split(" (")[0])
         tmp.replace(self.out / "pareto.png")
         c = chosen["confirmed"]
         self.say(
             f"chosen: {chosen['label']} ({chosen['precision']}, {chosen['runtime']}, {chosen['threads']} threads): "
             f"{c['latency_ms']:.3f} ms measured on the deployable file, {c['size_bytes']:,} bytes, estimated top-1 "
-            f"{100 * chosen['estimated_acc']:.2f}% on the held-out images ({chosen['why']})"
+            f"{100 * chosen['estimated_acc']:.2f}% on {self.split} ({chosen['why']})"
         )
         self.say(f"wrote {self.out / 'search.json'}, {self.out / 'pareto.png'}, {self.out / 'recipe.best.yaml'}")
         return self.out / "recipe.best.yaml"

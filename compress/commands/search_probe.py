@@ -126,8 +126,9 @@ class Prober:
         return [f"{p}/{r}/{t}{self._vs}" for p in self.cfg.precisions for r in runtimes_ for t in threads]
 
     def accuracy(self, model: nn.Module, key: str) -> dict[str, float]:
-        """Test top-1 of the trained candidate in each precision, run by ONNX Runtime (INT8 calibrated as
-        the quantize stage calibrates): the estimate the choice compares."""
+        """Top-1 of the trained candidate on the data's test split (the search's held-out images) in each
+        precision, run by ONNX Runtime (INT8 calibrated as the quantize stage calibrates): the estimate
+        the choice compares."""
         fp32 = self.dir / f"{key}.acc.onnx"
         self._export_fast(model, fp32, dynamic=True)  # scored in batches; the graph's speed is not the question
         out = {p: float(onnx_accuracy(self._convert(fp32, p, calibrated=True), self.data)) for p in self.cfg.precisions}

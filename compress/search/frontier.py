@@ -69,9 +69,11 @@ def choose(trained: list[dict[str, Any]], budget: dict[str, float], floor: float
     return min(ok, key=lambda r: r["latency_ms"]), "the fastest trained candidate that holds the accuracy floor"
 
 
-def plot(rows: list[dict[str, Any]], chosen: dict[str, Any] | None, target: Any, path: Path, title: str) -> None:
-    """Every candidate's measured latency against its proxy top-1 (and the trained ones' estimate),
-    the budget as a line, the chosen one marked."""
+def plot(
+    rows: list[dict[str, Any]], chosen: dict[str, Any] | None, target: Any, path: Path, title: str, scored_on: str
+) -> None:
+    """Every candidate's measured latency against its proxy top-1 (and the trained ones' estimate) on
+    ``scored_on``, the budget as a line, the chosen one marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +104,7 @@ def plot(rows: list[dict[str, Any]], chosen: dict[str, Any] | None, target: Any,
     if budget is not None:
         ax.axvline(budget, color="tab:red", lw=1, ls="--", label=f"budget {budget:.3g} ms")
     ax.set_xlabel(f"measured p50 latency (ms), batch {target.batch_size}, {target.threads} thread(s), {target.runtime}")
-    ax.set_ylabel("top-1 on the held-out images (%)")
+    ax.set_ylabel(f"top-1 (%) on {scored_on}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
