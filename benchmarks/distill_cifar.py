@@ -7,7 +7,7 @@ same seed, same ResNet-56 teacher, CIFAR-10.
 Each configuration is one ``compress run`` of a recipe this script writes next to its run
 (``<work>/<name>.yaml``), so any row can be re-run or continued by hand. A finished run is reused;
 an interrupted one is continued with ``--resume`` (the script can span sessions). The teacher is
-trained first by the same recipe machinery. Writes benchmarks/results/distill_cifar.{json,md} with
+trained first by the same recipe machinery. Writes benchmarks/results/distill_cifar.{json,md} (``--only kd``: distill_cifar_kd.{json,md}) with
 the schedule, seed, machine and date. Target (issue 4): KD ≥ vanilla + 0.5 pt top-1.
 """
 
@@ -193,7 +193,8 @@ def main() -> int:
         "Each row's full recipe is its `recipe` field in distill_cifar.json (`compress run` it to reproduce one row)."
     )
     lines.append("")
-    save("distill_cifar", out, "\n".join(lines))
+    # a partial run (--only) writes its own file: the full table stays the one run of every row
+    save("distill_cifar" + "".join(f"_{n}" for n in args.only or []), out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
