@@ -7,8 +7,9 @@ same seed, same ResNet-56 teacher, CIFAR-10.
 Each configuration is one ``compress run`` of a recipe this script writes next to its run
 (``<work>/<name>.yaml``), so any row can be re-run or continued by hand. A finished run is reused;
 an interrupted one is continued with ``--resume`` (the script can span sessions). The teacher is
-trained first by the same recipe machinery. Writes benchmarks/results/distill_cifar.{json,md} (``--only kd``: distill_cifar_kd.{json,md}) with
-the schedule, seed, machine and date. Target (issue 4): KD ≥ vanilla + 0.5 pt top-1.
+trained first by the same recipe machinery. Writes benchmarks/results/distill_cifar.{json,md}
+(``--only kd``: distill_cifar_kd.{json,md}) with the schedule, seed, machine and date.
+Target (issue 4): KD ≥ vanilla + 0.5 pt top-1.
 """
 
 from __future__ import annotations
