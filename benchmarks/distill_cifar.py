@@ -142,10 +142,14 @@ def main() -> int:
             "teacher_top1": top1(report, "teacher@input"),
             "stage": stage,
             "seconds": st["seconds"],
+            "precision": st["metrics"].get("precision"),
             "history": st["metrics"]["history"],
             "recipe": raw,  # teacher.checkpoint: the teacher run's checkpoint under --work
         }
     env = teacher_report["environment"]
+    # precision: auto picks bf16 autocast only with native bf16 (fp32 on an AVX2-only host): say what ran
+    ran = [teacher_report["stages"][-1]["metrics"].get("precision")] + [r["precision"] for r in rows.values()]
+    precision = " / ".join(dict.fromkeys(f"{p} autocast" if p == "bf16" else str(p) for p in ran))
     base = rows.get("vanilla", {}).get("top1")
     out = {
         "command": command(),
@@ -172,7 +176,7 @@ def main() -> int:
         f"Date: {started:%Y-%m-%d}  ",
         f"Schedule: **short** — {args.epochs} student epochs (teacher: ResNet-56, {args.teacher_epochs} epochs, "
         f"top-1 {100 * out['teacher']['top1']:.2f}%), SGD lr 0.1 nesterov, wd 5e-4, cosine, 1 warm-up epoch, "
-        "batch 128, crop+flip, bf16 autocast + channels_last, seed 0 for every row. Published numbers use "
+        f"batch 128, crop+flip, {precision} + channels_last, seed 0 for every row. Published numbers use "
         "240 epochs; nothing here is extrapolated to that.",
         "",
         "| student (ResNet-20) | loss | top-1 | vs vanilla | stage time |",
@@ -190,12 +194,11 @@ def main() -> int:
         lines.append(f"| {name} | {what[name]} | {100 * r['top1']:.2f}% | {gain} | {r['seconds'] / 60:.1f} min |")
     lines.append("")
     lines.append("Top-1 on the 10,000 CIFAR-10 test images, measured by the run's report (last epoch, no selection).")
-    lines.append(
-        "Each row's full recipe is its `recipe` field in distill_cifar.json (`compress run` it to reproduce one row)."
-    )
-    lines.append("")
     # a partial run (--only) writes its own file: the full table stays the one run of every row
-    save("distill_cifar" + "".join(f"_{n}" for n in args.only or []), out, "\n".join(lines))
+    stem = "distill_cifar" + "".join(f"_{n}" for n in args.only or [])
+    lines.append(f"Each row's full recipe is its `recipe` field in {stem}.json (`compress run` it to reproduce a row).")
+    lines.append("")
+    save(stem, out, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -5,13 +5,15 @@ recipe's INT8 student (50% uniform L1 channel pruning + KD fine-tune), how accur
     python benchmarks/search_cifar.py [--student runs/int8-isa/resnet20/checkpoints/01-train/student.pt]
                                       [--teacher CKPT] [--teacher-model resnet56] [--epochs 3]
                                       [--threads 2] [--candidates 100] [--trials 4] [--work runs/search-cifar]
+                                      [--results search_cifar]
 
 1. the hand recipe (prune ratio 0.5, L1, KD fine-tune ``--epochs``, export, INT8) as one ``compress run``;
 2. its INT8 file's batch-1 p50 at ``--threads`` becomes ``target.latency_ms``;
 3. ``compress search --run`` with the same teacher and the same fine-tune (``search.finetune``);
 4. the unpruned student's, the hand recipe's and the searched INT8 files timed round-robin in one
    process (common.side_by_side), top-1 from each run's report, MACs from the files.
-Each step is reused when finished and resumed when interrupted. Writes benchmarks/results/search_cifar.{json,md}.
+Each step is reused when finished and resumed when interrupted. Writes benchmarks/results/<results>.{json,md}
+(default search_cifar: a run from another teacher or student names its own file and leaves that one alone).
 """
 
 from __future__ import annotations
@@ -46,6 +48,22 @@ def base(args: argparse.Namespace, student: Path, teacher: Path) -> dict[str, An
     }
 
 
+def provenance(ckpt: Path) -> str | None:
+    """How a checkpoint under ``<run>/checkpoints/NN-kind/`` was made, from its run's report: the short
+    schedule of the model the search starts from belongs in the table."""
+    if len(ckpt.parents) < 3 or not (report := ckpt.parents[2] / "report.json").is_file():
+        return None
+    rep = json.loads(report.read_text())
+    stage = next((s for s in rep["stages"] if f"{s['index']:02d}-{s['kind']}" == ckpt.parent.name), None)
+    if stage is None or "epochs" not in stage["metrics"]:
+        return None
+    model = rep["recipe"][ckpt.stem]["model"] if ckpt.stem in ("teacher", "student") else ckpt.stem
+    how = {"train": "trained", "distill": "distilled"}.get(stage["kind"], stage["kind"])
+    run = ckpt.parents[2]
+    where = run.relative_to(ROOT) if run.is_relative_to(ROOT) else run
+    return f"{model} {how} {stage['metrics']['epochs']} epochs ({where})"
+
+
 def deployable(report: dict[str, Any]) -> dict[str, Any]:
     return [a for a in report["artifacts"] if a["role"] == "student" and a["format"] == "onnx"][-1]
 
@@ -64,6 +82,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds per set")
     ap.add_argument("--sets", type=int, default=5, help="round-robin sets (the machine's speed drifts)")
     ap.add_argument("--work", default="runs/search-cifar")
+    ap.add_argument("--results", default="search_cifar", help="name of the benchmarks/results files to write")
     args = ap.parse_args()
     student = (ROOT / args.student).resolve()
     teacher = (ROOT / args.teacher).resolve() if args.teacher else student
@@ -171,6 +190,8 @@ def main() -> int:
     env = result["environment"]
     base_acc = found["base"]
     who = "the unpruned student itself" if teacher == student else args.teacher_model
+    made = {"student": provenance(student), "teacher": provenance(teacher) if teacher != student else None}
+    result["schedule"]["made"] = made
     shown = lambda p: p.relative_to(ROOT) if p.is_relative_to(ROOT) else p  # noqa: E731
     lines = [
         "# Compress to a budget: `compress search` vs the hand recipe (CIFAR-10, ResNet-20 student)", "",
@@ -183,7 +204,8 @@ def main() -> int:
         f"{budget:.3f} ms). Latency: {args.sets} sets of every file round-robin, "
         f"{args.rounds} rounds × 200 runs each. KD teacher: {who} ({shown(teacher)}), "
         f"test top-1 {100 * base_acc['teacher_acc']:.2f}%; student before compression "
-        f"{100 * base_acc['student_acc']:.2f}% (PyTorch, FP32).", "",
+        f"{100 * base_acc['student_acc']:.2f}% (PyTorch, FP32)."
+        + "".join(f" {role.capitalize()}: {how}." for role, how in made.items() if how), "",
         "| model | top-1 | p50 bs1 | MACs | INT8 file | speedup vs unpruned |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in rows.items():
@@ -205,7 +227,7 @@ def main() -> int:
         "fine-tunes; the short fine-tunes train on the other training images); the test split only reports. "
         "Both arms' full fine-tunes train on all 50,000 training images.",
     ]  # fmt: skip
-    save("search_cifar", result, "\n".join(lines) + "\n")
+    save(args.results, result, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
