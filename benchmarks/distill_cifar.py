@@ -119,6 +119,7 @@ def main() -> int:
     ap.add_argument("--teacher-epochs", type=int, default=15)
     ap.add_argument("--work", default="runs/distill-cifar")
     ap.add_argument("--only", nargs="*", help="configurations to run (default: all but vanilla_fp32)")
+    ap.add_argument("--results", default=None, help="name of the benchmarks/results files (default from --only)")
     args = ap.parse_args()
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,7 @@ def main() -> int:
     lines.append("")
     lines.append("Top-1 on the 10,000 CIFAR-10 test images, measured by the run's report (last epoch, no selection).")
     # a partial run (--only) writes its own file: the full table stays the one run of every row
-    stem = "distill_cifar" + "".join(f"_{n}" for n in args.only or [])
+    stem = args.results or "distill_cifar" + "".join(f"_{n}" for n in args.only or [])
     lines.append(f"Each row's full recipe is its `recipe` field in {stem}.json (`compress run` it to reproduce a row).")
     lines.append("")
     save(stem, out, "\n".join(lines))
