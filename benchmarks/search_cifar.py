@@ -11,7 +11,8 @@ recipe's INT8 student (50% uniform L1 channel pruning + KD fine-tune), how accur
 2. its INT8 file's batch-1 p50 at ``--threads`` becomes ``target.latency_ms``;
 3. ``compress search --run`` with the same teacher and the same fine-tune (``search.finetune``);
 4. the unpruned student's, the hand recipe's and the searched INT8 files timed round-robin in one
-   process (common.side_by_side), top-1 from each run's report, MACs from the files.
+   process (common.side_by_side, one round at a time, order alternating), speedups as the median of
+   each round's paired ratio; top-1 from each run's report, MACs from the files.
 Each step is reused when finished and resumed when interrupted. Writes benchmarks/results/<results>.{json,md}
 (default search_cifar: a run from another teacher or student names its own file and leaves that one alone).
 """
@@ -80,7 +81,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--estimate-images", type=int, default=10_000, help="training images per short fine-tune")
     ap.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds per set")
-    ap.add_argument("--sets", type=int, default=5, help="round-robin sets (the machine's speed drifts)")
+    ap.add_argument("--sets", type=int, default=5, help="sets of --rounds (rounds in all: sets × rounds)")
     ap.add_argument("--work", default="runs/search-cifar")
     ap.add_argument("--results", default="search_cifar", help="name of the benchmarks/results files to write")
     args = ap.parse_args()
@@ -151,17 +152,24 @@ def main() -> int:
     found = json.loads((work / "search" / "search.json").read_text())
     searched = json.loads((work / "search" / "run" / "report.json").read_text())
     files = {"unpruned": unpruned, "hand": hand_int8, "searched": Path(deployable(searched)["path"])}
-    # This VM's speed drifts between modes in which the files do not even rank alike (one round-robin
-    # read hand 0.48 / searched 0.48 ms, the next 0.84 / 0.68): several round-robin sets, each reported
-    sets = [side_by_side(files, args.threads, rounds=args.rounds, configs=config) for _ in range(args.sets)]
+    # This VM's speed drifts 2x within minutes (one set read unpruned 0.82 / hand 0.47 ms, a later one
+    # 0.72 / 0.77): only files timed seconds apart compare. So every ratio is paired: one round times
+    # each file once (200 runs, its own session), the order reversed every other round, and a speedup
+    # is the median over rounds of that round's ratio, never a ratio of medians taken at other times.
+    order = list(files)
+    sets = []
+    for i in range(args.sets * args.rounds):
+        ring = {n: files[n] for n in (order if i % 2 == 0 else order[::-1])}
+        sets.append(side_by_side(ring, args.threads, rounds=1, configs=config))
     ratios = [t["searched"]["p50_ms_bs1"] / t["hand"]["p50_ms_bs1"] for t in sets]
+    speedup = {n: float(np.median([t["unpruned"]["p50_ms_bs1"] / t[n]["p50_ms_bs1"] for t in sets])) for n in files}
     times = {n: {"p50_ms_bs1": float(np.median([t[n]["p50_ms_bs1"] for t in sets]))} for n in files}
     rows = {}
     from compress.bench.size import file_bytes, onnx_macs
 
     for name, file in files.items():
         rows[name] = {"path": str(file), "latency_ms": times[name]["p50_ms_bs1"], "macs": onnx_macs(file),
-                      "size_bytes": file_bytes(file)}  # fmt: skip
+                      "size_bytes": file_bytes(file), "speedup": speedup[name]}  # fmt: skip
     rows["hand"]["top1"] = deployable(hand)["accuracy"]
     rows["searched"]["top1"] = deployable(searched)["accuracy"]
     rows["unpruned"]["top1"] = deployable(plain)["accuracy"]
@@ -179,12 +187,12 @@ def main() -> int:
         "chosen": found["chosen"],
         "seconds": found.get("seconds", {}),
         "candidates_timed": len(found["latency"]),
-        "sets": [{n: t[n]["p50_ms_bs1"] for n in files} for t in sets],
+        "rounds": [{n: t[n]["p50_ms_bs1"] for n in files} for t in sets],
         "searched_over_hand_latency": ratios,
     }
     u, h, s = rows["unpruned"], rows["hand"], rows["searched"]
     gain = 100 * (s["top1"] - h["top1"])
-    speed_vs_macs = (u["latency_ms"] / s["latency_ms"]) / (u["macs"] / s["macs"])
+    speed_vs_macs = s["speedup"] / (u["macs"] / s["macs"])  # the paired speedup
     result["targets"] = {"top1_gain_pt": gain, "latency_speedup_over_macs_reduction": speed_vs_macs}
     sec = result["seconds"]
     env = result["environment"]
@@ -201,8 +209,9 @@ def main() -> int:
         f"({teacher.name}), SGD lr 0.01 cosine, batch 128; the search's {args.trials} trials fine-tune 1 epoch on "
         f"{args.estimate_images} images each. Budget: `target.latency_of` the hand recipe's INT8 file at batch 1, "
         f"{args.threads} thread(s), ONNX Runtime: every candidate timed in turn with it (its p50 alone here: "
-        f"{budget:.3f} ms). Latency: {args.sets} sets of every file round-robin, "
-        f"{args.rounds} rounds × 200 runs each. KD teacher: {who} ({shown(teacher)}), "
+        f"{budget:.3f} ms). Latency: {len(sets)} rounds, each timing every file once (200 runs in its own "
+        "session, the order reversed every other round); a speedup is the median over rounds of that round's "
+        f"ratio (paired: this VM's speed drifts 2× within minutes). KD teacher: {who} ({shown(teacher)}), "
         f"test top-1 {100 * base_acc['teacher_acc']:.2f}%; student before compression "
         f"{100 * base_acc['student_acc']:.2f}% (PyTorch, FP32)."
         + "".join(f" {role.capitalize()}: {how}." for role, how in made.items() if how), "",
@@ -210,13 +219,14 @@ def main() -> int:
     ]  # fmt: skip
     for name, r in rows.items():
         lines.append(f"| {name} | {100 * r['top1']:.2f}% | {r['latency_ms']:.3f} ms | {r['macs'] / 1e6:.1f}M | "
-                     f"{r['size_bytes'] / 1e3:.0f} kB | {u['latency_ms'] / r['latency_ms']:.2f}× |")  # fmt: skip
+                     f"{r['size_bytes'] / 1e3:.0f} kB | {r['speedup']:.2f}× |")  # fmt: skip
     c = found["chosen"]["candidate"]
     lines += [
         "", f"Chosen: {found['chosen']['label']} ({found['chosen']['precision']}); removed blocks: "
         f"{', '.join(c['removed']) or 'none'}; round_to {c['round_to']}.",
-        f"Searched / hand batch-1 latency per round-robin set: {', '.join(f'{r:.2f}' for r in ratios)} "
-        f"(median {float(np.median(ratios)):.2f}); the table shows each file's median over the sets.",
+        f"Searched / hand batch-1 latency, paired per round: median {float(np.median(ratios)):.2f} (range "
+        f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds); the p50 column is each file's median "
+        "over the rounds, the speedup column the median paired ratio.",
         f"Targets: top-1 vs hand **{gain:+.2f} pt** (≥ +1.0 wanted); latency speedup / MACs reduction "
         f"**{speed_vs_macs:.2f}** (≥ 0.75 wanted); {result['candidates_timed']} architectures timed in "
         f"{sec.get('candidates', 0) / 60:.1f} min (< 5 wanted for 100); whole search "

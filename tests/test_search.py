@@ -225,6 +225,68 @@ def test_frontier_selection() -> None:
     assert TargetConfig(max_accuracy_drop=1.0).budget() == {}
 
 
+def test_each_pick_is_confirmed_on_its_deployable_file_before_it_is_trained() -> None:
+    rows = [_row(0.9, 0.9), _row(0.8, 0.85), _row(0.5, 0.8), _row(0.3, 0.6)]
+    deployable = {0.9: 1.1, 0.8: 0.75, 0.5: 0.5, 0.3: 0.3}  # the best proxy's file runs slower than its probe
+    asked: list[float] = []
+
+    def confirm(row: dict) -> dict:
+        asked.append(row["latency_ms"])
+        return {**row, "latency_ms": deployable[row["latency_ms"]]}
+
+    picks, missed = frontier.shortlist(rows, {"latency_ms": 1.0}, None, 2, confirm)
+    assert [r["latency_ms"] for r in picks] == [0.8, 0.5]  # the miss handed its place to the next best proxy
+    assert [m["latency_ms"] for m in missed] == [0.9] and missed[0]["confirmed"]["latency_ms"] == 1.1
+    assert asked == [0.9, 0.8, 0.5]  # each pick measured once, none after the shortlist held
+    # against a reference file the limit is the row's own: its paired ratio decides
+    paired = [{**_row(0.9, 0.9), "latency_ms_budget": 1.0}, {**_row(0.8, 0.8), "latency_ms_budget": 1.0}]
+    slow = lambda r: {**r, "latency_ms_budget": 0.85}  # noqa: E731 - both files at 0.85 of the reference's pace
+    picks, missed = frontier.shortlist(paired, {"latency_ms": float("inf")}, None, 2, slow)
+    assert [r["latency_ms"] for r in picks] == [0.8] and len(missed) == 1
+    # an accuracy floor alone has no budget to confirm
+    assert frontier.shortlist(rows, {}, 0.5, 2, None) == (frontier.to_train(rows, {}, 0.5, 2), [])
+
+
+def test_a_close_call_against_the_reference_file_is_timed_in_more_pairs(tmp_path) -> None:
+    """The reference file is timed in pairs with the candidate, order alternating; the budget reads the
+    median paired ratio, and a ratio near 1 is measured further before it is decided on."""
+    import numpy as np
+    import torch
+
+    import compress
+    from compress.commands.search_probe import CLOSE, MAX_PAIRS, Prober, clear
+    from compress.models import build_model
+    from compress.search.config import SearchConfig
+    from compress.stages.export import Export
+    from compress.stages.quantize import Quantize
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    data = compress.load_data(TINY["data"])
+    small, wide = tmp_path / "small.onnx", tmp_path / "wide.onnx"
+    compress.export_onnx(build_model("resnet20", data.num_classes, data.channels), small, data=data, parity_batch=8)
+    compress.export_onnx(build_model("resnet32x4", data.num_classes, data.channels), wide, data=data, parity_batch=8)
+    cfg = SearchConfig(iters=10, warmup=2)
+    for ref in (small, wide):
+        prober = Prober(data, TargetConfig(latency_of=ref), cfg, Export(), Quantize())
+        try:
+            out = prober.time(small, "onnxruntime", 1, rounds=4, decide=True)
+            quick = prober.time(small, "onnxruntime", 1)
+        finally:
+            prober.close()
+        ratios = out["ratios"]
+        assert out["latency_ratio"] == pytest.approx(float(np.median(ratios)))
+        assert out["latency_ms_budget"] == pytest.approx(out["latency_ms"] / out["latency_ratio"])
+        assert len(quick["ratios"]) == 2  # a probe: two pairs, no sequential decision
+        # four pairs at least; fewer than the most only when every pair agreed by a margin
+        assert 4 <= len(ratios) <= MAX_PAIRS
+        assert len(ratios) == MAX_PAIRS or clear(ratios)
+        assert clear(ratios) == (max(ratios) < 1 - CLOSE or min(ratios) > 1 + CLOSE)
+        assert not clear(ratios[:-1]) or len(ratios) == 4  # it stopped at the first pair that made it clear
+        assert frontier.fits(out, {"latency_ms": float("inf")}) == (out["latency_ratio"] <= 1)
+    assert max(ratios) < 0.5 and len(ratios) == 4  # ~30x the MACs: clear at once, no extra pairs
+
+
 WRONG_TEST = """
 import torch
 from torch.utils.data import TensorDataset

@@ -396,27 +396,53 @@ class _Search:
                 self.state.save()
             prog.update(task, advance=1, info=f"{sig}: {100 * d['trials'][sig]['select_acc']:.2f}%")
 
+    def confirmed(self, row: dict[str, Any], prober: Prober) -> dict[str, Any]:
+        """``row``'s deployable file, measured once (search.json keeps it: a rerun decides alike)."""
+        done = self.d.setdefault("confirmed", {})
+        key = f"{row['sig']}/{prober.where(row['precision'], row['runtime'], row['threads'])}"
+        if key not in done:
+            t0 = time.perf_counter()
+            model = self.build(space.Candidate.from_json(row["candidate"]))
+            done[key] = prober.confirm(model, row["sig"], row["precision"], row["runtime"], row["threads"])
+            _spent(self.d, "confirm", t0)
+            self.state.save()
+        return done[key]
+
+    def _miss(self, row: dict[str, Any]) -> None:
+        keep = ("sig", "label", "precision", "runtime", "threads", "latency_ms", "latency_ms_budget", "confirmed")
+        self.d["missed"].append({k: row[k] for k in keep if k in row})
+
+    def shortlist(self, rows: list[dict[str, Any]], floor: float | None, prober: Prober, prog: Any) -> list[dict]:
+        """frontier.shortlist: each pick confirmed on its deployable file before any is trained."""
+        budget = self.target.budget()
+        task = prog.add_task("confirm on deployable files", total=None, info="")
+
+        def confirm(row: dict[str, Any]) -> dict[str, Any]:
+            prog.update(task, advance=1, info=row["label"])
+            return self.confirmed(row, prober)
+
+        picks, missed = frontier.shortlist(rows, budget, floor, self.cfg.trials, confirm if budget else None)
+        for row in missed:
+            self._miss(row)
+        prog.update(task, total=len(picks) + len(missed), completed=len(picks) + len(missed))
+        return picks
+
     def decide(self, rows: list[dict[str, Any]], floor: float | None, prober: Prober) -> tuple[dict | None, str]:
         """The winner, confirmed on its deployable file; a probe that was optimistic hands over to the next."""
         budget, d = self.target.budget(), self.d
         for r in rows:
             r["estimated_acc"] = d["trials"].get(r["sig"], {}).get("estimated", {}).get(r["precision"])
         left = [r for r in rows if r["estimated_acc"] is not None]
-        d["missed"] = []
-        t0 = time.perf_counter()
         while True:
             chosen, why = frontier.choose(left, budget, floor)
             if chosen is None:
                 break
-            model = self.build(space.Candidate.from_json(chosen["candidate"]))
-            where = (chosen["precision"], chosen["runtime"], chosen["threads"])
-            chosen = {**chosen, "confirmed": prober.confirm(model, chosen["sig"], *where)}
+            chosen = {**chosen, "confirmed": self.confirmed(chosen, prober)}
             if frontier.fits(chosen["confirmed"], budget):
                 break
-            gone = (chosen["sig"], *where)
+            gone = (chosen["sig"], chosen["precision"], chosen["runtime"], chosen["threads"])
             left = [r for r in left if (r["sig"], r["precision"], r["runtime"], r["threads"]) != gone]
-            d["missed"].append({k: chosen[k] for k in ("sig", "precision", "runtime", "threads", "confirmed")})
-        _spent(d, "confirm", t0)
+            self._miss(chosen)
         return chosen, why
 
     def run(self) -> Path:
@@ -431,8 +457,12 @@ class _Search:
             with _progress(self.args.quiet) as prog:
                 self.rank(prog)
                 rows = self.measure(prober, prog)
+                d["rows"] = rows  # the same list: estimates land in it as they are made
                 floor = self.floor(rows, prober, prog)
-                picks = frontier.to_train(rows, target.budget(), floor, cfg.trials)
+                d["missed"] = []
+                picks = self.shortlist(rows, floor, prober, prog)
+                if not picks and d["missed"]:
+                    raise self._refused()
                 if not picks:
                     raise CompressError(
                         f"target: no candidate meets {target.describe()} (fastest measured: "
@@ -443,15 +473,8 @@ class _Search:
                 chosen, why = self.decide(rows, floor, prober)
         finally:
             prober.close()
-        d["rows"] = rows
         if chosen is None:
-            self.state.save()
-            last = d["missed"][-1]["confirmed"] if d["missed"] else {}
-            raise CompressError(
-                f"target: no trained candidate meets {target.describe()} on its deployable file (the last tried "
-                f"measured {last.get('latency_ms', float('nan')):.3f} ms, {last.get('size_bytes', 0):,} bytes); "
-                f"loosen the budget or raise search.trials; results in {out / 'search.json'}"
-            )
+            raise self._refused()
         holds = floor is None or chosen["estimated_acc"] >= floor
         d["chosen"] = chosen = {**chosen, "why": why, "meets_budget": True, "meets_accuracy": holds}
         self.state.save()
@@ -459,6 +482,16 @@ class _Search:
         if not holds:
             raise CompressError(f"target: {why} (top-1 on {self.split}); results in {out}")
         return best
+
+    def _refused(self) -> CompressError:
+        """No candidate's deployable file meets the budget: search.json keeps what was measured."""
+        self.state.save()
+        last = self.d["missed"][-1]["confirmed"] if self.d["missed"] else {}
+        return CompressError(
+            f"target: no candidate meets {self.target.describe()} on its deployable file (the last tried "
+            f"measured {last.get('latency_ms', float('nan')):.3f} ms, {last.get('size_bytes', 0):,} bytes); "
+            f"loosen the budget or raise search.trials; results in {self.out / 'search.json'}"
+        )
 
     def write(self, rows: list[dict[str, Any]], chosen: dict[str, Any]) -> Path:
         """recipe.best.yaml (validated: an ordinary recipe) and pareto.png; one line saying what won."""

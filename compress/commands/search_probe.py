@@ -36,6 +36,17 @@ from compress.quantization.calibration import ArrayReader
 from compress.search.config import SearchConfig, TargetConfig
 from compress.stages.export import InGraphPreprocess
 
+#: a decision stops early only when every paired ratio is this far from 1, on one side
+CLOSE = 0.05
+#: most file/reference pairs one decision times (each pair: two sessions of ``search.iters`` runs)
+MAX_PAIRS = 16
+
+
+def clear(ratios: list[float]) -> bool:
+    """Every paired latency ratio on the same side of 1, by more than ``CLOSE``: the budget's answer
+    does not hang on the machine's noise."""
+    return max(ratios) < 1 - CLOSE or min(ratios) > 1 + CLOSE
+
 
 class Prober:
     """Exports, converts and times candidate models as the recipe's export and quantize stages would
@@ -81,25 +92,45 @@ class Prober:
             # their per-node cost made the probe slower than the file it stands for
         metadata.update(path, info.to_metadata())  # read back by onnx_accuracy's feeder
 
-    def time(self, path: Path, runtime: str, threads: int, rounds: int = 1) -> dict[str, float]:
-        """p50/p90 of ``iters`` runs after ``warmup`` (median over ``rounds`` fresh sessions). With
-        ``target.latency_of``, the reference file is timed in turn with ``path`` (at least 2 rounds each)
-        and its p50 returned as ``latency_ms_budget``: both see the machine at the same speed."""
+    def time(self, path: Path, runtime: str, threads: int, rounds: int = 1, decide: bool = False) -> dict[str, float]:
+        """p50/p90 of ``iters`` runs after ``warmup`` (median over ``rounds`` fresh sessions).
+
+        With ``target.latency_of`` the reference file is timed in pairs with ``path`` (at least 2 pairs,
+        the order alternating so a steady drift favours neither) and each pair gives a ratio: on this
+        kind of shared VM the machine's speed drifts 2x within minutes, so only files timed seconds
+        apart compare. ``latency_ratio`` is the median ratio and ``latency_ms_budget`` the reference's
+        time at that ratio (``latency_ms / latency_ratio``: ``fits`` then reads the ratio). With
+        ``decide``, pairs are added (up to ``MAX_PAIRS``) until every pair agrees on the side of 1 by
+        more than ``CLOSE`` (:func:`clear`): one file timed against itself reads 0.90-1.12 in four pairs
+        here while training runs beside it, so a few pairs' median alone would decide a close call by
+        chance."""
         ref = self.target.latency_of
         rounds = max(rounds, 2) if ref is not None else rounds
         p50s: dict[str, list[float]] = {"file": [], "ref": []}
         p90s: list[float] = []
-        for _ in range(rounds):
+        ratios: list[float] = []
+
+        def turn(name: str, file: Path, feed: np.ndarray) -> None:
+            samples = runtimes.time_onnx(file, feed, runtime, threads, self.cfg.warmup, self.cfg.iters)
+            p50, p90 = np.percentile(np.asarray(samples), [50, 90])
+            p50s[name].append(float(p50))
+            if name == "file":
+                p90s.append(float(p90))
+
+        while True:
             turns = [("file", path, self.feed)] + ([("ref", ref, self.ref_feed)] if ref is not None else [])
-            for name, file, feed in turns:
-                samples = runtimes.time_onnx(file, feed, runtime, threads, self.cfg.warmup, self.cfg.iters)
-                p50, p90 = np.percentile(np.asarray(samples), [50, 90])
-                p50s[name].append(float(p50))
-                if name == "file":
-                    p90s.append(float(p90))
+            for name, file, feed in turns if len(p90s) % 2 == 0 else turns[::-1]:
+                turn(name, file, feed)
+            if ref is not None:
+                ratios.append(p50s["file"][-1] / p50s["ref"][-1])
+            if len(p90s) < rounds:
+                continue
+            if not decide or not ratios or clear(ratios) or len(ratios) >= MAX_PAIRS:
+                break
         out = {"latency_ms": float(np.median(p50s["file"])), "p90_ms": float(np.median(p90s))}
         if ref is not None:
-            out["latency_ms_budget"] = float(np.median(p50s["ref"]))
+            ratio = float(np.median(ratios))
+            out |= {"latency_ratio": ratio, "latency_ms_budget": out["latency_ms"] / ratio, "ratios": ratios}
         return out
 
     def probe(self, model: nn.Module, key: str) -> dict[str, dict[str, Any]]:
@@ -114,7 +145,7 @@ class Prober:
             for runtime in self.cfg.runtimes or [self.target.runtime]:
                 for threads in self.cfg.threads or [self.target.threads]:
                     lat = self.time(path, runtime, threads)
-                    where = f"{precision}/{runtime}/{threads}{self._vs}"
+                    where = self.where(precision, runtime, threads)
                     out[where] = {**lat, "size_bytes": file_bytes(path), "macs": macs}
         self._clean(key)
         return out
@@ -123,7 +154,11 @@ class Prober:
         """Every "precision/runtime/threads" the search times a candidate at."""
         runtimes_ = self.cfg.runtimes or [self.target.runtime]
         threads = self.cfg.threads or [self.target.threads]
-        return [f"{p}/{r}/{t}{self._vs}" for p in self.cfg.precisions for r in runtimes_ for t in threads]
+        return [self.where(p, r, t) for p in self.cfg.precisions for r in runtimes_ for t in threads]
+
+    def where(self, precision: str, runtime: str, threads: int) -> str:
+        """The key of one measurement's conditions (and the reference file it was timed beside)."""
+        return f"{precision}/{runtime}/{threads}{self._vs}"
 
     def accuracy(self, model: nn.Module, key: str) -> dict[str, float]:
         """Top-1 of the trained candidate on the data's test split (the search's held-out images) in each
@@ -163,13 +198,15 @@ class Prober:
         return dst
 
     def confirm(self, model: nn.Module, key: str, precision: str, runtime: str, threads: int) -> dict[str, Any]:
-        """The deployable file's own measurements (median of 3 sessions): written as the export and
+        """The deployable file's own measurements (median of at least 4 sessions, paired with the
+        reference file until the budget is clear): written as the export and
         quantize stages write it (dynamo exporter, parity-checked, debug info stripped, metadata)."""
         fp32 = self.dir / f"{key}.final.onnx"
         e = self.export
         export_onnx(model.eval().cpu(), fp32, data=self.data, parity_batch=8, opset=e.opset,
                     preprocess_in_graph=e.preprocess_in_graph, input_layout=e.input_layout)  # fmt: skip
         path = self._convert(fp32, precision, calibrated=True)
-        out = {**self.time(path, runtime, threads, rounds=3), "size_bytes": file_bytes(path), "macs": onnx_macs(fp32)}
+        timed = self.time(path, runtime, threads, rounds=4, decide=True)
+        out = {**timed, "size_bytes": file_bytes(path), "macs": onnx_macs(fp32)}
         self._clean(f"{key}.final")
         return out

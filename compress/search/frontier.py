@@ -7,6 +7,7 @@ to train) and, for the few trained briefly, an estimated top-1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,32 @@ def to_train(rows: list[dict[str, Any]], budget: dict[str, float], floor: float 
     return [front[round(i * step)] for i in range(n)]
 
 
+def shortlist(
+    rows: list[dict[str, Any]],
+    budget: dict[str, float],
+    floor: float | None,
+    n: int,
+    confirm: Callable[[dict[str, Any]], dict[str, Any]] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``to_train``'s picks, each confirmed inside the budget by ``confirm`` (its deployable file's
+    measurements) before any is trained, and the rows that missed (with ``confirmed``). A pick the
+    probe timed optimistically (another exporter, a moment the machine ran fast) hands its place to
+    the next: no trial is spent on a model the budget then refuses."""
+    pool, missed = list(rows), []
+    while True:
+        picks = to_train(pool, budget, floor, n)
+        if confirm is None:
+            return picks, missed
+        for row in picks:
+            measured = confirm(row)
+            if not fits(measured, budget):
+                missed.append({**row, "confirmed": measured})
+                pool = [r for r in pool if r is not row]
+                break
+        else:
+            return picks, missed
+
+
 def choose(trained: list[dict[str, Any]], budget: dict[str, float], floor: float | None) -> tuple[dict | None, str]:
     """The winner among the trained rows, and one sentence saying why."""
     inside = [r for r in trained if fits(r, budget)]
@@ -73,37 +100,52 @@ def plot(
     rows: list[dict[str, Any]], chosen: dict[str, Any] | None, target: Any, path: Path, title: str, scored_on: str
 ) -> None:
     """Every candidate's measured latency against its proxy top-1 (and the trained ones' estimate) on
-    ``scored_on``, the budget as a line, the chosen one marked."""
+    ``scored_on``, the budget as a line, the chosen one marked. Against a reference file
+    (``latency_of``) each candidate stands at its paired ratio to that file times the file's median
+    time: candidates timed minutes apart, while the machine's speed drifted, still compare."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    budget = getattr(target, "latency_ms", None)
+    refs = [r["latency_ms_budget"] for r in rows if r.get("latency_ms_budget") is not None]
+    paired = budget is None and bool(refs)
+    if paired:  # latency_of: the reference's median time; each row placed by its paired ratio to it
+        budget = sorted(refs)[len(refs) // 2]
+
+    def x(r: dict[str, Any]) -> float:
+        if paired and r.get("latency_ms_budget"):
+            return r["latency_ms"] / r["latency_ms_budget"] * budget
+        return r["latency_ms"]
+
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for precision, marker in (("fp32", "o"), ("int8", "s")):
         mine = [r for r in rows if r["precision"] == precision and r.get("proxy_acc") is not None]
         if mine:
-            ax.scatter([r["latency_ms"] for r in mine], [100 * r["proxy_acc"] for r in mine], s=14, marker=marker,
+            ax.scatter([x(r) for r in mine], [100 * r["proxy_acc"] for r in mine], s=14, marker=marker,
                        alpha=0.45, label=f"{precision}: proxy top-1 (BN re-estimated, untrained)")  # fmt: skip
     trained = [r for r in rows if r.get("estimated_acc") is not None]
     if trained:
-        ax.scatter([r["latency_ms"] for r in trained], [100 * r["estimated_acc"] for r in trained], s=36,
-                   marker="D", color="tab:green", label="short KD fine-tune: estimated top-1")  # fmt: skip
+        ax.scatter([x(r) for r in trained], [100 * r["estimated_acc"] for r in trained], s=36,
+                   marker="D", color="tab:green", label="short KD fine-tune: top-1 (one per precision)")  # fmt: skip
     reference = [r for r in rows if "reference" in r.get("label", "") and r.get("estimated_acc") is not None]
     for r in reference:
-        ax.scatter([r["latency_ms"]], [100 * r["estimated_acc"]], s=90, facecolors="none", edgecolors="0.2",
+        ax.scatter([x(r)], [100 * r["estimated_acc"]], s=90, facecolors="none", edgecolors="0.2",
                    label=f"reference: {r['label']} ({r['precision']})")  # fmt: skip
     if chosen is not None:
         y = chosen.get("estimated_acc") or chosen.get("proxy_acc") or 0
-        ax.scatter([chosen["latency_ms"]], [100 * y], s=220, marker="*", color="tab:red", zorder=5,
-                   label=f"chosen: {chosen['latency_ms']:.3f} ms, {chosen['precision']}")  # fmt: skip
-    budget = getattr(target, "latency_ms", None)
-    refs = [r["latency_ms_budget"] for r in rows if r.get("latency_ms_budget") is not None]
-    if budget is None and refs:  # latency_of: the reference's time, as measured beside the candidates
-        budget = sorted(refs)[len(refs) // 2]
+        at = x(chosen.get("confirmed") or chosen)
+        ax.scatter([at], [100 * y], s=220, marker="*", color="tab:red", zorder=5,
+                   label=f"chosen: {at:.3f} ms (deployable file), {chosen['precision']}")  # fmt: skip
     if budget is not None:
         ax.axvline(budget, color="tab:red", lw=1, ls="--", label=f"budget {budget:.3g} ms")
-    ax.set_xlabel(f"measured p50 latency (ms), batch {target.batch_size}, {target.threads} thread(s), {target.runtime}")
+    where = f"batch {target.batch_size}, {target.threads} thread(s), {target.runtime}"
+    if paired:
+        ref = Path(target.latency_of).name
+        ax.set_xlabel(f"p50 latency (ms): ratio to {ref} timed in pairs × its median p50; {where}")
+    else:
+        ax.set_xlabel(f"measured p50 latency (ms), {where}")
     ax.set_ylabel(f"top-1 (%) on {scored_on}")
     ax.set_title(title)
     ax.grid(alpha=0.3)
