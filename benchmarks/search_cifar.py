@@ -215,7 +215,7 @@ def main() -> int:
         f"test top-1 {100 * base_acc['teacher_acc']:.2f}%; student before compression "
         f"{100 * base_acc['student_acc']:.2f}% (PyTorch, FP32)."
         + "".join(f" {role.capitalize()}: {how}." for role, how in made.items() if how), "",
-        "| model | top-1 | p50 bs1 | MACs | INT8 file | speedup vs unpruned |", "|---|---|---|---|---|---|",
+        "| model | top-1 | p50 bs1 | MACs | deployable file | speedup vs unpruned |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in rows.items():
         lines.append(f"| {name} | {100 * r['top1']:.2f}% | {r['latency_ms']:.3f} ms | {r['macs'] / 1e6:.1f}M | "

@@ -143,7 +143,7 @@ def plot(
     where = f"batch {target.batch_size}, {target.threads} thread(s), {target.runtime}"
     if paired:
         ref = Path(target.latency_of).name
-        ax.set_xlabel(f"p50 latency (ms): ratio to {ref} timed in pairs × its median p50; {where}")
+        ax.set_xlabel(f"p50 (ms) = paired ratio to {ref} × its median p50; {where}", fontsize=9)
     else:
         ax.set_xlabel(f"measured p50 latency (ms), {where}")
     ax.set_ylabel(f"top-1 (%) on {scored_on}")
