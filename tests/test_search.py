@@ -243,6 +243,12 @@ def test_each_pick_is_confirmed_on_its_deployable_file_before_it_is_trained() ->
     slow = lambda r: {**r, "latency_ms_budget": 0.85}  # noqa: E731 - both files at 0.85 of the reference's pace
     picks, missed = frontier.shortlist(paired, {"latency_ms": float("inf")}, None, 2, slow)
     assert [r["latency_ms"] for r in picks] == [0.8] and len(missed) == 1
+    # the winner alike: the most accurate trained row whose file misses hands over to the next
+    trained = [_row(0.9, 0.9, 0.88), _row(0.8, 0.8, 0.86), _row(0.5, 0.8, 0.80)]
+    best = lambda pool: [r] if (r := frontier.choose(pool, {"latency_ms": 1.0}, None)[0]) else []  # noqa: E731
+    won, missed = frontier.confirmed(trained, best, confirm, {"latency_ms": 1.0})
+    assert [r["estimated_acc"] for r in won] == [0.86] and won[0]["confirmed"]["latency_ms"] == 0.75
+    assert [m["estimated_acc"] for m in missed] == [0.88]
     # an accuracy floor alone has no budget to confirm
     assert frontier.shortlist(rows, {}, 0.5, 2, None) == (frontier.to_train(rows, {}, 0.5, 2), [])
 

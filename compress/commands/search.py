@@ -433,17 +433,17 @@ class _Search:
         for r in rows:
             r["estimated_acc"] = d["trials"].get(r["sig"], {}).get("estimated", {}).get(r["precision"])
         left = [r for r in rows if r["estimated_acc"] is not None]
-        while True:
-            chosen, why = frontier.choose(left, budget, floor)
-            if chosen is None:
-                break
-            chosen = {**chosen, "confirmed": self.confirmed(chosen, prober)}
-            if frontier.fits(chosen["confirmed"], budget):
-                break
-            gone = (chosen["sig"], chosen["precision"], chosen["runtime"], chosen["threads"])
-            left = [r for r in left if (r["sig"], r["precision"], r["runtime"], r["threads"]) != gone]
-            self._miss(chosen)
-        return chosen, why
+        why = ""
+
+        def best(pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            nonlocal why
+            chosen, why = frontier.choose(pool, budget, floor)
+            return [] if chosen is None else [chosen]
+
+        chosen, missed = frontier.confirmed(left, best, lambda r: self.confirmed(r, prober), budget)
+        for row in missed:
+            self._miss(row)
+        return (chosen[0] if chosen else None), why
 
     def run(self) -> Path:
         target, cfg, d, out = self.target, self.cfg, self.d, self.out

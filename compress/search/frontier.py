@@ -50,6 +50,29 @@ def to_train(rows: list[dict[str, Any]], budget: dict[str, float], floor: float 
     return [front[round(i * step)] for i in range(n)]
 
 
+def confirmed(
+    pool: list[dict[str, Any]],
+    pick: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+    confirm: Callable[[dict[str, Any]], dict[str, Any]],
+    budget: dict[str, float],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``pick(pool)``'s rows, each with ``confirmed`` (``confirm``: its deployable file's measurements)
+    inside the budget, and the rows that missed. A pick the probe timed optimistically (another
+    exporter, a moment the machine ran fast) leaves the pool and ``pick`` chooses again from the rest."""
+    missed = []
+    while True:
+        picks = []
+        for row in pick(pool):
+            measured = confirm(row)
+            if not fits(measured, budget):
+                missed.append({**row, "confirmed": measured})
+                pool = [r for r in pool if r is not row]
+                break
+            picks.append({**row, "confirmed": measured})
+        else:
+            return picks, missed
+
+
 def shortlist(
     rows: list[dict[str, Any]],
     budget: dict[str, float],
@@ -57,23 +80,11 @@ def shortlist(
     n: int,
     confirm: Callable[[dict[str, Any]], dict[str, Any]] | None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``to_train``'s picks, each confirmed inside the budget by ``confirm`` (its deployable file's
-    measurements) before any is trained, and the rows that missed (with ``confirmed``). A pick the
-    probe timed optimistically (another exporter, a moment the machine ran fast) hands its place to
-    the next: no trial is spent on a model the budget then refuses."""
-    pool, missed = list(rows), []
-    while True:
-        picks = to_train(pool, budget, floor, n)
-        if confirm is None:
-            return picks, missed
-        for row in picks:
-            measured = confirm(row)
-            if not fits(measured, budget):
-                missed.append({**row, "confirmed": measured})
-                pool = [r for r in pool if r is not row]
-                break
-        else:
-            return picks, missed
+    """``to_train``'s picks, each confirmed inside the budget by ``confirm`` before any is trained (no
+    trial is spent on a model the budget then refuses), and the rows that missed."""
+    if confirm is None:
+        return to_train(rows, budget, floor, n), []
+    return confirmed(rows, lambda pool: to_train(pool, budget, floor, n), confirm, budget)
 
 
 def choose(trained: list[dict[str, Any]], budget: dict[str, float], floor: float | None) -> tuple[dict | None, str]:
