@@ -10,9 +10,10 @@ recipe's INT8 student (50% uniform L1 channel pruning + KD fine-tune), how accur
 1. the hand recipe (prune ratio 0.5, L1, KD fine-tune ``--epochs``, export, INT8) as one ``compress run``;
 2. its INT8 file's batch-1 p50 at ``--threads`` becomes ``target.latency_ms``;
 3. ``compress search --run`` with the same teacher and the same fine-tune (``search.finetune``);
-4. the unpruned student's, the hand recipe's and the searched INT8 files timed round-robin in one
-   process (common.side_by_side, one round at a time, order alternating), speedups as the median of
-   each round's paired ratio; top-1 from each run's report, MACs from the files.
+4. the unpruned student's (INT8 and FP32), the hand recipe's and the searched files timed round-robin
+   in one process (common.side_by_side, one round at a time, order alternating), speedups as the
+   median of each round's paired ratio; top-1 from each run's report, MACs from the files. The
+   speedup / MACs target compares the searched file with the unpruned file of its own precision.
 Each step is reused when finished and resumed when interrupted. Writes benchmarks/results/<results>.{json,md}
 (default search_cifar: a run from another teacher or student names its own file and leaves that one alone).
 """
@@ -65,8 +66,10 @@ def provenance(ckpt: Path) -> str | None:
     return f"{model} {how} {stage['metrics']['epochs']} epochs ({where})"
 
 
-def deployable(report: dict[str, Any]) -> dict[str, Any]:
-    return [a for a in report["artifacts"] if a["role"] == "student" and a["format"] == "onnx"][-1]
+def deployable(report: dict[str, Any], precision: str | None = None) -> dict[str, Any]:
+    """The run's last student ONNX file (of ``precision`` if given)."""
+    onnx = [a for a in report["artifacts"] if a["role"] == "student" and a["format"] == "onnx"]
+    return [a for a in onnx if precision is None or a["precision"] == precision][-1]
 
 
 def main() -> int:
@@ -80,8 +83,7 @@ def main() -> int:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--estimate-images", type=int, default=10_000, help="training images per short fine-tune")
-    ap.add_argument("--rounds", type=int, default=5, help="round-robin timing rounds per set")
-    ap.add_argument("--sets", type=int, default=5, help="sets of --rounds (rounds in all: sets × rounds)")
+    ap.add_argument("--rounds", type=int, default=25, help="timing rounds (each file once a round)")
     ap.add_argument("--work", default="runs/search-cifar")
     ap.add_argument("--results", default="search_cifar", help="name of the benchmarks/results files to write")
     args = ap.parse_args()
@@ -115,7 +117,7 @@ def main() -> int:
     assert plain is not None
     unpruned = Path(deployable(plain)["path"])
     config = ((1, args.threads, 200, "p50_ms_bs1"),)
-    budget = side_by_side({"hand": hand_int8}, args.threads, rounds=args.rounds, configs=config)["hand"]["p50_ms_bs1"]
+    budget = side_by_side({"hand": hand_int8}, args.threads, rounds=5, configs=config)["hand"]["p50_ms_bs1"]
 
     search_raw = base(args, student, teacher) | {
         "stages": [{"kind": "export", "teacher": False}, {"kind": "quantize"}],
@@ -151,19 +153,20 @@ def main() -> int:
         subprocess.run(cmd, cwd=ROOT, check=True)
     found = json.loads((work / "search" / "search.json").read_text())
     searched = json.loads((work / "search" / "run" / "report.json").read_text())
-    files = {"unpruned": unpruned, "hand": hand_int8, "searched": Path(deployable(searched)["path"])}
+    files = {"unpruned": unpruned, "unpruned_fp32": Path(deployable(plain, "fp32")["path"]), "hand": hand_int8,
+             "searched": Path(deployable(searched)["path"])}  # fmt: skip
     # This VM's speed drifts 2x within minutes (one set read unpruned 0.82 / hand 0.47 ms, a later one
     # 0.72 / 0.77): only files timed seconds apart compare. So every ratio is paired: one round times
     # each file once (200 runs, its own session), the order reversed every other round, and a speedup
     # is the median over rounds of that round's ratio, never a ratio of medians taken at other times.
     order = list(files)
-    sets = []
-    for i in range(args.sets * args.rounds):
+    timed = []
+    for i in range(args.rounds):
         ring = {n: files[n] for n in (order if i % 2 == 0 else order[::-1])}
-        sets.append(side_by_side(ring, args.threads, rounds=1, configs=config))
-    ratios = [t["searched"]["p50_ms_bs1"] / t["hand"]["p50_ms_bs1"] for t in sets]
-    speedup = {n: float(np.median([t["unpruned"]["p50_ms_bs1"] / t[n]["p50_ms_bs1"] for t in sets])) for n in files}
-    times = {n: {"p50_ms_bs1": float(np.median([t[n]["p50_ms_bs1"] for t in sets]))} for n in files}
+        timed.append(side_by_side(ring, args.threads, rounds=1, configs=config))
+    ratios = [t["searched"]["p50_ms_bs1"] / t["hand"]["p50_ms_bs1"] for t in timed]
+    speedup = {n: float(np.median([t["unpruned"]["p50_ms_bs1"] / t[n]["p50_ms_bs1"] for t in timed])) for n in files}
+    times = {n: {"p50_ms_bs1": float(np.median([t[n]["p50_ms_bs1"] for t in timed]))} for n in files}
     rows = {}
     from compress.bench.size import file_bytes, onnx_macs
 
@@ -173,6 +176,7 @@ def main() -> int:
     rows["hand"]["top1"] = deployable(hand)["accuracy"]
     rows["searched"]["top1"] = deployable(searched)["accuracy"]
     rows["unpruned"]["top1"] = deployable(plain)["accuracy"]
+    rows["unpruned_fp32"]["top1"] = deployable(plain, "fp32")["accuracy"]
     result = stamp(started, args.threads) | {
         "schedule": {
             "finetune_epochs": args.epochs,
@@ -187,12 +191,18 @@ def main() -> int:
         "chosen": found["chosen"],
         "seconds": found.get("seconds", {}),
         "candidates_timed": len(found["latency"]),
-        "rounds": [{n: t[n]["p50_ms_bs1"] for n in files} for t in sets],
+        "rounds": [{n: t[n]["p50_ms_bs1"] for n in files} for t in timed],
         "searched_over_hand_latency": ratios,
     }
-    u, h, s = rows["unpruned"], rows["hand"], rows["searched"]
+    h, s = rows["hand"], rows["searched"]
+    # what pruning bought: the searched file against the unpruned file of its own precision (an FP32
+    # choice measured against the INT8 unpruned file would charge the pruning with INT8's speed-up)
+    like = "unpruned_fp32" if deployable(searched)["precision"] == "fp32" else "unpruned"
+    u = rows[like]
+    same = float(np.median([t[like]["p50_ms_bs1"] / t["searched"]["p50_ms_bs1"] for t in timed]))
     gain = 100 * (s["top1"] - h["top1"])
-    speed_vs_macs = s["speedup"] / (u["macs"] / s["macs"])  # the paired speedup
+    speed_vs_macs = same / (u["macs"] / s["macs"])  # the paired speedup
+    result["like_for_like"] = {"against": like, "speedup": same, "macs_reduction": u["macs"] / s["macs"]}
     result["targets"] = {"top1_gain_pt": gain, "latency_speedup_over_macs_reduction": speed_vs_macs}
     sec = result["seconds"]
     env = result["environment"]
@@ -209,7 +219,7 @@ def main() -> int:
         f"({teacher.name}), SGD lr 0.01 cosine, batch 128; the search's {args.trials} trials fine-tune 1 epoch on "
         f"{args.estimate_images} images each. Budget: `target.latency_of` the hand recipe's INT8 file at batch 1, "
         f"{args.threads} thread(s), ONNX Runtime: every candidate timed in turn with it (its p50 alone here: "
-        f"{budget:.3f} ms). Latency: {len(sets)} rounds, each timing every file once (200 runs in its own "
+        f"{budget:.3f} ms). Latency: {len(timed)} rounds, each timing every file once (200 runs in its own "
         "session, the order reversed every other round); a speedup is the median over rounds of that round's "
         f"ratio (paired: this VM's speed drifts 2× within minutes). KD teacher: {who} ({shown(teacher)}), "
         f"test top-1 {100 * base_acc['teacher_acc']:.2f}%; student before compression "
@@ -228,7 +238,9 @@ def main() -> int:
         f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds); the p50 column is each file's median "
         "over the rounds, the speedup column the median paired ratio.",
         f"Targets: top-1 vs hand **{gain:+.2f} pt** (≥ +1.0 wanted); latency speedup / MACs reduction "
-        f"**{speed_vs_macs:.2f}** (≥ 0.75 wanted); {result['candidates_timed']} architectures timed in "
+        f"**{speed_vs_macs:.2f}** (≥ 0.75 wanted; against {like}, the unpruned file of the chosen precision: "
+        f"{same:.2f}× faster at {u['macs'] / s['macs']:.2f}× fewer MACs); {result['candidates_timed']} "
+        "architectures timed in "
         f"{sec.get('candidates', 0) / 60:.1f} min (< 5 wanted for 100); whole search "
         f"{sum(sec.values()) / 60:.1f} min (< 60 wanted), phases: "
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sec.items()) + ".", "",
