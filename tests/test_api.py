@@ -178,6 +178,10 @@ def test_distill_teaches_an_untrained_student(digits):
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # the KD objective went down
     assert history[-1]["test_acc"] == pytest.approx(_accuracy(student, test))
     assert _accuracy(student, test) > untrained + 0.3, (untrained, history)
+    # trained under bf16 autocast (native or emulated), each epoch still reports the fp32 model's top-1
+    bf16, rows = compress.distill(Net(8), teacher, loader, lr=0.3, eval_loader=DataLoader(test, batch_size=200),
+                                  optim={"precision": "bf16"}, quiet=True)  # fmt: skip
+    assert rows[-1]["test_acc"] == pytest.approx(_accuracy(bf16, test))
     with pytest.raises(CompressError, match="an iterator is used up after one epoch"):
         compress.distill(Net(8), teacher, iter(loader))
     with pytest.raises(CompressError, match="unknown distillation loss .hintn.; did you mean hinton"):
