@@ -294,7 +294,7 @@ def train_cell(spec: dict[str, Any]) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        acc = evaluate(student, data.eval_loader("test"), torch.device("cpu"), None, True)
+        acc = evaluate(student, data.eval_loader("test"), torch.device("cpu"), channels_last=True)
         if spec["mode"] == "train":
             atomic_save(student.state_dict(), Path(spec["work"]) / "student.pt")
     seconds = time.perf_counter() - t0

@@ -118,23 +118,17 @@ def cross_entropy(label_smoothing: float = 0.0) -> LossFn:
 
 
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    loader: Any,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-) -> float:
-    """Top-1 accuracy in [0, 1]; fp32 unless ``dtype`` is given."""
+def evaluate(model: nn.Module, loader: Any, device: torch.device, channels_last: bool = False) -> float:
+    """Top-1 accuracy in [0, 1], in fp32 whatever a training autocast: the accuracy of the model as it is
+    exported and served (under bf16 autocast the digits student read 0.5 pt off)."""
     was_training = model.training
     model.eval()
     correct = total = 0
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with _autocast(device, dtype):
-        for x, y in loader:
-            logits = model(x.to(device, non_blocking=True).contiguous(memory_format=fmt))
-            correct += (logits.argmax(1) == y.to(device)).sum().item()
-            total += len(y)
+    for x, y in loader:
+        logits = model(x.to(device, non_blocking=True).contiguous(memory_format=fmt))
+        correct += (logits.argmax(1) == y.to(device)).sum().item()
+        total += len(y)
     model.train(was_training)
     return correct / max(total, 1)
 
@@ -374,12 +368,10 @@ class _Training:
         return loss, logits
 
     def evaluate(self) -> float:
-        """The epoch's top-1, in fp32 whatever the training autocast: the accuracy of the model as it is
-        exported and served, so the history, the best-epoch choice and every later stage's fp32
-        evaluation agree (under bf16 autocast the digits student read 0.5 pt off)."""
+        """The epoch's top-1 (fp32, as every stage's): the history and the best-epoch choice agree with them."""
         if self.test_loader is None:
             return math.nan
-        return evaluate(self.model, self.test_loader, self.ctx.device, None, self.cfg.channels_last)
+        return evaluate(self.model, self.test_loader, self.ctx.device, self.cfg.channels_last)
 
     def end_epoch(self, train_loss: float, train_acc: float, test_acc: float, seconds: float) -> dict[str, float]:
         """Record the epoch just trained (and keep its weights if it is the best so far); its row."""
