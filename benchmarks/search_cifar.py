@@ -115,7 +115,6 @@ def main() -> int:
         base(args, student, teacher) | {"stages": [{"kind": "export", "teacher": False}, {"kind": "quantize"}]},
     )  # the student as shipped today
     assert plain is not None
-    unpruned = Path(deployable(plain)["path"])
     config = ((1, args.threads, 200, "p50_ms_bs1"),)
     budget = side_by_side({"hand": hand_int8}, args.threads, rounds=5, configs=config)["hand"]["p50_ms_bs1"]
 
@@ -153,8 +152,9 @@ def main() -> int:
         subprocess.run(cmd, cwd=ROOT, check=True)
     found = json.loads((work / "search" / "search.json").read_text())
     searched = json.loads((work / "search" / "run" / "report.json").read_text())
-    files = {"unpruned": unpruned, "unpruned_fp32": Path(deployable(plain, "fp32")["path"]), "hand": hand_int8,
-             "searched": Path(deployable(searched)["path"])}  # fmt: skip
+    arts = {"unpruned": deployable(plain), "unpruned_fp32": deployable(plain, "fp32"), "hand": deployable(hand),
+            "searched": deployable(searched)}  # fmt: skip
+    files = {n: Path(a["path"]) for n, a in arts.items()}
     # This VM's speed drifts 2x within minutes (one set read unpruned 0.82 / hand 0.47 ms, a later one
     # 0.72 / 0.77): only files timed seconds apart compare. So every ratio is paired: one round times
     # each file once (200 runs, its own session), the order reversed every other round, and a speedup
@@ -164,19 +164,19 @@ def main() -> int:
     for i in range(args.rounds):
         ring = {n: files[n] for n in (order if i % 2 == 0 else order[::-1])}
         timed.append(side_by_side(ring, args.threads, rounds=1, configs=config))
-    ratios = [t["searched"]["p50_ms_bs1"] / t["hand"]["p50_ms_bs1"] for t in timed]
-    speedup = {n: float(np.median([t["unpruned"]["p50_ms_bs1"] / t[n]["p50_ms_bs1"] for t in timed])) for n in files}
+
+    def paired(a: str, b: str) -> list[float]:  # a's time over b's, round by round
+        return [t[a]["p50_ms_bs1"] / t[b]["p50_ms_bs1"] for t in timed]
+
+    ratios = paired("searched", "hand")
+    speedup = {n: float(np.median(paired("unpruned", n))) for n in files}
     times = {n: {"p50_ms_bs1": float(np.median([t[n]["p50_ms_bs1"] for t in timed]))} for n in files}
     rows = {}
     from compress.bench.size import file_bytes, onnx_macs
 
     for name, file in files.items():
-        rows[name] = {"path": str(file), "latency_ms": times[name]["p50_ms_bs1"], "macs": onnx_macs(file),
-                      "size_bytes": file_bytes(file), "speedup": speedup[name]}  # fmt: skip
-    rows["hand"]["top1"] = deployable(hand)["accuracy"]
-    rows["searched"]["top1"] = deployable(searched)["accuracy"]
-    rows["unpruned"]["top1"] = deployable(plain)["accuracy"]
-    rows["unpruned_fp32"]["top1"] = deployable(plain, "fp32")["accuracy"]
+        rows[name] = {"path": str(file), "top1": arts[name]["accuracy"], "latency_ms": times[name]["p50_ms_bs1"],
+                      "macs": onnx_macs(file), "size_bytes": file_bytes(file), "speedup": speedup[name]}  # fmt: skip
     result = stamp(started, args.threads) | {
         "schedule": {
             "finetune_epochs": args.epochs,
@@ -197,9 +197,9 @@ def main() -> int:
     h, s = rows["hand"], rows["searched"]
     # what pruning bought: the searched file against the unpruned file of its own precision (an FP32
     # choice measured against the INT8 unpruned file would charge the pruning with INT8's speed-up)
-    like = "unpruned_fp32" if deployable(searched)["precision"] == "fp32" else "unpruned"
+    like = "unpruned_fp32" if arts["searched"]["precision"] == "fp32" else "unpruned"
     u = rows[like]
-    same = float(np.median([t[like]["p50_ms_bs1"] / t["searched"]["p50_ms_bs1"] for t in timed]))
+    same = float(np.median(paired(like, "searched")))
     gain = 100 * (s["top1"] - h["top1"])
     speed_vs_macs = same / (u["macs"] / s["macs"])  # the paired speedup
     result["like_for_like"] = {"against": like, "speedup": same, "macs_reduction": u["macs"] / s["macs"]}
